@@ -1,0 +1,1 @@
+"""Pure torch models and checkpoint converters. Nothing here imports ComfyUI."""

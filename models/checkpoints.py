@@ -1,0 +1,425 @@
+"""Checkpoint files: header reading, family/layout/version detection and safe tensor loading.
+
+One path for every model family (see DEVELOPING.md): `read_header` gives names, dtypes and shapes without
+touching tensor data (a 25 GB safetensors file answers instantly), `detect` names the family, key layout and
+version from those names and shapes, and `load_tensors` reads the data only when a loader asks for it.
+
+Only `.safetensors` is read natively. `.pt/.pth/.ckpt/.bin` go through `torch.load(weights_only=True)`;
+a file that needs arbitrary unpickling is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from ..runtime.errors import ModelFileError
+
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
+# Nested wrappers found in released .pt/.ckpt files: HunyuanVideo's {"module": ...}, Lightning's {"state_dict": ...}.
+WRAPPER_KEYS = ("module", "state_dict", "model", "ema")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors spelling: F32, BF16, F8_E4M3, ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Header:
+    """What a checkpoint holds, without its data."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    wrapper: str | None = None  # e.g. "module" when the .pt nests the state dict
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+
+@dataclass
+class Detection:
+    family: str | None  # hunyuan_video_dit, hunyuan_video_vae, clip_text, llama_text, sd15_unet, sd_vae, ...
+    layout: str | None  # original, comfy, diffusers, ldm, hf
+    version: str | None = None
+    prefix: str = ""  # key prefix stripped before conversion (e.g. "model.diffusion_model.")
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.family is None:
+            return "an unrecognised checkpoint" + (f" ({self.note})" if self.note else "")
+        parts = [self.family]
+        if self.version:
+            parts.append(self.version)
+        parts.append(f"{self.layout} layout")
+        return "a " + ", ".join(parts) + " checkpoint"
+
+
+# --------------------------------------------------------------------------- header reading
+def read_header(path: str | os.PathLike) -> Header:
+    """Read tensor names, dtypes and shapes of a checkpoint file or Hugging Face model folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        return _read_folder_header(path)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_EXTENSIONS or _looks_like_safetensors(path):
+        return _read_safetensors_header(path)
+    if suffix in PICKLE_EXTENSIONS:
+        return _read_pickle_header(path)
+    raise ModelFileError(
+        f"{path.name!r} is not a checkpoint KineFlow can read: expected a .safetensors file "
+        f"(or .pt/.pth/.ckpt/.bin loadable with weights_only=True, or a model folder), found suffix {suffix or 'none'!r}"
+    )
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < MAX_HEADER_BYTES
+
+
+def _read_safetensors_header(path: Path) -> Header:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise ValueError(f"file is {size} bytes long, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {}
+        data_len = size - 8 - n
+        for name, info in header.items():
+            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            if end > data_len or start > end:
+                raise ValueError(f"tensor {name!r} lies outside the file's data region (truncated download?)")
+            tensors[name] = TensorInfo(str(dtype), shape)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path.name!r} is not a valid safetensors file: {e}") from None
+    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except Exception as e:  # torch raises UnpicklingError (or RuntimeError wrapping it) for unsafe content
+        text = str(e)
+        if "weights_only" in text or "Unpickl" in type(e).__name__ or "unpickl" in text.lower():
+            raise ModelFileError(
+                f"refused to load {path.name!r}: it contains Python objects that only unsafe unpickling can "
+                "restore, which could run arbitrary code. KineFlow loads .pt/.ckpt files only with "
+                "torch.load(weights_only=True). Convert the file to .safetensors with a tool you trust, "
+                "or use the .safetensors release of this model."
+            ) from None
+        raise ModelFileError(f"could not read {path.name!r} as a PyTorch checkpoint: {text.splitlines()[0] if text else e!r}") from None
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _unwrap(obj) -> tuple[dict, str | None]:
+    """Return the flat name->tensor dict of a loaded pickle and the wrapper key it was under, if any."""
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return {k: v for k, v in obj[key].items() if isinstance(v, torch.Tensor)}, key
+    if isinstance(obj, Mapping):
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, None
+    raise ModelFileError(f"expected a dictionary of tensors, found a {type(obj).__name__}")
+
+
+def _read_pickle_header(path: Path) -> Header:
+    sd, wrapper = _unwrap(_torch_load(path))
+    tensors = {k: TensorInfo(_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in sd.items()}
+    return Header(path, tensors, wrapper=wrapper)
+
+
+def _folder_weight_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SAFETENSORS_EXTENSIONS)
+    if not files:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_EXTENSIONS)
+    return files
+
+
+def _read_folder_header(folder: Path) -> Header:
+    files = _folder_weight_files(folder)
+    if not files:
+        raise ModelFileError(f"folder {str(folder)!r} holds no .safetensors (or .bin/.pt) weight files")
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        h = read_header(f)
+        tensors.update(h.tensors)
+        metadata.update(h.metadata)
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            cls = json.loads(config.read_text()).get("_class_name") or ",".join(json.loads(config.read_text()).get("architectures", []))
+            if cls:
+                metadata["class_name"] = str(cls)
+        except (ValueError, AttributeError):
+            pass
+    return Header(folder, tensors, metadata)
+
+
+# --------------------------------------------------------------------------- detection
+def _has(keys: Iterable[str], fragment: str) -> bool:
+    return any(fragment in k for k in keys)
+
+
+def _common_prefix(keys: list[str], marker: str) -> str:
+    for k in keys:
+        i = k.find(marker)
+        if i >= 0:
+            return k[:i]
+    return ""
+
+
+def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
+    """Name the family, key layout and version of a checkpoint from its tensor names and shapes."""
+    if isinstance(header, Header):
+        tensors = header.tensors
+        class_name = header.metadata.get("class_name", "")
+    else:
+        tensors = {k: v if isinstance(v, TensorInfo) else TensorInfo("F32", tuple(v)) for k, v in header.items()}
+        class_name = ""
+    keys = list(tensors)
+    shape = lambda k: tensors[k].shape  # noqa: E731
+
+    if not keys:
+        return Detection(None, None, note="it holds no tensors")
+
+    # ---- full Stable Diffusion checkpoint (UNet + VAE + CLIP in one LDM file)
+    if _has(keys, "model.diffusion_model.input_blocks.") and _has(keys, "first_stage_model."):
+        unet = _sd_unet_version({k[len("model.diffusion_model."):]: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")})
+        return Detection("sd15_checkpoint" if unet == "sd15" else None, "ldm", unet,
+                         note="" if unet == "sd15" else f"a {unet} checkpoint, not SD1.5")
+
+    # ---- AnimateDiff motion modules and motion LoRAs
+    if _has(keys, "motion_modules.") and _has(keys, "temporal_transformer"):
+        if _has(keys, "lora"):
+            return Detection("animatediff_motion_lora", "original")
+        return _detect_motion_module(tensors)
+
+    # ---- HunyuanVideo transformer
+    if _has(keys, "double_blocks.") and _has(keys, "single_blocks."):
+        prefix = _common_prefix(keys, "double_blocks.")
+        layout = "original" if _has(keys, "img_attn_qkv") else "comfy" if _has(keys, "img_attn.qkv") else None
+        in_ch = _first_shape(tensors, "img_in.proj.weight")
+        return Detection("hunyuan_video_dit", layout, _dit_version(in_ch), prefix=prefix)
+    if _has(keys, "single_transformer_blocks.") and _has(keys, "context_embedder.token_refiner"):
+        in_ch = _first_shape(tensors, "x_embedder.proj.weight")
+        return Detection("hunyuan_video_dit", "diffusers", _dit_version(in_ch),
+                         prefix=_common_prefix(keys, "x_embedder."))
+
+    # ---- VAEs: the HunyuanVideo VAE has causal 3D convs (".conv." wrapped, 5-D weights)
+    conv_in = [k for k in keys if k.endswith("encoder.conv_in.conv.weight") or k.endswith("decoder.conv_in.conv.weight")]
+    if conv_in and len(shape(conv_in[0])) == 5:
+        prefix = conv_in[0][: conv_in[0].find("coder.conv_in") - 2]
+        layout = "comfy" if _has(keys, "decoder.mid.attn_1.") or _has(keys, "decoder.up.") else "original"
+        if layout == "original" and class_name.startswith("AutoencoderKLHunyuanVideo"):
+            layout = "diffusers"
+        return Detection("hunyuan_video_vae", layout, prefix=prefix)
+    conv_in = [k for k in keys if k.endswith("decoder.conv_in.weight")]
+    if conv_in and len(shape(conv_in[0])) == 4:
+        prefix = conv_in[0][: -len("decoder.conv_in.weight")]
+        layout = "ldm" if _has(keys, "decoder.mid.attn_1.") or _has(keys, "decoder.up.") else "diffusers"
+        z = shape(conv_in[0])[1]
+        return Detection("sd_vae" if z == 4 else None, layout, prefix=prefix,
+                         note="" if z == 4 else f"a VAE with {z} latent channels, not the SD 4-channel KL-f8 VAE")
+
+    # ---- SD UNet alone
+    if _has(keys, "input_blocks.0.0.weight") and _has(keys, "time_embed.0.weight"):
+        prefix = _common_prefix(keys, "input_blocks.0.0.weight")
+        version = _sd_unet_version({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        return Detection("sd15_unet" if version == "sd15" else None, "ldm", version, prefix=prefix,
+                         note="" if version == "sd15" else f"a {version} UNet, not SD1.5")
+    if _has(keys, "down_blocks.0.attentions.0.transformer_blocks.") and _has(keys, "time_embedding.linear_1.weight"):
+        ctx = [v.shape for k, v in tensors.items() if k.endswith("attn2.to_k.weight")]
+        version = "sd15" if ctx and ctx[0][1] == 768 else "other"
+        return Detection("sd15_unet" if version == "sd15" else None, "diffusers", version,
+                         prefix=_common_prefix(keys, "down_blocks."),
+                         note="" if version == "sd15" else "a diffusers UNet whose cross-attention is not 768-wide (not SD1.5)")
+
+    # ---- text encoders
+    q = [k for k in keys if k.endswith("text_model.encoder.layers.0.self_attn.q_proj.weight")]
+    if q:
+        hidden = shape(q[0])[0]
+        return Detection("clip_text", "hf", {768: "clip_l", 1280: "clip_g", 1024: "clip_h"}.get(hidden, f"hidden{hidden}"),
+                         prefix=q[0][: -len("text_model.encoder.layers.0.self_attn.q_proj.weight")])
+    q = [k for k in keys if k.endswith("layers.0.self_attn.q_proj.weight") and "text_model" not in k]
+    if q and _has(keys, "embed_tokens.weight") and _has(keys, "mlp.gate_proj.weight"):
+        return Detection("llama_text", "hf", prefix=q[0][: -len("layers.0.self_attn.q_proj.weight")].removesuffix("model."))
+
+    return Detection(None, None, note=f"its {len(keys)} tensor names match no supported model (first: {sorted(keys)[0]!r})")
+
+
+def _first_shape(tensors: Mapping[str, TensorInfo], suffix: str) -> tuple[int, ...] | None:
+    for k, v in tensors.items():
+        if k.endswith(suffix):
+            return v.shape
+    return None
+
+
+def _dit_version(in_shape: tuple[int, ...] | None) -> str | None:
+    """HunyuanVideo text-to-video takes 16 latent channels; the image-to-video release concatenates more."""
+    if not in_shape or len(in_shape) < 2:
+        return None
+    return "t2v" if in_shape[1] == 16 else "i2v" if in_shape[1] in (32, 33) else f"in{in_shape[1]}"
+
+
+def _sd_unet_version(unet: Mapping[str, TensorInfo]) -> str:
+    """SD1.x (768-wide text context), SD2.x (1024) or SDXL (label_emb + 2048)."""
+    if "label_emb.0.0.weight" in unet:
+        return "sdxl"
+    ctx = [v.shape for k, v in unet.items() if k.endswith("attn2.to_k.weight")]
+    if not ctx:
+        return "unknown"
+    return {768: "sd15", 1024: "sd2"}.get(ctx[0][1], f"context{ctx[0][1]}")
+
+
+def _detect_motion_module(tensors: Mapping[str, TensorInfo]) -> Detection:
+    """AnimateDiff version rules (as the community loaders apply them): a mid-block module means v2;
+    otherwise an SD1.5 module with a 32-frame positional encoding is v3 and a 24-frame one is v1."""
+    keys = list(tensors)
+    prefix = _common_prefix(keys, "down_blocks.")
+    down_blocks = {int(k[len(prefix):].split(".")[1]) for k in keys if k.startswith(prefix + "down_blocks.")}
+    proj_in = _first_shape(tensors, "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight")
+    pe = _first_shape(tensors, "pos_encoder.pe")
+    if len(down_blocks) != 4 or not proj_in or proj_in[0] != 320:
+        sd = "sdxl" if len(down_blocks) == 3 else "unknown"
+        return Detection(None, "original", prefix=prefix,
+                         note=f"a motion module for {sd} ({len(down_blocks)} down blocks), not for SD1.5")
+    if _has(keys, "mid_block.motion_modules."):
+        version = "v2"
+    elif pe is not None and pe[1] == 32:
+        version = "v3"
+    else:
+        version = "v1"
+    return Detection("animatediff_motion_module", "original", version, prefix=prefix)
+
+
+# --------------------------------------------------------------------------- user-facing helpers
+def inspect_file(path: str | os.PathLike) -> dict:
+    """Everything `kineflow inspect` reports, from the header only."""
+    header = read_header(path)
+    det = detect(header)
+    dtypes: dict[str, int] = {}
+    params = 0
+    for info in header.tensors.values():
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+        params += info.numel
+    return {
+        "path": str(header.path),
+        "family": det.family,
+        "layout": det.layout,
+        "version": det.version,
+        "params": params,
+        "tensors": len(header.tensors),
+        "dtypes": dtypes,
+        "prefix": det.prefix,
+        "wrapper": header.wrapper,
+        "note": det.note,
+    }
+
+
+FAMILY_TITLES = {
+    "hunyuan_video_dit": "HunyuanVideo transformer (Load Video Model)",
+    "hunyuan_video_vae": "HunyuanVideo VAE (Load Video VAE)",
+    "clip_text": "CLIP text encoder (Load Text Encoders)",
+    "llama_text": "LLaMA text encoder (Load Text Encoders)",
+    "sd15_unet": "SD1.5 UNet (Load SD Checkpoint)",
+    "sd_vae": "SD VAE (Load SD Checkpoint)",
+    "sd15_checkpoint": "SD1.5 checkpoint (Load SD Checkpoint)",
+    "animatediff_motion_module": "AnimateDiff motion module (Load Motion Module)",
+    "animatediff_motion_lora": "AnimateDiff motion LoRA (Load Motion LoRA)",
+}
+
+
+def require_family(path: str | os.PathLike, expected: str | tuple[str, ...]) -> tuple[Header, Detection]:
+    """Read and detect a file, raising a clear error if it is not one of the expected families."""
+    expected = (expected,) if isinstance(expected, str) else expected
+    header = read_header(path)
+    det = detect(header)
+    if det.family not in expected:
+        wanted = " or ".join(FAMILY_TITLES.get(e, e) for e in expected)
+        hint = f" It belongs in: {FAMILY_TITLES[det.family]}." if det.family in FAMILY_TITLES else ""
+        raise ModelFileError(f"{Path(path).name!r} is {det.describe()}; this loader expects a {wanted}.{hint}")
+    if det.layout is None:
+        raise ModelFileError(f"{Path(path).name!r} looks like a {det.family} checkpoint but its key layout is not one KineFlow knows")
+    return header, det
+
+
+def load_tensors(
+    header: Header,
+    *,
+    prefix: str = "",
+    dtype: torch.dtype | None = None,
+    keep_dtypes: tuple[torch.dtype, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """Load the tensors whose names start with `prefix` (prefix stripped), cast to `dtype` one tensor at a time.
+
+    Casting per tensor keeps peak memory at one tensor above the result: no full-precision copy of the model
+    is ever made. Tensors already in one of `keep_dtypes` (e.g. fp8 storage) are kept as they are.
+    """
+    path = header.path
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if dtype is None or t.dtype in keep_dtypes or not t.is_floating_point():
+            return t
+        return t.to(dtype)
+
+    out: dict[str, torch.Tensor] = {}
+    files = _folder_weight_files(path) if path.is_dir() else [path]
+    for f in files:
+        if f.suffix.lower() in SAFETENSORS_EXTENSIONS or _looks_like_safetensors(f):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as sf:
+                    for name in sf.keys():
+                        if name.startswith(prefix):
+                            out[name[len(prefix):]] = cast(sf.get_tensor(name))
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise ModelFileError(f"could not read tensors from {f.name!r}: {e}") from None
+        else:
+            sd, _ = _unwrap(_torch_load(f))
+            for name, t in sd.items():
+                if name.startswith(prefix):
+                    out[name[len(prefix):]] = cast(t)
+    return out

@@ -1,0 +1,1 @@
+"""Host adapter, workflow formats, validation, executor, CLI, media I/O and memory helpers."""

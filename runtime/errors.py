@@ -1,0 +1,21 @@
+"""Exception types shared by the whole pack.
+
+Every message is written for the user: it says what was expected and what was found.
+The CLI maps these to exit codes (see runtime/cli.py): user errors -> 2, interruption -> 130.
+"""
+
+
+class KineFlowError(Exception):
+    """A problem the user can fix (bad input value, wrong file, missing model). Exit code 1 at run time."""
+
+
+class InputFileError(KineFlowError):
+    """A file the user pointed us at is unreadable or has the wrong format. Exit code 2."""
+
+
+class ModelFileError(KineFlowError):
+    """A checkpoint is missing, unreadable, unsafe to unpickle, or of another family than expected."""
+
+
+class InterruptedRun(Exception):
+    """The user asked to stop (Ctrl-C standalone, the Cancel button inside ComfyUI). Exit code 130."""

@@ -1,0 +1,244 @@
+"""The one module that knows whether KineFlow runs inside ComfyUI or standalone.
+
+Everything host-specific goes through here: where model files live, where outputs go, progress bars,
+latent previews, interruption and the compute device. No other module in the pack imports ComfyUI.
+
+Detection looks at what ComfyUI has already loaded (`folder_paths` is a top-level module of ComfyUI's
+source tree). We never decide by trying `import comfy`: an unrelated PyPI package has that name.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import InterruptedRun, ModelFileError
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+# Weights shipped with the pack (the tiny default models). Searched in both modes, after the user's folders.
+SHIPPED_WEIGHTS_DIR = PACK_DIR / "weights"
+
+# Model folder kinds we use, and the sub-folder names searched for each (ComfyUI's standard names).
+MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "diffusion_models": ("diffusion_models", "unet"),
+    "vae": ("vae",),
+    "text_encoders": ("text_encoders", "clip"),
+    "loras": ("loras",),
+    "checkpoints": ("checkpoints",),
+    "animatediff_models": ("animatediff_models",),
+    "animatediff_motion_lora": ("animatediff_motion_lora",),
+}
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def in_comfyui() -> bool:
+    """True when ComfyUI's own modules are loaded in this process (we are a custom node inside it)."""
+    return "folder_paths" in sys.modules and "comfy.model_management" in sys.modules
+
+
+# --------------------------------------------------------------------------- standalone settings
+class _Standalone:
+    models_dir: Path = Path(os.environ.get("KINEFLOW_MODELS", "models"))
+    output_dir: Path = Path("output")
+    input_dir: Path = Path("input")
+    interrupt = threading.Event()
+
+
+def configure(
+    models_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    input_dir: str | os.PathLike | None = None,
+) -> None:
+    """Set the standalone models, output and input folders (the CLI's --models-dir / --output-dir / --input-dir)."""
+    if models_dir is not None:
+        _Standalone.models_dir = Path(models_dir)
+    if output_dir is not None:
+        _Standalone.output_dir = Path(output_dir)
+    if input_dir is not None:
+        _Standalone.input_dir = Path(input_dir)
+
+
+def register_comfyui_folders() -> None:
+    """Inside ComfyUI: add our `animatediff_models` folder kinds and the pack's shipped weights."""
+    import folder_paths  # ComfyUI's module; only reached when in_comfyui()
+
+    models_root = Path(folder_paths.models_dir)
+    for kind, names in MODEL_FOLDERS.items():
+        for name in names:
+            if kind not in folder_paths.folder_names_and_paths or name in ("animatediff_models", "animatediff_motion_lora"):
+                folder_paths.add_model_folder_path(kind, str(models_root / name))
+        shipped = SHIPPED_WEIGHTS_DIR / names[0]
+        if shipped.is_dir():
+            folder_paths.add_model_folder_path(kind, str(shipped))
+
+
+def _search_dirs(kind: str) -> list[Path]:
+    if kind not in MODEL_FOLDERS:
+        raise ValueError(f"unknown model folder kind {kind!r}; expected one of {sorted(MODEL_FOLDERS)}")
+    if in_comfyui():
+        import folder_paths
+
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    dirs = [_Standalone.models_dir / name for name in MODEL_FOLDERS[kind]]
+    dirs.append(SHIPPED_WEIGHTS_DIR / MODEL_FOLDERS[kind][0])
+    return dirs
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A Hugging Face style model folder (config.json next to weights) counts as one selectable model."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def list_models(kind: str, include_folders: bool = False) -> list[str]:
+    """Model files (relative names, '/'-separated) available for a folder kind, sorted, without duplicates."""
+    names: set[str] = set()
+    for root in _search_dirs(kind):
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            here = Path(dirpath)
+            if include_folders and here != root and _is_model_folder(here):
+                names.add(here.relative_to(root).as_posix())
+                dirnames[:] = []
+                continue
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for f in filenames:
+                if f.lower().endswith(MODEL_EXTENSIONS):
+                    names.add((here / f).relative_to(root).as_posix())
+    return sorted(names)
+
+
+def model_path(kind: str, name: str) -> Path:
+    """Resolve a model name from a loader widget to a path; an absolute path or existing path is used as is."""
+    direct = Path(name).expanduser()
+    if direct.is_absolute() and direct.exists():
+        return direct
+    tried = []
+    for root in _search_dirs(kind):
+        candidate = root / name
+        tried.append(str(root))
+        if candidate.exists():
+            return candidate
+    raise ModelFileError(
+        f"model file {name!r} was not found in the {kind!r} folders. Looked in: {', '.join(tried)}. "
+        f"Put the file in one of those folders"
+        + ("" if in_comfyui() else " or pass --models-dir / set KINEFLOW_MODELS")
+        + "."
+    )
+
+
+def output_dir() -> Path:
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_output_directory())
+    return _Standalone.output_dir
+
+
+def input_dir() -> Path:
+    """Where Load Video / Load Image look for relative file names (ComfyUI's input folder inside ComfyUI)."""
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_input_directory())
+    return _Standalone.input_dir
+
+
+def compute_device() -> torch.device:
+    if in_comfyui():
+        import comfy.model_management as mm
+
+        return mm.get_torch_device()
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    if in_comfyui():
+        import comfy.model_management as mm
+
+        return mm.unet_offload_device()
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- interruption
+def request_interrupt() -> None:
+    """Standalone: ask the running workflow to stop at its next check (Ctrl-C does the same)."""
+    _Standalone.interrupt.set()
+
+
+def clear_interrupt() -> None:
+    _Standalone.interrupt.clear()
+
+
+def check_interrupt() -> None:
+    """Raise InterruptedRun if the user asked to stop. Call it between steps of long loops."""
+    if in_comfyui():
+        import comfy.model_management as mm
+
+        try:
+            mm.throw_exception_if_processing_interrupted()
+        except mm.InterruptProcessingException:
+            raise  # ComfyUI's executor expects its own exception type
+        return
+    if _Standalone.interrupt.is_set():
+        raise InterruptedRun("interrupted by the user")
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """A progress bar: ComfyUI's node progress bar inside ComfyUI, a bar on stderr standalone.
+
+    `update(n, preview=...)` accepts an optional PIL image shown on the ComfyUI canvas as a live preview.
+    Each update also checks for interruption, so every long loop with a progress bar is interruptible.
+    """
+
+    PREVIEW_MAX_SIZE = 512
+
+    def __init__(self, total: int, desc: str = ""):
+        self.total = max(int(total), 1)
+        self.current = 0
+        self.desc = desc
+        self._start = time.monotonic()
+        self._comfy_bar = None
+        if in_comfyui():
+            import comfy.utils
+
+            self._comfy_bar = comfy.utils.ProgressBar(self.total)
+        self._tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+    def update(self, n: int = 1, preview=None) -> None:
+        self.current = min(self.current + n, self.total)
+        if self._comfy_bar is not None:
+            shown = ("JPEG", preview, self.PREVIEW_MAX_SIZE) if preview is not None else None
+            self._comfy_bar.update_absolute(self.current, self.total, shown)
+        else:
+            self._draw()
+        check_interrupt()
+
+    def _draw(self) -> None:
+        done = self.current >= self.total
+        if not self._tty and not done:
+            return
+        width = 24
+        filled = int(width * self.current / self.total)
+        elapsed = time.monotonic() - self._start
+        line = f"{self.desc:<14} [{'#' * filled}{'.' * (width - filled)}] {self.current}/{self.total} {elapsed:5.1f}s"
+        sys.stderr.write(("\r" + line) if self._tty else line + "\n")
+        if done and self._tty:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def progress(total: int, desc: str = "") -> Progress:
+    return Progress(total, desc)

@@ -1,0 +1,1 @@
+"""Procedural dataset, analytic judge and trainers for the tiny shipped models."""
