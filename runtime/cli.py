@@ -1,0 +1,183 @@
+"""The `kineflow` command: run and validate ComfyUI workflows headless, list the pack's nodes.
+
+Exit codes: 0 success; 2 invalid workflow or unusable input file; 130 interrupted; 1 any other failure.
+Failures print one clear paragraph on stderr; `--debug` adds the traceback.
+
+Subcommands are entries of COMMANDS: `Command(name, help, add_arguments(parser), handler(args, context))`.
+A handler returns the exit code; errors propagate to `main`, which maps them to codes and messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Callable, NamedTuple
+
+from .errors import InputFileError, InterruptedRun, KineFlowError
+from .executor import NodeExecutionError, WorkflowInvalid, execution_order, prepare_prompt, run_workflow
+from .validation import declared_inputs, format_error
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+
+
+class Context:
+    """What handlers share: the node classes (the pack's own unless injected, imported on first use)."""
+
+    def __init__(self, node_classes: dict | None = None, stdout=None, stderr=None):
+        self._node_classes = node_classes
+        self.stdout = stdout if stdout is not None else sys.stdout
+        self.stderr = stderr if stderr is not None else sys.stderr
+
+    @property
+    def node_classes(self) -> dict:
+        if self._node_classes is None:
+            from .. import NODE_CLASS_MAPPINGS
+
+            self._node_classes = NODE_CLASS_MAPPINGS
+        return self._node_classes
+
+
+class Command(NamedTuple):
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace, Context], int]
+
+
+# --------------------------------------------------------------------------- run
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="workflow JSON (UI or API format)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.input=value",
+                        help="override an input before running (value parsed as JSON when possible); repeatable")
+    parser.add_argument("--output-dir", help="folder for outputs (default ./output)")
+    parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
+    parser.add_argument("--input-dir", help="folder for input media referenced by name (default ./input)")
+
+
+def _run(args: argparse.Namespace, ctx: Context) -> int:
+    start = time.monotonic()
+    results = run_workflow(args.file, overrides=args.overrides, node_classes=ctx.node_classes,
+                           output_dir=args.output_dir, models_dir=args.models_dir, input_dir=args.input_dir,
+                           progress_stream=ctx.stderr)
+    for node_id, result in results.items():
+        if result["ui"]:
+            ctx.stdout.write(f"node {node_id}: {json.dumps(result['ui'], default=str)}\n")
+    ctx.stderr.write(f"done: {len(results)} nodes in {time.monotonic() - start:.1f}s\n")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- validate
+def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="workflow JSON (UI or API format)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.input=value",
+                        help="override an input before validating; repeatable")
+
+
+def _validate(args: argparse.Namespace, ctx: Context) -> int:
+    prompt, _, errors = prepare_prompt(args.file, overrides=args.overrides, node_classes=ctx.node_classes)
+    if errors:
+        raise WorkflowInvalid(errors)
+    runs = execution_order(prompt, ctx.node_classes)
+    ctx.stdout.write(f"{args.file}: valid, {len(runs)} of {len(prompt)} nodes would run.\n")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- nodes
+def _add_nodes_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def _type_label(kind, opts: dict) -> str:
+    if isinstance(kind, (list, tuple)):
+        return f"COMBO[{len(kind)}]"
+    if kind == "COMBO":
+        return f"COMBO[{len(opts.get('options') or [])}]"
+    return str(kind)
+
+
+def _nodes(args: argparse.Namespace, ctx: Context) -> int:
+    for name in sorted(ctx.node_classes):
+        cls = ctx.node_classes[name]
+        inputs = []
+        for input_name, (category, kind, opts) in declared_inputs(cls).items():
+            label = f"{input_name}:{_type_label(kind, opts)}"
+            inputs.append(label if category == "required" else f"[{label}]")
+        returns = tuple(getattr(cls, "RETURN_TYPES", ()))
+        names = tuple(getattr(cls, "RETURN_NAMES", None) or returns)
+        outputs = [f"{n}:{t}" for n, t in zip(names, returns)]
+        flag = " (output node)" if getattr(cls, "OUTPUT_NODE", False) else ""
+        ctx.stdout.write(f"{name}{flag}  inputs: {', '.join(inputs) or '-'}  outputs: {', '.join(outputs) or '-'}\n")
+    return EXIT_OK
+
+
+COMMANDS: list[Command] = [
+    Command("run", "validate and execute a workflow", _add_run_arguments, _run),
+    Command("validate", "check a workflow and list every problem", _add_validate_arguments, _validate),
+    Command("nodes", "list node types with their inputs and outputs", _add_nodes_arguments, _nodes),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kineflow", description="Run KineFlow / ComfyUI workflows without the UI.")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sp = sub.add_parser(command.name, help=command.help, description=command.help)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print tracebacks on errors")
+        command.add_arguments(sp)
+        sp.set_defaults(handler=command.handler)
+    return parser
+
+
+def _fail(ctx: Context, debug: bool, code: int, message: str) -> int:
+    if debug:
+        ctx.stderr.write(traceback.format_exc())
+    ctx.stderr.write(f"error: {message}\n")
+    return code
+
+
+def main(argv: list[str] | None = None, *, node_classes: dict | None = None, stdout=None, stderr=None) -> int:
+    """Entry point of the `kineflow` console script; returns the exit code."""
+    ctx = Context(node_classes, stdout, stderr)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error; argparse has printed the message
+        return EXIT_INVALID if exc.code not in (0, None) else EXIT_OK
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return args.handler(args, ctx)
+    except WorkflowInvalid as exc:
+        if debug:
+            ctx.stderr.write(traceback.format_exc())
+        ctx.stderr.write(f"error: workflow is invalid ({len(exc.errors)} problem(s)):\n")
+        for error in exc.errors:
+            ctx.stderr.write(f"  {format_error(error)}\n")
+        return EXIT_INVALID
+    except BrokenPipeError:  # the reader of our output went away (e.g. `kineflow nodes | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except (InterruptedRun, KeyboardInterrupt):
+        return _fail(ctx, debug, EXIT_INTERRUPTED, "interrupted; nothing more was run.")
+    except NodeExecutionError as exc:
+        code = EXIT_INVALID if isinstance(exc.original, InputFileError) else EXIT_FAILURE
+        hint = "" if debug else " (run with --debug for the traceback)"
+        return _fail(ctx, debug, code, f"{exc}{hint}")
+    except InputFileError as exc:
+        return _fail(ctx, debug, EXIT_INVALID, str(exc))
+    except KineFlowError as exc:
+        return _fail(ctx, debug, EXIT_FAILURE, str(exc))
+    except Exception as exc:  # a bug, not a user mistake: still one paragraph unless --debug
+        hint = "" if debug else " Run again with --debug for the traceback and report it."
+        return _fail(ctx, debug, EXIT_FAILURE, f"unexpected internal error: {type(exc).__name__}: {exc}.{hint}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
