@@ -117,10 +117,42 @@ def _nodes(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- inspect
+def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="checkpoint (.safetensors, .pt/.ckpt/.bin) or Hugging Face model folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _inspect(args: argparse.Namespace, ctx: Context) -> int:
+    from ..models.checkpoints import inspect_file
+    from .errors import ModelFileError
+
+    try:
+        info = inspect_file(args.file)
+    except ModelFileError as exc:  # an unreadable file is a bad input file here, not a run-time failure
+        raise InputFileError(str(exc)) from None
+    if args.json:
+        ctx.stdout.write(json.dumps(info) + "\n")
+        return EXIT_OK
+    dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items()))
+    rows = [("family", info["family"] or f"unknown ({info['note']})"), ("layout", info["layout"]),
+            ("version", info["version"]), ("parameters", f"{info['params']:,}"), ("tensors", info["tensors"]),
+            ("dtypes", dtypes), ("key prefix", info["prefix"] or None), ("nested under", info["wrapper"])]
+    ctx.stdout.write(f"{info['path']}\n")
+    for label, value in rows:
+        if value is not None:
+            ctx.stdout.write(f"  {label:<11} {value}\n")
+    if info["family"] and info["note"]:
+        ctx.stdout.write(f"  note        {info['note']}\n")
+    return EXIT_OK
+
+
 COMMANDS: list[Command] = [
     Command("run", "validate and execute a workflow", _add_run_arguments, _run),
     Command("validate", "check a workflow and list every problem", _add_validate_arguments, _validate),
     Command("nodes", "list node types with their inputs and outputs", _add_nodes_arguments, _nodes),
+    Command("inspect", "identify a checkpoint from its header: family, layout, version, parameters, dtypes",
+            _add_inspect_arguments, _inspect),
 ]
 
 

@@ -110,3 +110,26 @@ def test_load_tensors_casts_per_tensor_and_strips_prefix(tmp_path):
     save_file({"pre.a": torch.ones(3), "pre.b": torch.arange(3), "other": torch.ones(1)}, str(path))
     out = checkpoints.load_tensors(checkpoints.read_header(path), prefix="pre.", dtype=torch.float16)
     assert set(out) == {"a", "b"} and out["a"].dtype == torch.float16 and out["b"].dtype == torch.int64
+
+
+def test_kineflow_inspect_json_command(tmp_path):
+    path = header_only_safetensors(manifest_shapes("hunyuan_video_dit_diffusers"), tmp_path / "transformer.safetensors")
+    result = subprocess.run([sys.executable, "-m", "kineflow.runtime.cli", "inspect", "--json", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert {k: info[k] for k in ("family", "layout", "version")} == {
+        "family": "hunyuan_video_dit", "layout": "diffusers", "version": "t2v"}
+    assert info["params"] == 12_821_012_544 and info["dtypes"] == {"BF16": 1264}
+
+
+def test_kineflow_inspect_bad_file_exits_2_without_traceback(tmp_path):
+    from kineflow.runtime import cli
+
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("hello")
+    import io
+
+    err = io.StringIO()
+    assert cli.main(["inspect", str(bad)], stdout=io.StringIO(), stderr=err) == 2
+    assert "not a valid safetensors file" in err.getvalue() and "Traceback" not in err.getvalue()
