@@ -1,0 +1,160 @@
+"""HunyuanVideo's text conditioning: LLaMA hidden states of a templated prompt + the pooled CLIP-L vector.
+
+What the reference pipeline does (Tencent HunyuanVideo, `hyvideo/text_encoder`, `hyvideo/constants.py`):
+1. the prompt is put into a fixed instruction template and tokenized with the LLaMA-3 tokenizer, right-padded
+   and truncated to `text_length + crop_start` tokens (256 + 95 for the video template);
+2. the LLaMA hidden state `hidden_state_skip_layer` layers before the end is read (2: the output of layer 30 of
+   32, without the final norm);
+3. the first `crop_start` positions (the template's instruction part, BOS included) are cut off, states and mask;
+4. CLIP-L encodes the raw prompt (77 tokens); its pooled output is the DiT's `text_states_2`.
+
+The result is the KINEFLOW_CONDITIONING payload: {"text_states" [B, L, 4096], "text_mask" [B, L] int64,
+"text_states_2" [B, 768]}. A negative prompt is encoded by calling `encode` with it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..runtime.errors import KineFlowError, ModelFileError
+from . import clip_text, llama_text
+from .clip_text import CLIPTextModel
+from .llama_text import LlamaTextEncoder
+from .tokenization import TextTokenizer, clip_l_tokenizer, load_tokenizer
+
+# The instruction template HunyuanVideo's text-to-video model was trained with (PROMPT_TEMPLATE_ENCODE_VIDEO).
+# It must be reproduced character for character: the model expects exactly these hidden states.
+VIDEO_PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+TEXT_LENGTH = 256  # prompt tokens kept after cropping (HunyuanVideo --text-len)
+HIDDEN_STATE_SKIP_LAYER = 2
+CLIP_LENGTH = 77
+
+
+class HunyuanTextEncoder(nn.Module):
+    def __init__(
+        self,
+        llama: LlamaTextEncoder,
+        llama_tokenizer: TextTokenizer,
+        clip: CLIPTextModel,
+        clip_tokenizer: TextTokenizer,
+        *,
+        template: str = VIDEO_PROMPT_TEMPLATE,
+        crop_start: int | None = None,
+        text_length: int = TEXT_LENGTH,
+        hidden_state_skip_layer: int = HIDDEN_STATE_SKIP_LAYER,
+        apply_final_norm: bool = False,
+        clip_length: int = CLIP_LENGTH,
+    ):
+        """`crop_start=None` counts the tokens of the template's part before `{}` (BOS included); HunyuanVideo's
+        own value for its video template is 95. `apply_final_norm` applies LLaMA's final RMSNorm to a skipped
+        layer's state (off in HunyuanVideo)."""
+        super().__init__()
+        if template.count("{}") != 1:
+            raise KineFlowError(f"the prompt template must contain exactly one '{{}}' placeholder, found {template.count('{}')}")
+        n_layers = llama.config.num_hidden_layers
+        if not 0 <= hidden_state_skip_layer < n_layers:
+            raise KineFlowError(f"hidden_state_skip_layer must be between 0 and {n_layers - 1}, got {hidden_state_skip_layer}")
+        self.llama = llama
+        self.clip = clip
+        self.llama_tokenizer = llama_tokenizer
+        self.clip_tokenizer = clip_tokenizer
+        self.template = template
+        self.crop_start = self.count_template_tokens() if crop_start is None else int(crop_start)
+        self.text_length = text_length
+        self.hidden_state_skip_layer = hidden_state_skip_layer
+        self.apply_final_norm = apply_final_norm
+        self.clip_length = clip_length
+
+    def count_template_tokens(self) -> int:
+        """Tokens of the template before the prompt, as the tokenizer adds them (BOS included)."""
+        return len(self.llama_tokenizer.ids(self.template[: self.template.index("{}")]))
+
+    @property
+    def max_length(self) -> int:
+        """LLaMA sequence length before cropping: text_length + crop_start."""
+        return self.text_length + self.crop_start
+
+    @torch.no_grad()
+    def encode(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """Conditioning for one prompt or a batch: text_states [B, text_length, D], text_mask [B, text_length],
+        text_states_2 [B, D_clip]."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        llama_device = next(self.llama.parameters()).device
+        ids, mask = self.llama_tokenizer.encode([self.template.replace("{}", p) for p in prompts], self.max_length)
+        ids, mask = ids.to(llama_device), mask.to(llama_device)
+        states = self.llama(ids, mask, output_hidden_layer=-(self.hidden_state_skip_layer + 1))
+        if self.apply_final_norm and self.hidden_state_skip_layer > 0:
+            states = self.llama.model.norm(states)
+        clip_device = next(self.clip.parameters()).device
+        clip_ids, clip_mask = self.clip_tokenizer.encode(prompts, self.clip_length)
+        pooled = self.clip(clip_ids.to(clip_device), clip_mask.to(clip_device)).pooled_output
+        return {
+            "text_states": states[:, self.crop_start:],
+            "text_mask": mask[:, self.crop_start:],
+            "text_states_2": pooled,
+        }
+
+
+# --------------------------------------------------------------------------- loading from files
+_TOWER_LEVEL = {"clip_text": "text_model.", "llama_text": "model."}
+
+
+def load_llama_text(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                    device: torch.device | str = "cpu") -> LlamaTextEncoder:
+    """A LLaMA text encoder from a .safetensors file or a Hugging Face model folder."""
+    return _load(path, "llama_text", llama_text, LlamaTextEncoder, dtype, device)
+
+
+def load_clip_text(path: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                   device: torch.device | str = "cpu") -> CLIPTextModel:
+    """A CLIP text model (any file holding one CLIP text tower, e.g. clip_l.safetensors or an SD1.5 checkpoint)."""
+    return _load(path, "clip_text", clip_text, CLIPTextModel, dtype, device)
+
+
+def _load(path, family, module, model_class, dtype, device):
+    from .checkpoints import load_tensors, read_header
+
+    header = read_header(path)
+    # Read only the tower's own tensors (not the UNet of a full SD checkpoint, not lm_head); the names are then
+    # in the module's "hf_bare" layout.
+    prefix, layout = module.locate(header.tensors)
+    tower = prefix + (_TOWER_LEVEL[family] if layout == "hf" else "")
+    shapes = module.convert_state_dict({k[len(tower):]: v for k, v in header.shapes().items() if k.startswith(tower)})
+    config = module.config_from_state_dict(shapes)
+    with torch.device("meta"):
+        model = model_class(config)
+    sd = module.convert_state_dict(load_tensors(header, prefix=tower, dtype=dtype))
+    missing = sorted(set(model.state_dict()) - set(sd))
+    unexpected = sorted(set(sd) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ModelFileError(f"{Path(path).name!r} does not fit a {family} model of the shapes it declares: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(sd, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_hunyuan_text_encoder(llama_path: str | os.PathLike, clip_path: str | os.PathLike,
+                              llama_tokenizer_path: str | os.PathLike | None = None, *,
+                              llama_dtype: torch.dtype = torch.bfloat16, clip_dtype: torch.dtype = torch.float16,
+                              device: torch.device | str = "cpu", **options) -> HunyuanTextEncoder:
+    """Both encoders and tokenizers. The LLaMA tokenizer defaults to the tokenizer.json in the LLaMA model's
+    folder (or next to its file); CLIP uses the tokenizer shipped with KineFlow. `options` go to HunyuanTextEncoder."""
+    llama_path = Path(llama_path)
+    if llama_tokenizer_path is None:
+        llama_tokenizer_path = llama_path if llama_path.is_dir() else llama_path.parent
+    return HunyuanTextEncoder(
+        load_llama_text(llama_path, llama_dtype, device), load_tokenizer(llama_tokenizer_path),
+        load_clip_text(clip_path, clip_dtype, device), clip_l_tokenizer(), **options)

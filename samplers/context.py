@@ -1,0 +1,139 @@
+"""Context windows: denoise long videos in overlapping windows of frames and blend the results.
+
+The frame axis is dim 2 of a [B, C, T, H, W] latent. A schedule lists windows (lists of frame indices, each
+exactly `min(length, T)` frames); the wrapped denoiser runs on one window at a time and the x0 estimates are
+averaged per frame with fusion weights, so peak memory is one window's activations plus two latent-sized
+buffers.
+
+Schedules (n = number of frames, L = length, o = overlap):
+- `static`: contiguous windows starting at 0, L − o apart; the last one is moved back to end at frame n−1
+  (its overlap with the previous window may be larger than o).
+- `uniform`: contiguous windows spread evenly over the video (the fewest windows whose neighbours overlap by
+  at least o, all overlaps within one frame of each other). With `stride` k > 1 it adds dilated levels
+  2, 4, ..., 2^(k−1): at level s every phase p < s of frames p, p+s, p+2s, ... is windowed the same way
+  (a level is used only if each phase has at least L frames), which links distant frames.
+- `looped`: contiguous windows L − o apart that wrap around the end (frame n−1 is followed by frame 0); the
+  last window overlaps the first one by at least o frames, so the video loops seamlessly.
+
+Fusion weights over the L positions of a window:
+- `flat`: all 1.
+- `pyramid`: min(j+1, L−j), highest in the middle.
+- `overlap-linear`: 1 in the middle, ramping linearly (j+1)/(o+1) over the first and last o positions.
+All weights are > 0 and the blend is normalised per frame, so a frame seen by one window keeps its value.
+
+`ContextOptions` is the KINEFLOW_CONTEXT_OPTIONS payload.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.errors import KineFlowError
+
+SCHEDULES = ("uniform", "static", "looped")
+FUSE_METHODS = ("pyramid", "flat", "overlap-linear")
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    length: int = 16
+    overlap: int = 4
+    stride: int = 1
+    schedule: str = "uniform"
+    fuse_method: str = "pyramid"
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise KineFlowError(f"context length must be >= 1 frame, got {self.length}")
+        if not 0 <= self.overlap < self.length:
+            raise KineFlowError(f"context overlap must be in [0, length={self.length}), got {self.overlap}")
+        if self.stride < 1:
+            raise KineFlowError(f"context stride must be >= 1, got {self.stride}")
+        if self.schedule not in SCHEDULES:
+            raise KineFlowError(f"unknown context schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.fuse_method not in FUSE_METHODS:
+            raise KineFlowError(
+                f"unknown context fuse method {self.fuse_method!r}; expected one of {', '.join(FUSE_METHODS)}"
+            )
+
+
+def _even_starts(n: int, length: int, overlap: int) -> list[int]:
+    """Start offsets of evenly spread windows of `length` over n items, neighbours overlapping >= overlap."""
+    if n <= length:
+        return [0]
+    count = math.ceil((n - overlap) / (length - overlap))
+    spacing = (n - length) / (count - 1)
+    # floor(x + 0.5) rather than round(): shift-invariant, so rounded spacings never exceed length - overlap.
+    return [math.floor(i * spacing + 0.5) for i in range(count)]
+
+
+def _static_starts(n: int, length: int, overlap: int) -> list[int]:
+    if n <= length:
+        return [0]
+    starts = list(range(0, n - length, length - overlap))
+    return starts + [n - length]
+
+
+def context_windows(num_frames: int, options: ContextOptions) -> list[list[int]]:
+    """The frame indices of every window for a video of `num_frames` frames."""
+    n, length, overlap = int(num_frames), options.length, options.overlap
+    if n < 1:
+        raise KineFlowError(f"context windows need at least 1 frame, got {n}")
+    if n <= length:
+        return [list(range(n))]
+    if options.schedule == "static":
+        return [list(range(s, s + length)) for s in _static_starts(n, length, overlap)]
+    if options.schedule == "looped":
+        step = length - overlap
+        return [[(s + j) % n for j in range(length)] for s in range(0, n, step)]
+    windows = []
+    for level in range(options.stride):
+        dilation = 2**level
+        if level > 0 and n // dilation < length:
+            break
+        for phase in range(dilation):
+            frames = list(range(phase, n, dilation))
+            windows += [frames[s : s + length] for s in _even_starts(len(frames), length, overlap)]
+    return windows
+
+
+def fusion_weights(window_length: int, options: ContextOptions) -> torch.Tensor:
+    """Positive blend weights (float32) for the positions of one window."""
+    j = torch.arange(window_length, dtype=torch.float32)
+    if options.fuse_method == "flat":
+        return torch.ones(window_length)
+    if options.fuse_method == "pyramid":
+        return torch.minimum(j + 1, window_length - j)
+    ramp = min(options.overlap, window_length // 2)
+    weights = torch.ones(window_length)
+    if ramp > 0:
+        edge = torch.arange(1, ramp + 1, dtype=torch.float32) / (ramp + 1)
+        weights[:ramp] = edge
+        weights[window_length - ramp :] = edge.flip(0)
+    return weights
+
+
+def context_window_denoiser(denoiser, options: ContextOptions):
+    """Wrap `denoiser(x, sigma)` so that it only ever sees windows of at most `options.length` frames."""
+
+    def windowed(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            raise KineFlowError(f"context windows expect a [B, C, T, H, W] latent, got shape {tuple(x.shape)}")
+        frames = x.shape[2]
+        windows = context_windows(frames, options)
+        if len(windows) == 1:
+            return denoiser(x, sigma)
+        out = torch.zeros_like(x)
+        total = torch.zeros(frames, dtype=x.dtype, device=x.device)
+        for window in windows:
+            index = torch.tensor(window, device=x.device)
+            weights = fusion_weights(len(window), options).to(device=x.device, dtype=x.dtype)
+            denoised = denoiser(x.index_select(2, index), sigma)
+            out.index_add_(2, index, denoised * weights.view(1, 1, -1, 1, 1))
+            total.index_add_(0, index, weights)
+        return out / total.view(1, 1, -1, 1, 1)
+
+    return windowed
