@@ -157,6 +157,24 @@ def compute_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def free_memory(device: torch.device | None = None) -> int:
+    """Bytes that a computation on `device` may use now (ComfyUI's own estimate inside ComfyUI)."""
+    device = device or compute_device()
+    if in_comfyui():
+        import comfy.model_management as mm
+
+        return int(mm.get_free_memory(device))
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 << 30  # no way to ask: assume a modest 4 GiB
+
+
 def offload_device() -> torch.device:
     if in_comfyui():
         import comfy.model_management as mm

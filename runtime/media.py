@@ -44,6 +44,10 @@ MIME_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif", "web
 
 
 # --------------------------------------------------------------------------- files
+_UMASK = os.umask(0)  # read the process umask (there is no getter) ...
+os.umask(_UMASK)  # ... and put it back
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync it and `os.replace` it onto `path`.
@@ -61,6 +65,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the permissions a plain open() gives
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

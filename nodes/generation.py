@@ -1,0 +1,177 @@
+"""Generation nodes shared by the model families: text encode, empty latent, sampler, VAE decode/encode."""
+
+from ..runtime import generation
+from ..runtime.video_models import LATENT_FORMATS
+from ..samplers.context import ContextOptions
+
+MAX_SIZE = 8192
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+class KineFlowTextEncode:
+    DESCRIPTION = "Encodes a prompt (and an optional negative prompt for CFG) into conditioning for the sampler."
+    CATEGORY = "KineFlow/conditioning"
+    RETURN_TYPES = ("KINEFLOW_CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("KINEFLOW_TEXT_ENCODER", {"tooltip": "From Load Text Encoders."}),
+            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video should show."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to steer away from; used only when the sampler's cfg is above 1."}),
+        }}
+
+    def encode(self, text_encoder, prompt, negative_prompt):
+        return (generation.encode_prompts(text_encoder, prompt, negative_prompt),)
+
+
+class KineFlowEmptyVideoLatent:
+    DESCRIPTION = ("An empty latent video to sample into. HunyuanVideo latents have 16 channels, 1 latent frame per "
+                   "4 video frames after the first (so frames = 4k+1) and 1/8 of the size.")
+    CATEGORY = "KineFlow/latent"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video width in pixels, a multiple of 16."}),
+            "height": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video height in pixels, a multiple of 16."}),
+            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 4, "tooltip": "Number of video frames; 4k+1 for HunyuanVideo (1, 5, 9, ... 129)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1, "tooltip": "Videos generated at once (seeds seed, seed+1, ...)."}),
+        }, "optional": {
+            "latent_format": (list(LATENT_FORMATS), {"default": "hunyuan_video", "tooltip": "Which model family the latent is for."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, frames, latent_format="hunyuan_video"):
+        # Naming these inputs here makes ComfyUI skip its own range/list checks for them, so all are checked here.
+        return generation.validate_latent_inputs(latent_format, width, height, frames, max_size=MAX_SIZE, max_frames=1025)
+
+    def generate(self, width, height, frames, batch_size, latent_format="hunyuan_video"):
+        return (generation.empty_latent(latent_format, width, height, frames, batch_size),)
+
+
+class KineFlowSampler:
+    DESCRIPTION = ("Denoises a latent video with the model. Flow-matching models (HunyuanVideo) use shift and "
+                   "embedded guidance; cfg above 1 adds a negative-prompt pass. denoise below 1 keeps part of "
+                   "the input latent (video-to-video).")
+    CATEGORY = "KineFlow/sampling"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("KINEFLOW_VIDEO_MODEL", {"tooltip": "From Load Video Model."}),
+            "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode."}),
+            "latent": ("LATENT", {"tooltip": "Empty Video Latent, or a VAE Encode output for video-to-video."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "tooltip": "Noise seed; the same seed gives the same video on any device."}),
+            "steps": ("INT", {"default": 8, "min": 1, "max": 200, "step": 1, "tooltip": "Sampling steps."}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale; 1 = off (one pass per step). Needs a negative prompt when above 1."}),
+            "shift": ("FLOAT", {"default": 7.0, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "Flow-matching time shift: higher spends more steps at high noise (HunyuanVideo uses 7 at 720p)."}),
+            "embedded_guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance strength fed to guidance-distilled models as an input (ignored by models without it)."}),
+            "sampler_name": (generation.SAMPLER_NAMES, {"default": "euler", "tooltip": "Sampling algorithm."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1 = from pure noise; lower keeps that much of the input latent."}),
+        }, "optional": {
+            "context_options": ("KINEFLOW_CONTEXT_OPTIONS", {"tooltip": "Sliding context windows for videos longer than the model's window."}),
+        }}
+
+    def sample(self, model, conditioning, latent, seed, steps, cfg, shift, embedded_guidance, sampler_name, denoise,
+               context_options=None):
+        return (generation.sample_video(model, conditioning, latent, seed=seed, steps=steps, cfg=cfg, shift=shift,
+                                        embedded_guidance=embedded_guidance, sampler_name=sampler_name,
+                                        denoise=denoise, context=context_options),)
+
+
+class KineFlowContextOptions:
+    DESCRIPTION = ("Sliding context windows over latent frames: the model sees at most `length` frames at a time "
+                   "and overlapping windows are blended, so memory stays bounded for long videos.")
+    CATEGORY = "KineFlow/sampling"
+    RETURN_TYPES = ("KINEFLOW_CONTEXT_OPTIONS",)
+    RETURN_NAMES = ("context_options",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "length": ("INT", {"default": 16, "min": 1, "max": 512, "step": 1, "tooltip": "Latent frames per window."}),
+            "overlap": ("INT", {"default": 4, "min": 0, "max": 511, "step": 1, "tooltip": "Latent frames shared by neighbouring windows."}),
+            "stride": ("INT", {"default": 1, "min": 1, "max": 16, "step": 1, "tooltip": "Largest frame stride: above 1 adds dilated windows that link distant frames."}),
+            "schedule": (["uniform", "static", "looped"], {"default": "uniform", "tooltip": "uniform: sliding windows; static: fixed consecutive windows; looped: windows wrap around for a seamless loop."}),
+            "fuse_method": (["pyramid", "flat", "overlap-linear"], {"default": "pyramid", "tooltip": "How overlapping windows are weighted when blended."}),
+        }}
+
+    def build(self, length, overlap, stride, schedule, fuse_method):
+        return (ContextOptions(length=length, overlap=overlap, stride=stride, schedule=schedule, fuse_method=fuse_method),)
+
+
+_TILING_INPUTS = {
+    "tiling": (["auto", "enabled", "disabled"], {"default": "auto", "tooltip": "auto: tile only when the whole video would not fit a memory budget; enabled: always use the tile sizes below."}),
+    "tile_size": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 32, "tooltip": "Spatial tile size in pixels (multiple of 8)."}),
+    "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 2048, "step": 8, "tooltip": "Pixels shared by neighbouring tiles, blended linearly (at most half a tile)."}),
+    "tile_frames": ("INT", {"default": 16, "min": 4, "max": 1024, "step": 4, "tooltip": "Temporal tile length in frames (multiple of 4)."}),
+    "frame_overlap": ("INT", {"default": 4, "min": 0, "max": 512, "step": 4, "tooltip": "Frames shared by neighbouring temporal tiles (multiple of 4)."}),
+}
+
+
+class KineFlowVAEDecode:
+    DESCRIPTION = "Decodes a latent video to frames (IMAGE), optionally in tiles over space and time to bound memory."
+    CATEGORY = "KineFlow/vae"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("KINEFLOW_VAE", {"tooltip": "From Load Video VAE."}),
+            "latent": ("LATENT", {"tooltip": "The sampled latent video."}),
+            **_TILING_INPUTS,
+        }}
+
+    def decode(self, vae, latent, tiling, tile_size, tile_overlap, tile_frames, frame_overlap):
+        options = generation.tiling_options(tiling, tile_size, tile_overlap, tile_frames, frame_overlap)
+        return (generation.decode_video(vae, latent, options),)
+
+
+class KineFlowVAEEncode:
+    DESCRIPTION = "Encodes frames (4k+1 of them, sides multiples of 16) into a latent video, e.g. for video-to-video."
+    CATEGORY = "KineFlow/vae"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("KINEFLOW_VAE", {"tooltip": "From Load Video VAE."}),
+            "images": ("IMAGE", {"tooltip": "Frames to encode."}),
+            **_TILING_INPUTS,
+        }}
+
+    def encode(self, vae, images, tiling, tile_size, tile_overlap, tile_frames, frame_overlap):
+        options = generation.tiling_options(tiling, tile_size, tile_overlap, tile_frames, frame_overlap)
+        return (generation.encode_video(vae, images, options),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KineFlowTextEncode": KineFlowTextEncode,
+    "KineFlowEmptyVideoLatent": KineFlowEmptyVideoLatent,
+    "KineFlowSampler": KineFlowSampler,
+    "KineFlowContextOptions": KineFlowContextOptions,
+    "KineFlowVAEDecode": KineFlowVAEDecode,
+    "KineFlowVAEEncode": KineFlowVAEEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KineFlowTextEncode": "Text Encode (KineFlow)",
+    "KineFlowEmptyVideoLatent": "Empty Video Latent (KineFlow)",
+    "KineFlowSampler": "Sampler (KineFlow)",
+    "KineFlowContextOptions": "Context Options (KineFlow)",
+    "KineFlowVAEDecode": "VAE Decode (KineFlow)",
+    "KineFlowVAEEncode": "VAE Encode (KineFlow)",
+}

@@ -1,0 +1,86 @@
+"""Loader nodes for the HunyuanVideo family: diffusion model, VAE, text encoders."""
+
+from ..runtime import host
+from ..runtime.video_models import load_text_encoders, load_video_model, load_video_vae
+
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+DTYPE_TOOLTIP = "Weight dtype in memory. auto = fp32 on CPU, bf16 on GPU."
+
+
+def _choices(kind: str, folders: bool = False) -> list[str]:
+    return host.list_models(kind, include_folders=folders) or [""]
+
+
+class KineFlowLoadVideoModel:
+    DESCRIPTION = ("Loads a HunyuanVideo transformer from diffusion_models/ (Tencent original, ComfyUI or diffusers "
+                   "layout, .safetensors or .pt). Weights are assigned in the chosen dtype without a float32 copy.")
+    CATEGORY = "KineFlow/loaders"
+    RETURN_TYPES = ("KINEFLOW_VIDEO_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (_choices("diffusion_models"), {"tooltip": "Transformer checkpoint in models/diffusion_models (or models/unet)."}),
+            "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "fp8": (["disabled", "e4m3fn"], {"default": "disabled", "tooltip": "Store linear weights as fp8 e4m3 (half of bf16's memory) and upcast each layer when it runs."}),
+        }}
+
+    def load(self, model_name, weight_dtype, fp8):
+        return (load_video_model(model_name, weight_dtype, fp8=fp8 == "e4m3fn"),)
+
+
+class KineFlowLoadVideoVAE:
+    DESCRIPTION = "Loads the HunyuanVideo causal 3D VAE (4x time, 8x space) from vae/, in the original, ComfyUI or diffusers layout."
+    CATEGORY = "KineFlow/loaders"
+    RETURN_TYPES = ("KINEFLOW_VAE",)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (_choices("vae"), {"tooltip": "VAE checkpoint in models/vae."}),
+            "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, vae_name, dtype):
+        return (load_video_vae(vae_name, dtype),)
+
+
+class KineFlowLoadTextEncoders:
+    DESCRIPTION = ("Loads the LLaMA hidden-state text encoder and CLIP-L from text_encoders/ (files or Hugging Face "
+                   "folders). The LLaMA tokenizer.json is read from the LLaMA folder, from next to its file, or from "
+                   "the path given; CLIP's tokenizer ships with KineFlow.")
+    CATEGORY = "KineFlow/loaders"
+    RETURN_TYPES = ("KINEFLOW_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        choices = _choices("text_encoders", folders=True)
+        return {"required": {
+            "llm_name": (choices, {"tooltip": "LLaMA text encoder (file or folder) in models/text_encoders or models/clip."}),
+            "clip_name": (choices, {"tooltip": "CLIP-L text encoder (file or folder) in models/text_encoders or models/clip."}),
+            "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }, "optional": {
+            "llm_tokenizer": ("STRING", {"default": "", "tooltip": "tokenizer.json (or its folder) for the LLaMA encoder: an absolute path or a name inside text_encoders/. Empty = look beside the model."}),
+            "crop_start": ("INT", {"default": -1, "min": -1, "max": 1024, "step": 1, "tooltip": "Template tokens cut from the LLaMA states; -1 = count them from the template (95 for HunyuanVideo's video template)."}),
+        }}
+
+    def load(self, llm_name, clip_name, dtype, llm_tokenizer="", crop_start=-1):
+        return (load_text_encoders(llm_name, clip_name, llm_tokenizer, dtype, crop_start),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KineFlowLoadVideoModel": KineFlowLoadVideoModel,
+    "KineFlowLoadVideoVAE": KineFlowLoadVideoVAE,
+    "KineFlowLoadTextEncoders": KineFlowLoadTextEncoders,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KineFlowLoadVideoModel": "Load Video Model (KineFlow)",
+    "KineFlowLoadVideoVAE": "Load Video VAE (KineFlow)",
+    "KineFlowLoadTextEncoders": "Load Text Encoders (KineFlow)",
+}

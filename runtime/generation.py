@@ -1,0 +1,184 @@
+"""The work behind the generation nodes: prompt encoding, empty latents, sampling, VAE decode and encode.
+
+Each function takes model handles (runtime/video_models.py) and plain values, reports progress and previews
+through the host, and returns ComfyUI-shaped values (LATENT dicts, IMAGE tensors).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models.hunyuan_video_vae import TilingOptions
+from ..samplers.context import ContextOptions, context_window_denoiser
+from ..samplers.guidance import make_cfg_denoiser
+from ..samplers.noise import seeded_noise, step_generators
+from ..samplers.sampling import SAMPLERS, sample
+from ..samplers.schedules import flow_sigmas
+from . import host
+from .errors import KineFlowError
+from .video_models import LATENT_FORMATS, LatentFormat, VideoVAE, latent_preview_rgb
+
+SAMPLER_NAMES = list(SAMPLERS)
+
+
+# --------------------------------------------------------------------------- sizes
+def nearest_valid_size(fmt: LatentFormat, width: int, height: int, frames: int) -> tuple[int, int, int]:
+    m, f = fmt.size_multiple, fmt.frame_multiple
+    snap = lambda v: max(m, int(round(v / m)) * m)  # noqa: E731
+    return snap(width), snap(height), max(1, int(round((frames - 1) / f)) * f + 1)
+
+
+def check_video_size(format_name: str, width: int, height: int, frames: int) -> str | None:
+    """None if the size fits the latent format, else a message naming the nearest valid values."""
+    fmt = LATENT_FORMATS[format_name]
+    w, h, n = nearest_valid_size(fmt, width, height, frames)
+    problems = []
+    if (w, h) != (width, height):
+        problems.append(f"width and height must be multiples of {fmt.size_multiple} (got {width}x{height}; nearest valid: {w}x{h})")
+    if n != frames:
+        problems.append(f"frames must be 1 + {fmt.frame_multiple}k for {format_name} (got {frames}; nearest valid: {n})")
+    return "; ".join(problems) or None
+
+
+def validate_latent_inputs(format_name, width, height, frames, *, max_size: int, max_frames: int) -> bool | str:
+    """VALIDATE_INPUTS body of Empty Video Latent: True, or a message with the nearest valid values."""
+    if any(v is None for v in (format_name, width, height, frames)):
+        return True  # linked inputs are checked when the node runs
+    if format_name not in LATENT_FORMATS:
+        return f"latent_format must be one of {list(LATENT_FORMATS)}; got {format_name!r}"
+    for name, value, lo, hi in (("width", width, 16, max_size), ("height", height, 16, max_size), ("frames", frames, 1, max_frames)):
+        if not lo <= value <= hi:
+            return f"{name} must be between {lo} and {hi}; got {value}"
+    return check_video_size(format_name, width, height, frames) or True
+
+
+def empty_latent(format_name: str, width: int, height: int, frames: int, batch: int) -> dict:
+    problem = check_video_size(format_name, width, height, frames)
+    if problem:
+        raise KineFlowError(problem)
+    fmt = LATENT_FORMATS[format_name]
+    return {"samples": torch.zeros(fmt.latent_shape(batch, frames, height, width)), "latent_format": fmt.name}
+
+
+# --------------------------------------------------------------------------- text
+def encode_prompts(text_encoder, prompt: str, negative_prompt: str = "") -> dict:
+    """KINEFLOW_CONDITIONING: the encoded prompt and, when given, the negative prompt (for CFG)."""
+    with torch.inference_mode():
+        positive = text_encoder.encode([prompt])
+        negative = text_encoder.encode([negative_prompt]) if negative_prompt.strip() else None
+    return {"positive": positive, "negative": negative}
+
+
+def _batched(cond: dict, batch: int) -> dict:
+    return {k: v.expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v
+            for k, v in cond.items()}
+
+
+# --------------------------------------------------------------------------- sampling
+def sample_video(
+    model,
+    conditioning: dict,
+    latent: dict,
+    *,
+    seed: int,
+    steps: int,
+    cfg: float,
+    shift: float,
+    embedded_guidance: float,
+    sampler_name: str,
+    denoise: float = 1.0,
+    context: ContextOptions | None = None,
+) -> dict:
+    """Denoise `latent` under `conditioning`; denoise < 1 starts from the input latent (video-to-video)."""
+    samples = latent["samples"]
+    fmt = model.latent_format
+    if samples.ndim != 5 or samples.shape[1] != fmt.channels:
+        raise KineFlowError(
+            f"the {model.family} model expects a latent [B, {fmt.channels}, T, H, W]; found shape {tuple(samples.shape)}. "
+            f"Use an Empty Video Latent with latent_format {fmt.name!r} or a VAE Encode of the same family."
+        )
+    if cfg > 1.0 and conditioning.get("negative") is None:
+        raise KineFlowError(f"cfg {cfg} needs a negative prompt (the unconditional branch); set one in Text Encode or use cfg 1")
+    batch = samples.shape[0]
+    noise = seeded_noise(samples.shape, seed)
+    sigmas = flow_sigmas(steps, shift, denoise)
+    start = samples.float() if denoise < 1.0 else None
+
+    positive = model.net_kwargs(_batched(conditioning["positive"], batch), embedded_guidance, batch)
+    negative = None
+    if conditioning.get("negative") is not None:
+        negative = model.net_kwargs(_batched(conditioning["negative"], batch), embedded_guidance, batch)
+    denoiser = make_cfg_denoiser(model.model_sampling.wrap(model.net_fn), positive, negative, cfg)
+    if context is not None:
+        denoiser = context_window_denoiser(denoiser, context)
+
+    bar = host.progress(len(sigmas) - 1, "sampling")
+
+    def callback(step, total, x, denoised):
+        rgb = latent_preview_rgb(denoised, *model.preview_factors)
+        preview = Image.fromarray((rgb.numpy() * 255).astype(np.uint8))
+        bar.update(1, preview=preview)
+
+    out = sample(model.model_sampling, denoiser, noise, sigmas, sampler_name, start,
+                 generator=step_generators(seed, batch), callback=callback)
+    return {"samples": out, "latent_format": fmt.name}
+
+
+# --------------------------------------------------------------------------- VAE
+def _vae_progress(desc: str):
+    bar = None
+
+    def callback(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = host.progress(total, desc)
+        bar.update(done - bar.current)
+
+    return callback
+
+
+def tiling_options(mode: str, tile_size: int, tile_overlap: int, tile_frames: int, frame_overlap: int):
+    """Node inputs -> the VAE's tiling argument: "auto" (from a memory budget), None (off) or explicit tiles."""
+    if mode == "auto":
+        return "auto"
+    if mode == "disabled":
+        return None
+    return TilingOptions(tile_size=tile_size, tile_overlap=tile_overlap, tile_frames=tile_frames,
+                         frame_overlap=frame_overlap)
+
+
+def _vae_budget(device) -> int:
+    """Half of what is free now: leaves room for the frames being assembled and for other work."""
+    return host.free_memory(device) // 2
+
+
+def decode_video(vae: VideoVAE, latent: dict, tiling) -> torch.Tensor:
+    """LATENT -> IMAGE [B*F, H, W, 3] in 0..1 (the videos of a batch one after another)."""
+    samples = latent["samples"]
+    if samples.ndim != 5 or samples.shape[1] != vae.latent_format.channels:
+        raise KineFlowError(f"this VAE decodes latents [B, {vae.latent_format.channels}, T, H, W]; found shape {tuple(samples.shape)}")
+    device = host.compute_device()
+    with torch.inference_mode():
+        video = vae.vae.decode_latents(samples.to(device), tiling=tiling, memory_budget_bytes=_vae_budget(device),
+                                       callback=_vae_progress("VAE decode"))
+    frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)  # [B, 3, F, H, W]
+    return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3).contiguous()
+
+
+def encode_video(vae: VideoVAE, images: torch.Tensor, tiling) -> dict:
+    """IMAGE [F, H, W, 3] -> LATENT [1, C, T, H/8, W/8] (posterior mean, scaled)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise KineFlowError(f"expected IMAGE frames [F, H, W, 3]; found shape {tuple(images.shape)}")
+    fmt = vae.latent_format
+    frames, height, width = images.shape[0], images.shape[1], images.shape[2]
+    problem = check_video_size(fmt.name, width, height, frames)
+    if problem:
+        raise KineFlowError(f"cannot encode these frames: {problem}. Trim or resize them first (Select Frames, Resize Frames).")
+    video = images.permute(3, 0, 1, 2).unsqueeze(0) * 2.0 - 1.0
+    device = host.compute_device()
+    with torch.inference_mode():
+        latents = vae.vae.encode_latents(video.to(device), tiling=tiling, memory_budget_bytes=_vae_budget(device),
+                                         callback=_vae_progress("VAE encode"))
+    return {"samples": latents.float().cpu(), "latent_format": fmt.name}

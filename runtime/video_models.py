@@ -1,0 +1,187 @@
+"""Model handles that travel along workflow links, and the loaders that build them from checkpoint files.
+
+A handle wraps a pure torch module from models/ with what the nodes need to use it: its latent format, its
+sampling parametrisation, its dtype and device. The sampler drives every family through the same handle
+interface (`VideoModel`), so one Sampler node serves HunyuanVideo and AnimateDiff alike.
+
+Loading follows DEVELOPING.md's single path: read the header, detect family and layout, derive the config
+from shapes, convert keys, and assign tensors already in the target dtype into a model built on `meta`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models import checkpoints
+from ..models import hunyuan_video_dit as dit_mod
+from ..models import hunyuan_video_vae as vae_mod
+from ..models.hunyuan_text import HunyuanTextEncoder, load_hunyuan_text_encoder
+from ..samplers.sampling import FlowMatching
+from . import host
+from .errors import KineFlowError
+from .memory import load_into_meta_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' means bf16 on accelerators and fp32 on the CPU (CPU half-precision kernels are slow)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise KineFlowError(f"unknown dtype {name!r}; expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How a family's latents relate to pixels."""
+
+    name: str
+    channels: int
+    temporal_ratio: int  # video frames per latent frame after the first (1 = per-frame latents)
+    spatial_ratio: int
+    frame_multiple: int = 1  # frames must be 1 + k*frame_multiple (4 for the causal 3D VAE)
+    size_multiple: int = 16
+
+    def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+        t = (frames - 1) // self.temporal_ratio + 1 if self.temporal_ratio > 1 else frames
+        return (batch, self.channels, t, height // self.spatial_ratio, width // self.spatial_ratio)
+
+    def video_frames(self, latent_frames: int) -> int:
+        return (latent_frames - 1) * self.temporal_ratio + 1 if self.temporal_ratio > 1 else latent_frames
+
+
+HUNYUAN_VIDEO_LATENT = LatentFormat("hunyuan_video", 16, 4, 8, frame_multiple=4)
+SD15_LATENT = LatentFormat("sd15", 4, 1, 8)
+LATENT_FORMATS = {f.name: f for f in (HUNYUAN_VIDEO_LATENT, SD15_LATENT)}
+
+
+def latent_preview_rgb(latent: torch.Tensor, factors: torch.Tensor | None, bias: torch.Tensor | None):
+    """A cheap RGB preview [H, W, 3] (0..1) of the first frame of a [B, C, T, H, W] latent.
+
+    With fitted `factors` [C, 3] it is a linear map; without, the first three channels are shown, each
+    stretched to its own range, which still shows layout and motion while sampling."""
+    frame = latent[0, :, 0].float()
+    if factors is not None:
+        rgb = torch.einsum("chw,cr->hwr", frame, factors.float())
+        if bias is not None:
+            rgb = rgb + bias.float()
+        return ((rgb + 1) / 2).clamp(0, 1)
+    rgb = frame[:3].permute(1, 2, 0)
+    lo = rgb.amin(dim=(0, 1), keepdim=True)
+    hi = rgb.amax(dim=(0, 1), keepdim=True)
+    return (rgb - lo) / (hi - lo).clamp_min(1e-6)
+
+
+# --------------------------------------------------------------------------- diffusion model
+@dataclass
+class HunyuanVideoModel:
+    """KINEFLOW_VIDEO_MODEL for the HunyuanVideo transformer (flow matching, velocity prediction)."""
+
+    net: dit_mod.HunyuanVideoDiT
+    dtype: torch.dtype
+    source: str
+    family: str = "hunyuan_video"
+    latent_format: LatentFormat = HUNYUAN_VIDEO_LATENT
+    model_sampling: FlowMatching = field(default_factory=FlowMatching)
+    # Linear latent -> RGB map for live previews, when the checkpoint carries one (our trained models do).
+    preview_factors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    @property
+    def guidance_embedded(self) -> bool:
+        return bool(self.net.config.guidance_embed)
+
+    def net_kwargs(self, text: dict, embedded_guidance: float, batch: int) -> dict:
+        """Keyword arguments for `net_fn` from one encoded prompt (see models/hunyuan_text.py)."""
+        kwargs = {
+            "text_states": text["text_states"],
+            "text_mask": text["text_mask"],
+            "text_states_2": text["text_states_2"],
+        }
+        if self.guidance_embedded:
+            # The distilled model embeds guidance like a timestep: the reference pipeline feeds scale x 1000.
+            kwargs["guidance"] = torch.full((batch,), float(embedded_guidance) * 1000.0)
+        return kwargs
+
+    def net_fn(self, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
+        device = host.compute_device()
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with torch.inference_mode():
+            out = self.net(x.to(device), timestep.to(device), **kwargs)
+        return out.float()
+
+
+def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = False) -> HunyuanVideoModel:
+    path = host.model_path("diffusion_models", name_or_path)
+    header, det = checkpoints.require_family(path, "hunyuan_video_dit")
+    device = host.compute_device()
+    dtype = resolve_dtype(weight_dtype, device)
+    raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype,
+                                   keep_dtypes=(torch.float8_e4m3fn,) if fp8 else ())
+    sd = dit_mod.convert_state_dict(raw, det.layout)
+    del raw
+    config = dit_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    net = load_into_meta_model(dit_mod.HunyuanVideoDiT, config, sd, dtype, fp8=fp8).to(device).eval()
+    return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), preview_factors=_preview_factors(header))
+
+
+def _preview_factors(header: checkpoints.Header):
+    """Read `kineflow.latent_rgb_factors` ({"factors": [[r,g,b] per channel], "bias": [r,g,b]}) from metadata."""
+    raw = header.metadata.get("kineflow.latent_rgb_factors")
+    if not raw:
+        return (None, None)
+    try:
+        data = json.loads(raw)
+        return torch.tensor(data["factors"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32)
+    except (ValueError, KeyError, TypeError):
+        return (None, None)  # previews fall back to the channel view; generation is unaffected
+
+
+# --------------------------------------------------------------------------- VAE
+@dataclass
+class VideoVAE:
+    """KINEFLOW_VAE: pixels <-> scaled latents for one family (HunyuanVideo causal 3D VAE here)."""
+
+    vae: vae_mod.HunyuanVideoVAE
+    dtype: torch.dtype
+    source: str
+    latent_format: LatentFormat = HUNYUAN_VIDEO_LATENT
+    rgb_factors: torch.Tensor | None = None
+    rgb_bias: torch.Tensor | None = None
+
+
+def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
+    path = host.model_path("vae", name_or_path)
+    header, det = checkpoints.require_family(path, "hunyuan_video_vae")
+    device = host.compute_device()
+    dtype = resolve_dtype(dtype_name, device)
+    raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype)
+    factors, bias = raw.pop("latent_rgb_factors", None), raw.pop("latent_rgb_bias", None)
+    sd = vae_mod.convert_state_dict(raw, det.layout)
+    del raw
+    config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    scaling = header.metadata.get("scaling_factor")
+    if scaling is not None:
+        config = type(config)(**{**config.__dict__, "scaling_factor": float(scaling)})
+    vae = load_into_meta_model(vae_mod.HunyuanVideoVAE, config, sd, dtype).to(device).eval()
+    return VideoVAE(vae=vae, dtype=dtype, source=str(path), rgb_factors=factors, rgb_bias=bias)
+
+
+# --------------------------------------------------------------------------- text encoders
+def load_text_encoders(llm_name: str, clip_name: str, tokenizer_path: str = "", dtype_name: str = "auto",
+                       crop_start: int = -1) -> HunyuanTextEncoder:
+    llm_path = host.model_path("text_encoders", llm_name)
+    clip_path = host.model_path("text_encoders", clip_name)
+    tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path.strip() else None
+    if tokenizer is not None and not tokenizer.is_absolute():
+        tokenizer = host.model_path("text_encoders", tokenizer_path.strip())
+    device = host.compute_device()
+    dtype = resolve_dtype(dtype_name, device)
+    return load_hunyuan_text_encoder(llm_path, clip_path, llama_tokenizer_path=tokenizer, llama_dtype=dtype,
+                                     clip_dtype=dtype, device=device,
+                                     crop_start=None if crop_start < 0 else crop_start)

@@ -1,0 +1,156 @@
+"""Tiny HunyuanVideo-family models written to disk in the real file layouts.
+
+`write_models(models_dir, ...)` saves a transformer, VAE, LLaMA text-encoder folder (with a word-level
+tokenizer.json) and CLIP-L text encoder under ComfyUI's folder names, so the real loader nodes, `kineflow
+inspect` and workflows use them exactly like full-size files. With random weights they are the fixtures of
+the end-to-end tests; the trainer saves its trained weights through the same functions.
+
+    python -m kineflow.training.tiny_models --out models/   # random weights, for trying the workflow wiring
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+
+from ..models.clip_text import CLIPTextConfig, CLIPTextModel
+from ..models.hunyuan_text import VIDEO_PROMPT_TEMPLATE
+from ..models.hunyuan_video_dit import HunyuanVideoDiT, HunyuanVideoDiTConfig, default_rope_dims
+from ..models.hunyuan_video_vae import HunyuanVideoVAE, HunyuanVideoVAEConfig
+from ..models.llama_text import LlamaTextConfig, LlamaTextEncoder
+from ..runtime.media import atomic_write
+
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>", "[UNK]"]
+WORD_PATTERN = r"\w+|[^\w\s]+"  # what pre_tokenizers.Whitespace splits on
+CLIP_VOCAB = 49408  # the shipped CLIP-L tokenizer's ids
+
+
+@dataclass
+class TinyFamily:
+    """Configs of one tiny HunyuanVideo-family model set (text widths wired between the parts)."""
+
+    dit: HunyuanVideoDiTConfig
+    vae: HunyuanVideoVAEConfig
+    llama: LlamaTextConfig
+    clip: CLIPTextConfig
+    names: dict = field(default_factory=lambda: {
+        "dit": "kineflow_tiny_dit.safetensors",
+        "vae": "kineflow_tiny_vae.safetensors",
+        "llm": "kineflow_tiny_llm",
+        "clip": "kineflow_tiny_clip.safetensors",
+    })
+
+
+def tiny_family(llama_vocab: int) -> TinyFamily:
+    llama = LlamaTextConfig(vocab_size=llama_vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                            num_attention_heads=1, num_key_value_heads=1)
+    clip = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=1, max_position_embeddings=77)
+    dit = HunyuanVideoDiTConfig(
+        in_channels=16, out_channels=16, hidden_size=64, heads_num=2, mlp_width_ratio=4.0,
+        mm_double_blocks_depth=2, mm_single_blocks_depth=2, refiner_depth=1,
+        rope_dim_list=default_rope_dims(32), text_states_dim=llama.hidden_size, text_states_dim_2=clip.hidden_size,
+    )
+    return TinyFamily(dit=dit, vae=HunyuanVideoVAEConfig.tiny(), llama=llama, clip=clip)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def write_word_tokenizer(folder: Path, texts: list[str]) -> Path:
+    """A word-level LLaMA-3-like tokenizer.json over the words of `texts` (+ the prompt template's words).
+
+    LLaMA-3's header tokens are kept as special tokens so HunyuanVideo's prompt template tokenizes the same
+    way in structure; BOS is prepended; `<pad>` pads (declared in tokenizer_config.json as HF folders do).
+    """
+    texts = [VIDEO_PROMPT_TEMPLATE, *texts]
+    specials = re.compile("|".join(map(re.escape, LLAMA_SPECIALS)))
+    words = sorted({w for t in texts for w in re.findall(WORD_PATTERN, specials.sub(" ", t.lower()))})
+    vocab = {tok: i for i, tok in enumerate(LLAMA_SPECIALS + words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(LLAMA_SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    return folder
+
+
+# --------------------------------------------------------------------------- saving in real layouts
+def save_safetensors(state_dict: dict, path: Path, metadata: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return path
+
+
+def save_family(models_dir: Path, family: TinyFamily, dit: HunyuanVideoDiT, vae: HunyuanVideoVAE,
+                llama: LlamaTextEncoder, clip: CLIPTextModel, dtype: torch.dtype = torch.float32,
+                dit_metadata: dict | None = None) -> dict[str, Path]:
+    """Write the four parts in the layouts real files use (original DiT/VAE names, HF text encoder names)."""
+    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    paths = {
+        "dit": save_safetensors(cast(dit.state_dict()), models_dir / "diffusion_models" / family.names["dit"], dit_metadata),
+        "vae": save_safetensors(cast(vae.state_dict()), models_dir / "vae" / family.names["vae"],
+                                {"scaling_factor": vae.config.scaling_factor}),
+        "clip": save_safetensors(cast(clip.state_dict()), models_dir / "text_encoders" / family.names["clip"]),
+    }
+    llm_dir = models_dir / "text_encoders" / family.names["llm"]
+    save_safetensors(cast(llama.state_dict()), llm_dir / "model.safetensors")
+    cfg = family.llama
+    (llm_dir / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaModel"], "model_type": "llama", "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+    }, indent=1))
+    paths["llm"] = llm_dir
+    return paths
+
+
+def write_models(models_dir: str | Path, texts: list[str] = (), seed: int = 0) -> dict[str, Path]:
+    """Random-weight tiny models + tokenizer under `models_dir` (ComfyUI folder names). Returns the paths."""
+    models_dir = Path(models_dir)
+    tok_dir = write_word_tokenizer(models_dir / "text_encoders" / "kineflow_tiny_llm", list(texts))
+    vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
+    family = tiny_family(vocab)
+    torch.manual_seed(seed)
+    dit = HunyuanVideoDiT(family.dit)
+    _randomise_zero_inits(dit)
+    parts = (HunyuanVideoVAE(family.vae), LlamaTextEncoder(family.llama), CLIPTextModel(family.clip))
+    return save_family(models_dir, family, dit, *parts)
+
+
+def _randomise_zero_inits(module: torch.nn.Module) -> None:
+    """Zero-initialised output layers would make a random model's output ignore its input; fill them."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 1 and not p.any():
+                p.normal_(0.0, 0.02)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Write random-weight tiny HunyuanVideo-family models.")
+    parser.add_argument("--out", default="models", help="models folder (ComfyUI sub-folder names are created)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for part, path in write_models(args.out, seed=args.seed).items():
+        print(f"{part}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
