@@ -1,0 +1,66 @@
+"""The package installs as ComfyUI and pip expect: imports, registration, dependency lists, relative imports."""
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_requirements_txt_matches_pyproject_dependencies():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert sorted(listed) == sorted(declared)
+
+
+def test_package_code_uses_only_relative_imports_of_itself():
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "benchmarks", "build") or "egg-info" in str(rel):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "kineflow":
+                offenders.append(f"{rel}:{node.lineno}")
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "kineflow" for a in node.names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, f"absolute kineflow imports break loading under ComfyUI's module name: {offenders}"
+
+
+def test_only_the_host_module_imports_comfyui():
+    comfy_modules = {"comfy", "folder_paths", "comfy_execution", "server", "nodes", "latent_preview"}
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "build") or rel == Path("runtime/host.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            offenders += [f"{rel}:{node.lineno} {n}" for n in names if n.split(".")[0] in comfy_modules]
+    assert not offenders, offenders
+
+
+def test_pack_imports_under_a_path_derived_module_name(tmp_path):
+    """ComfyUI imports a custom node folder under its path with dots replaced (nodes.py load_custom_node)."""
+    name = str(ROOT).replace(".", "_x_")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location(r'{name}', r'{ROOT / '__init__.py'}',"
+        f" submodule_search_locations=[r'{ROOT}'])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; spec.loader.exec_module(m)\n"
+        "assert 'kineflow' not in sys.modules, 'the pack imported itself by its pip name'\n"
+        "print(len(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    count, web = out.stdout.split()
+    assert int(count) >= 15 and web == "./web"
+
+
+def test_console_script_runs_from_any_directory(tmp_path):
+    out = subprocess.run(["kineflow", "nodes"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "KineFlowSampler" in out.stdout and "KineFlowSaveVideo (output node)" in out.stdout
