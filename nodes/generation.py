@@ -76,16 +76,17 @@ class KineFlowSampler:
             "shift": ("FLOAT", {"default": 7.0, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "Flow-matching time shift: higher spends more steps at high noise (HunyuanVideo uses 7 at 720p)."}),
             "embedded_guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance strength fed to guidance-distilled models as an input (ignored by models without it)."}),
             "sampler_name": (generation.SAMPLER_NAMES, {"default": "euler", "tooltip": "Sampling algorithm."}),
+            "scheduler": (generation.SCHEDULERS, {"default": "default", "tooltip": "default: the family's own schedule (shifted flow matching for HunyuanVideo, AnimateDiff's DDPM spacing); karras: Karras sigmas (discrete-schedule models only)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1 = from pure noise; lower keeps that much of the input latent."}),
         }, "optional": {
             "context_options": ("KINEFLOW_CONTEXT_OPTIONS", {"tooltip": "Sliding context windows for videos longer than the model's window."}),
         }}
 
-    def sample(self, model, conditioning, latent, seed, steps, cfg, shift, embedded_guidance, sampler_name, denoise,
-               context_options=None):
+    def sample(self, model, conditioning, latent, seed, steps, cfg, shift, embedded_guidance, sampler_name,
+               scheduler, denoise, context_options=None):
         return (generation.sample_video(model, conditioning, latent, seed=seed, steps=steps, cfg=cfg, shift=shift,
                                         embedded_guidance=embedded_guidance, sampler_name=sampler_name,
-                                        denoise=denoise, context=context_options),)
+                                        scheduler=scheduler, denoise=denoise, context=context_options),)
 
 
 class KineFlowContextOptions:

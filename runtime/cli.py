@@ -91,7 +91,8 @@ def _validate(args: argparse.Namespace, ctx: Context) -> int:
 
 # --------------------------------------------------------------------------- nodes
 def _add_nodes_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the node reference (docs/NODES.md) instead of the one-line list")
 
 
 def _type_label(kind, opts: dict) -> str:
@@ -103,6 +104,12 @@ def _type_label(kind, opts: dict) -> str:
 
 
 def _nodes(args: argparse.Namespace, ctx: Context) -> int:
+    if args.markdown:
+        from .. import NODE_DISPLAY_NAME_MAPPINGS
+        from .node_docs import node_reference_markdown
+
+        ctx.stdout.write(node_reference_markdown(ctx.node_classes, NODE_DISPLAY_NAME_MAPPINGS))
+        return EXIT_OK
     for name in sorted(ctx.node_classes):
         cls = ctx.node_classes[name]
         inputs = []
@@ -147,12 +154,54 @@ def _inspect(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- convert
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="workflow JSON (UI or API format)")
+    parser.add_argument("--to", required=True, choices=("ui", "api"), help="format to write")
+    parser.add_argument("-o", "--output", help="file to write (atomically); default: standard output")
+
+
+def _convert(args: argparse.Namespace, ctx: Context) -> int:
+    from .media import atomic_write
+    from .workflow import detect_format, load_workflow, ui_to_api
+    from .workflow_export import api_to_ui, unknown_node_types
+
+    workflow = load_workflow(args.file)
+    source_format = detect_format(workflow, args.file)
+    if source_format == args.to:
+        raise InputFileError(f"{args.file} is already in {args.to.upper()} format; nothing to convert "
+                             f"(--to {'api' if args.to == 'ui' else 'ui'} converts it the other way).")
+    if args.to == "api":
+        result, problems = ui_to_api(workflow, ctx.node_classes)
+        if problems:
+            raise WorkflowInvalid(problems)
+    else:
+        from .. import NODE_DISPLAY_NAME_MAPPINGS
+
+        unknown = unknown_node_types(workflow, ctx.node_classes)
+        if unknown:
+            ctx.stderr.write(f"warning: unknown node type(s) {', '.join(unknown)}: their widget order is a guess "
+                             "(constants in the prompt's order, no control values).\n")
+        result = api_to_ui(workflow, ctx.node_classes, display_names=NODE_DISPLAY_NAME_MAPPINGS)
+    text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    if args.output is None:
+        ctx.stdout.write(text)
+        return EXIT_OK
+    with atomic_write(args.output) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    count = len(result["nodes"]) if args.to == "ui" else len(result)
+    ctx.stderr.write(f"wrote {args.output} ({args.to.upper()} format, {count} nodes)\n")
+    return EXIT_OK
+
+
 COMMANDS: list[Command] = [
     Command("run", "validate and execute a workflow", _add_run_arguments, _run),
     Command("validate", "check a workflow and list every problem", _add_validate_arguments, _validate),
     Command("nodes", "list node types with their inputs and outputs", _add_nodes_arguments, _nodes),
     Command("inspect", "identify a checkpoint from its header: family, layout, version, parameters, dtypes",
             _add_inspect_arguments, _inspect),
+    Command("convert", "convert a workflow between UI (canvas) and API (prompt) format", _add_convert_arguments,
+            _convert),
 ]
 
 

@@ -15,12 +15,12 @@ from ..samplers.context import ContextOptions, context_window_denoiser
 from ..samplers.guidance import make_cfg_denoiser
 from ..samplers.noise import seeded_noise, step_generators
 from ..samplers.sampling import SAMPLERS, sample
-from ..samplers.schedules import flow_sigmas
 from . import host
 from .errors import KineFlowError
-from .video_models import LATENT_FORMATS, LatentFormat, VideoVAE, latent_preview_rgb
+from .video_models import LATENT_FORMATS, LatentFormat, latent_preview_rgb
 
 SAMPLER_NAMES = list(SAMPLERS)
+SCHEDULERS = ["default", "karras"]
 
 
 # --------------------------------------------------------------------------- sizes
@@ -88,6 +88,7 @@ def sample_video(
     shift: float,
     embedded_guidance: float,
     sampler_name: str,
+    scheduler: str = "default",
     denoise: float = 1.0,
     context: ContextOptions | None = None,
 ) -> dict:
@@ -103,7 +104,7 @@ def sample_video(
         raise KineFlowError(f"cfg {cfg} needs a negative prompt (the unconditional branch); set one in Text Encode or use cfg 1")
     batch = samples.shape[0]
     noise = seeded_noise(samples.shape, seed)
-    sigmas = flow_sigmas(steps, shift, denoise)
+    sigmas = model.sigmas(steps, shift, denoise, scheduler)
     start = samples.float() if denoise < 1.0 else None
 
     positive = model.net_kwargs(_batched(conditioning["positive"], batch), embedded_guidance, batch)
@@ -154,20 +155,19 @@ def _vae_budget(device) -> int:
     return host.free_memory(device) // 2
 
 
-def decode_video(vae: VideoVAE, latent: dict, tiling) -> torch.Tensor:
+def decode_video(vae, latent: dict, tiling) -> torch.Tensor:
     """LATENT -> IMAGE [B*F, H, W, 3] in 0..1 (the videos of a batch one after another)."""
     samples = latent["samples"]
     if samples.ndim != 5 or samples.shape[1] != vae.latent_format.channels:
         raise KineFlowError(f"this VAE decodes latents [B, {vae.latent_format.channels}, T, H, W]; found shape {tuple(samples.shape)}")
     device = host.compute_device()
     with torch.inference_mode():
-        video = vae.vae.decode_latents(samples.to(device), tiling=tiling, memory_budget_bytes=_vae_budget(device),
-                                       callback=_vae_progress("VAE decode"))
+        video = vae.decode(samples.to(device), tiling, _vae_budget(device), _vae_progress("VAE decode"))
     frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)  # [B, 3, F, H, W]
     return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3).contiguous()
 
 
-def encode_video(vae: VideoVAE, images: torch.Tensor, tiling) -> dict:
+def encode_video(vae, images: torch.Tensor, tiling) -> dict:
     """IMAGE [F, H, W, 3] -> LATENT [1, C, T, H/8, W/8] (posterior mean, scaled)."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise KineFlowError(f"expected IMAGE frames [F, H, W, 3]; found shape {tuple(images.shape)}")
@@ -179,6 +179,5 @@ def encode_video(vae: VideoVAE, images: torch.Tensor, tiling) -> dict:
     video = images.permute(3, 0, 1, 2).unsqueeze(0) * 2.0 - 1.0
     device = host.compute_device()
     with torch.inference_mode():
-        latents = vae.vae.encode_latents(video.to(device), tiling=tiling, memory_budget_bytes=_vae_budget(device),
-                                         callback=_vae_progress("VAE encode"))
+        latents = vae.encode(video.to(device), tiling, _vae_budget(device), _vae_progress("VAE encode"))
     return {"samples": latents.float().cpu(), "latent_format": fmt.name}

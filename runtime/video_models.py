@@ -21,6 +21,7 @@ from ..models import hunyuan_video_dit as dit_mod
 from ..models import hunyuan_video_vae as vae_mod
 from ..models.hunyuan_text import HunyuanTextEncoder, load_hunyuan_text_encoder
 from ..samplers.sampling import FlowMatching
+from ..samplers.schedules import flow_sigmas
 from . import host
 from .errors import KineFlowError
 from .memory import load_into_meta_model
@@ -81,7 +82,12 @@ def latent_preview_rgb(latent: torch.Tensor, factors: torch.Tensor | None, bias:
 # --------------------------------------------------------------------------- diffusion model
 @dataclass
 class HunyuanVideoModel:
-    """KINEFLOW_VIDEO_MODEL for the HunyuanVideo transformer (flow matching, velocity prediction)."""
+    """KINEFLOW_VIDEO_MODEL for the HunyuanVideo transformer (flow matching, velocity prediction).
+
+    The handle interface every family implements (the Sampler relies on nothing else): `family`,
+    `latent_format`, `model_sampling`, `preview_factors`, `sigmas(steps, shift, denoise, scheduler)`,
+    `net_kwargs(encoded_prompt, embedded_guidance, batch)` and `net_fn(x, timestep, **net_kwargs)`.
+    """
 
     net: dit_mod.HunyuanVideoDiT
     dtype: torch.dtype
@@ -107,6 +113,12 @@ class HunyuanVideoModel:
             # The distilled model embeds guidance like a timestep: the reference pipeline feeds scale x 1000.
             kwargs["guidance"] = torch.full((batch,), float(embedded_guidance) * 1000.0)
         return kwargs
+
+    def sigmas(self, steps: int, shift: float, denoise: float, scheduler: str = "default") -> torch.Tensor:
+        if scheduler != "default":
+            raise KineFlowError(f"scheduler {scheduler!r} is for discrete-schedule models; flow-matching models "
+                                "use 'default' (the shifted linear schedule; tune it with shift)")
+        return flow_sigmas(steps, shift, denoise)
 
     def net_fn(self, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
         device = host.compute_device()
@@ -145,14 +157,22 @@ def _preview_factors(header: checkpoints.Header):
 # --------------------------------------------------------------------------- VAE
 @dataclass
 class VideoVAE:
-    """KINEFLOW_VAE: pixels <-> scaled latents for one family (HunyuanVideo causal 3D VAE here)."""
+    """KINEFLOW_VAE for the HunyuanVideo causal 3D VAE: video [B, 3, F, H, W] in -1..1 <-> scaled latents.
+
+    The handle interface every family implements: `latent_format`, and `decode` / `encode` taking
+    `tiling` ("auto", None or TilingOptions), `memory_budget_bytes` and a `callback(done, total)`.
+    """
 
     vae: vae_mod.HunyuanVideoVAE
     dtype: torch.dtype
     source: str
     latent_format: LatentFormat = HUNYUAN_VIDEO_LATENT
-    rgb_factors: torch.Tensor | None = None
-    rgb_bias: torch.Tensor | None = None
+
+    def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
+        return self.vae.decode_latents(latents, tiling=tiling, memory_budget_bytes=memory_budget_bytes, callback=callback)
+
+    def encode(self, video: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
+        return self.vae.encode_latents(video, tiling=tiling, memory_budget_bytes=memory_budget_bytes, callback=callback)
 
 
 def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
@@ -161,7 +181,6 @@ def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
     raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype)
-    factors, bias = raw.pop("latent_rgb_factors", None), raw.pop("latent_rgb_bias", None)
     sd = vae_mod.convert_state_dict(raw, det.layout)
     del raw
     config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
@@ -169,7 +188,7 @@ def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
     if scaling is not None:
         config = type(config)(**{**config.__dict__, "scaling_factor": float(scaling)})
     vae = load_into_meta_model(vae_mod.HunyuanVideoVAE, config, sd, dtype).to(device).eval()
-    return VideoVAE(vae=vae, dtype=dtype, source=str(path), rgb_factors=factors, rgb_bias=bias)
+    return VideoVAE(vae=vae, dtype=dtype, source=str(path))
 
 
 # --------------------------------------------------------------------------- text encoders
