@@ -226,15 +226,20 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
 
     # ---- full Stable Diffusion checkpoint (UNet + VAE + CLIP in one LDM file)
     if _has(keys, "model.diffusion_model.input_blocks.") and _has(keys, "first_stage_model."):
-        unet = _sd_unet_version({k[len("model.diffusion_model."):]: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")})
+        unet_tensors = {k[len("model.diffusion_model."):]: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")}
+        unet = _sd_unet_version(unet_tensors)
         return Detection("sd15_checkpoint" if unet == "sd15" else None, "ldm", unet,
-                         note="" if unet == "sd15" else f"a {unet} checkpoint, not SD1.5")
+                         note=_sd15_note(unet_tensors) if unet == "sd15" else f"a {unet} checkpoint, not SD1.5")
 
     # ---- AnimateDiff motion modules and motion LoRAs
     if _has(keys, "motion_modules.") and _has(keys, "temporal_transformer"):
         if _has(keys, "lora"):
             return Detection("animatediff_motion_lora", "original")
         return _detect_motion_module(tensors)
+
+    # ---- AnimateDiff v3 domain adapter: processor LoRAs on the spatial attention layers, diffusers UNet names
+    if _has(keys, ".attentions.") and all(".processor." in k and "_lora." in k for k in keys):
+        return Detection("animatediff_domain_adapter", "diffusers", prefix=_common_prefix(keys, "down_blocks."))
 
     # ---- HunyuanVideo transformer
     if _has(keys, "double_blocks.") and _has(keys, "single_blocks."):
@@ -266,15 +271,18 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
     # ---- SD UNet alone
     if _has(keys, "input_blocks.0.0.weight") and _has(keys, "time_embed.0.weight"):
         prefix = _common_prefix(keys, "input_blocks.0.0.weight")
-        version = _sd_unet_version({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        unet_tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        version = _sd_unet_version(unet_tensors)
         return Detection("sd15_unet" if version == "sd15" else None, "ldm", version, prefix=prefix,
-                         note="" if version == "sd15" else f"a {version} UNet, not SD1.5")
+                         note=_sd15_note(unet_tensors) if version == "sd15" else f"a {version} UNet, not SD1.5")
     if _has(keys, "down_blocks.0.attentions.0.transformer_blocks.") and _has(keys, "time_embedding.linear_1.weight"):
-        ctx = [v.shape for k, v in tensors.items() if k.endswith("attn2.to_k.weight")]
-        version = "sd15" if ctx and ctx[0][1] == 768 else "other"
+        # diffusers spells SDXL's label_emb `add_embedding`; the context-width rule is the LDM one
+        unet_tensors = {k: v for k, v in tensors.items() if "add_embedding." not in k}
+        version = "sdxl" if len(unet_tensors) != len(tensors) else _sd_unet_version(unet_tensors)
         return Detection("sd15_unet" if version == "sd15" else None, "diffusers", version,
                          prefix=_common_prefix(keys, "down_blocks."),
-                         note="" if version == "sd15" else "a diffusers UNet whose cross-attention is not 768-wide (not SD1.5)")
+                         note=_sd15_note(unet_tensors) if version == "sd15"
+                         else f"a diffusers {version} UNet, not SD1.5 (SD1.5 has a 768-wide cross-attention context)")
 
     # ---- text encoders
     q = [k for k in keys if k.endswith("text_model.encoder.layers.0.self_attn.q_proj.weight")]
@@ -303,35 +311,63 @@ def _dit_version(in_shape: tuple[int, ...] | None) -> str | None:
     return "t2v" if in_shape[1] == 16 else "i2v" if in_shape[1] in (32, 33) else f"in{in_shape[1]}"
 
 
+def _context_width(unet: Mapping[str, TensorInfo]) -> int | None:
+    ctx = [v.shape for k, v in unet.items() if k.endswith("attn2.to_k.weight")]
+    return ctx[0][1] if ctx else None
+
+
 def _sd_unet_version(unet: Mapping[str, TensorInfo]) -> str:
-    """SD1.x (768-wide text context), SD2.x (1024) or SDXL (label_emb + 2048)."""
+    """SD1.x (768-wide text context), SD2.x (1024) or SDXL (label_emb, a class/size embedding).
+
+    Structure first: SDXL is told by its `label_emb`. Among UNets without one, the text-context width tells
+    SD2 (1024) from SD1 (768); a context narrower than 768 is a small SD1.5-style model (the tiny test and
+    distilled models) and is accepted as sd15 (`_sd15_note` says so)."""
     if "label_emb.0.0.weight" in unet:
         return "sdxl"
-    ctx = [v.shape for k, v in unet.items() if k.endswith("attn2.to_k.weight")]
-    if not ctx:
+    width = _context_width(unet)
+    if width is None:
         return "unknown"
-    return {768: "sd15", 1024: "sd2"}.get(ctx[0][1], f"context{ctx[0][1]}")
+    if width <= 768:
+        return "sd15"
+    return {1024: "sd2"}.get(width, f"context{width}")
+
+
+def _sd15_note(unet: Mapping[str, TensorInfo]) -> str:
+    width = _context_width(unet)
+    if width == 768:
+        return ""
+    return f"an SD1.5-style UNet with a {width}-wide text context (full SD1.5 uses 768); its text encoder must match"
 
 
 def _detect_motion_module(tensors: Mapping[str, TensorInfo]) -> Detection:
     """AnimateDiff version rules (as the community loaders apply them): a mid-block module means v2;
-    otherwise an SD1.5 module with a 32-frame positional encoding is v3 and a 24-frame one is v1."""
+    otherwise an SD1.5 module with a 32-frame positional encoding is v3 and a 24-frame one is v1.
+
+    SD1.5 vs SDXL is told by structure: SD1.5 modules sit on 4 UNet levels, SDXL ones on 3 starting at 320
+    channels. Other shapes (small SD1.5-style UNets, e.g. the test models) are accepted as SD1.5 with a note;
+    Apply Motion Module checks the widths against the actual UNet."""
     keys = list(tensors)
     prefix = _common_prefix(keys, "down_blocks.")
     down_blocks = {int(k[len(prefix):].split(".")[1]) for k in keys if k.startswith(prefix + "down_blocks.")}
     proj_in = _first_shape(tensors, "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight")
     pe = _first_shape(tensors, "pos_encoder.pe")
-    if len(down_blocks) != 4 or not proj_in or proj_in[0] != 320:
-        sd = "sdxl" if len(down_blocks) == 3 else "unknown"
+    if not proj_in or not down_blocks:
         return Detection(None, "original", prefix=prefix,
-                         note=f"a motion module for {sd} ({len(down_blocks)} down blocks), not for SD1.5")
+                         note="a motion module without down-block temporal transformers (proj_in) KineFlow knows")
+    if len(down_blocks) == 3 and proj_in[0] == 320:
+        return Detection(None, "original", prefix=prefix,
+                         note=f"a motion module for sdxl ({len(down_blocks)} down blocks), not for SD1.5")
+    note = ""
+    if len(down_blocks) != 4 or proj_in[0] != 320:
+        note = (f"an SD1.5-style motion module for a small UNet ({len(down_blocks)} levels, first width "
+                f"{proj_in[0]}; full SD1.5 has 4 levels starting at 320)")
     if _has(keys, "mid_block.motion_modules."):
         version = "v2"
     elif pe is not None and pe[1] == 32:
         version = "v3"
     else:
         version = "v1"
-    return Detection("animatediff_motion_module", "original", version, prefix=prefix)
+    return Detection("animatediff_motion_module", "original", version, prefix=prefix, note=note)
 
 
 # --------------------------------------------------------------------------- user-facing helpers
@@ -368,6 +404,7 @@ FAMILY_TITLES = {
     "sd15_checkpoint": "SD1.5 checkpoint (Load SD Checkpoint)",
     "animatediff_motion_module": "AnimateDiff motion module (Load Motion Module)",
     "animatediff_motion_lora": "AnimateDiff motion LoRA (Load Motion LoRA)",
+    "animatediff_domain_adapter": "AnimateDiff v3 domain adapter (Apply Domain Adapter)",
 }
 
 

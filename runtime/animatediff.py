@@ -1,0 +1,311 @@
+"""AnimateDiff family handles (SD1.5 UNet + motion module, SD VAE, CLIP-L) and their loaders.
+
+The handles implement the interfaces documented on `video_models.HunyuanVideoModel` and `video_models.VideoVAE`,
+so the shared Text Encode, Empty Video Latent (latent_format "sd15"), Sampler, Context Options and VAE
+Decode/Encode nodes drive this family unchanged.
+
+Handles are never mutated once built: ComfyUI caches node outputs and hands the same object to every consumer,
+so Apply Motion Module, motion LoRAs and the domain adapter return new handles (sharing unchanged weights).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+
+from ..models import animatediff as ad
+from ..models import checkpoints
+from ..models import sd15_unet as unet_mod
+from ..models import sd_vae as vae_mod
+from ..models.clip_text import CLIPTextModel
+from ..models.hunyuan_text import load_clip_text
+from ..models.hunyuan_video_vae import TilingOptions
+from ..models.tokenization import TextTokenizer, clip_l_tokenizer
+from ..samplers.sampling import DiscreteEpsilon, DiscreteV
+from ..samplers.schedules import DiscreteSchedule, discrete_sigmas
+from . import host
+from .errors import KineFlowError, ModelFileError
+from .memory import load_into_meta_model
+from .video_models import SD15_LATENT, LatentFormat, resolve_dtype
+
+# SD1.5's training schedule (β linear 0.00085 -> 0.012 over 1000 steps) and AnimateDiff's scheduler config:
+# "leading" timestep spacing with steps_offset 1.
+SCHEDULE = {"beta_schedule": "sqrt_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+TIMESTEP_SPACING = "leading"
+STEPS_OFFSET = 1
+PREDICTIONS = {"eps": DiscreteEpsilon, "v": DiscreteV}
+SCHEDULERS = ("default", "karras")
+CLIP_LENGTH = 77
+
+
+# --------------------------------------------------------------------------- diffusion model
+@dataclass
+class SD15VideoModel:
+    """KINEFLOW_VIDEO_MODEL for an SD1.5 UNet, with an AnimateDiff motion module once one is applied.
+
+    Without a motion module the frames of a video are denoised as independent images. `motion` is a view of
+    the loaded module with this handle's own strength (see `_scaled_view`).
+    """
+
+    unet: unet_mod.SD15UNet
+    dtype: torch.dtype
+    source: str
+    prediction: str = "eps"
+    motion: ad.MotionModule | None = None
+    motion_source: str = ""
+    family: str = "animatediff"
+    latent_format: LatentFormat = SD15_LATENT
+    preview_factors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    model_sampling: DiscreteEpsilon | DiscreteV = field(init=False)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise KineFlowError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {self.prediction!r}")
+        self.model_sampling = PREDICTIONS[self.prediction](DiscreteSchedule(**SCHEDULE))
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet.config.context_dim
+
+    def sigmas(self, steps: int, shift: float, denoise: float, scheduler: str = "default") -> torch.Tensor:
+        """The discrete schedule's sigmas ("leading" spacing, steps_offset 1), or Karras sigmas over the same
+        range. `shift` is a flow-matching setting and does not apply to this family."""
+        if scheduler not in SCHEDULERS:
+            raise KineFlowError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
+        return discrete_sigmas(steps, self.model_sampling.schedule, TIMESTEP_SPACING, karras=scheduler == "karras",
+                               steps_offset=STEPS_OFFSET, denoise=denoise)
+
+    def net_kwargs(self, text: dict, embedded_guidance: float, batch: int) -> dict:
+        """{"context": [B, 77, D]} from SD Text Encoder conditioning; embedded guidance does not apply."""
+        if "context" not in text:
+            raise KineFlowError(
+                f"this conditioning has {sorted(text)}, not the CLIP token states an SD1.5/AnimateDiff model needs; "
+                "encode the prompt with the text encoder from Load SD Checkpoint")
+        context = text["context"]
+        if context.ndim != 3 or context.shape[-1] != self.context_dim:
+            raise KineFlowError(
+                f"the text encoder gives states of shape {tuple(context.shape)}, this UNet expects [B, tokens, "
+                f"{self.context_dim}]; use the text encoder that belongs to the checkpoint")
+        return {"context": context}
+
+    def net_fn(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, 4, F, h, w] -> prediction of the same shape; the UNet sees the B*F frames as one batch."""
+        b, c, f, h, w = x.shape
+        device = host.compute_device()
+        frames = x.to(device).transpose(1, 2).reshape(b * f, c, h, w)
+        timesteps = timestep.to(device).repeat_interleave(f)
+        context = context.to(device).repeat_interleave(f, dim=0)
+        with torch.inference_mode():
+            if self.motion is None:
+                out = self.unet(frames, timesteps, context)
+            else:
+                out = self.unet(frames, timesteps, context, video_frames=f, temporal=self.motion)
+        return out.float().reshape(b, f, -1, h, w).transpose(1, 2)
+
+
+def _scaled_view(module: ad.MotionModule, scale: float) -> ad.MotionModule:
+    """The same motion module with its own `scale`.
+
+    `copy.copy` of an nn.Module copies only its attribute dict: layers, parameters and buffers stay shared (no
+    memory), while `scale`, a plain attribute, becomes the view's own. So two Apply Motion Module nodes with
+    different strengths on one loaded module do not affect each other."""
+    view = copy.copy(module)
+    view.scale = float(scale)
+    return view
+
+
+# --------------------------------------------------------------------------- VAE
+@dataclass
+class SDVideoVAE:
+    """KINEFLOW_VAE for the SD KL-f8 VAE: video [B, 3, F, H, W] in -1..1 <-> scaled latents [B, 4, F, H/8, W/8].
+
+    The VAE works on single images, so a video is coded frame by frame; frames are batched to fit the memory
+    budget (tiling "auto" and None alike: batching never changes the result, each frame is coded alone).
+    Explicit TilingOptions set the batch to `tile_frames` frames; tiles within a frame are not supported.
+    """
+
+    vae: vae_mod.SDVAE
+    dtype: torch.dtype
+    source: str
+    latent_format: LatentFormat = SD15_LATENT
+
+    def frame_bytes(self, height: int, width: int) -> int:
+        """Rough peak bytes to decode (or encode) one frame of height x width pixels: a few live activations
+        at the widest level, plus the mid-block attention matrix if it is materialised."""
+        c = self.vae.config
+        item = torch.finfo(self.dtype).bits // 8
+        widest = max(c.ch * m * (height >> level) * (width >> level) for level, m in enumerate(c.ch_mult))
+        tokens = (height // c.downscale) * (width // c.downscale)
+        return 4 * widest * item + tokens * tokens * 4
+
+    def _frames_per_batch(self, tiling, frames: int, height: int, width: int, budget: int) -> int:
+        if isinstance(tiling, TilingOptions):
+            if tiling.tile_size < max(height, width):
+                raise KineFlowError(
+                    f"the SD VAE codes whole frames and cannot tile within one: frames are {width}x{height}, "
+                    f"tile_size is {tiling.tile_size}. Use tiling 'auto' (frames are batched to fit memory) or a "
+                    f"tile_size of at least {max(height, width)}")
+            return max(1, min(frames, tiling.tile_frames))
+        if tiling not in ("auto", None):
+            raise KineFlowError(f"tiling must be 'auto', None or TilingOptions; got {tiling!r}")
+        return max(1, min(frames, budget // max(1, self.frame_bytes(height, width))))
+
+    def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
+        b, _, f, h, w = latents.shape
+        s = self.vae.config.downscale
+        per_batch = self._frames_per_batch(tiling, f, h * s, w * s, memory_budget_bytes // max(1, b))
+        chunks = []
+        for start in range(0, f, per_batch):
+            chunks.append(self.vae.decode_frames(latents[:, :, start:start + per_batch], batch=b * per_batch))
+            callback(min(start + per_batch, f), f)
+        return torch.cat(chunks, dim=2)
+
+    def encode(self, video: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
+        b, _, f, h, w = video.shape
+        per_batch = self._frames_per_batch(tiling, f, h, w, memory_budget_bytes // max(1, b))
+        chunks = []
+        for start in range(0, f, per_batch):
+            chunks.append(self.vae.encode_frames(video[:, :, start:start + per_batch], batch=b * per_batch))
+            callback(min(start + per_batch, f), f)
+        return torch.cat(chunks, dim=2)
+
+
+# --------------------------------------------------------------------------- text encoder
+@dataclass
+class SDTextEncoder:
+    """KINEFLOW_TEXT_ENCODER for SD1.5: CLIP-L with the shipped tokenizer.
+
+    SD1.5 convention: the prompt is padded with the end-of-text token to 77 tokens (longer prompts are cut) and
+    encoded without a padding mask; the UNet attends to the final hidden state of all 77 positions.
+    """
+
+    clip: CLIPTextModel
+    tokenizer: TextTokenizer
+    source: str
+
+    @torch.no_grad()
+    def encode(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """{"context": [B, 77, D] last hidden state, "pooled": [B, D] state at the end-of-text token}."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids, _mask = self.tokenizer.encode(prompts, CLIP_LENGTH)
+        out = self.clip(ids.to(next(self.clip.parameters()).device))
+        return {"context": out.last_hidden_state, "pooled": out.pooled_output}
+
+
+# --------------------------------------------------------------------------- loaders
+def _build_unet(header, det, dtype, device) -> unet_mod.SD15UNet:
+    prefix = unet_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix
+    sd = unet_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype), det.layout)
+    config = unet_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    return load_into_meta_model(unet_mod.SD15UNet, config, sd, dtype).to(device)
+
+
+def _build_vae(header, det, dtype, device) -> SDVideoVAE:
+    prefix = vae_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix
+    sd = vae_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype), det.layout)
+    config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    if config.downscale != SD15_LATENT.spatial_ratio or config.z_channels != SD15_LATENT.channels:
+        raise ModelFileError(
+            f"{header.path.name!r} is a VAE with {config.z_channels} latent channels at 1/{config.downscale} size; "
+            f"SD1.5 latents have {SD15_LATENT.channels} channels at 1/{SD15_LATENT.spatial_ratio} size")
+    vae = load_into_meta_model(vae_mod.SDVAE, config, sd, dtype).to(device)
+    return SDVideoVAE(vae=vae, dtype=dtype, source=str(header.path))
+
+
+def _build_text_encoder(path, dtype, device) -> SDTextEncoder:
+    return SDTextEncoder(clip=load_clip_text(path, dtype, device), tokenizer=clip_l_tokenizer(), source=str(path))
+
+
+def load_sd_checkpoint(name: str, prediction: str = "eps", dtype_name: str = "auto"
+                       ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
+    """UNet, VAE and CLIP-L from one SD1.5 LDM checkpoint in the `checkpoints` folder."""
+    path = host.model_path("checkpoints", name)
+    header, det = checkpoints.require_family(path, "sd15_checkpoint")
+    device = host.compute_device()
+    dtype = resolve_dtype(dtype_name, device)
+    unet = _build_unet(header, det, dtype, device)
+    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(path), prediction=prediction)
+    return model, _build_vae(header, det, dtype, device), _build_text_encoder(path, dtype, device)
+
+
+def load_sd_components(unet_name: str, vae_name: str, clip_name: str, prediction: str = "eps",
+                       dtype_name: str = "auto") -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
+    """The three parts from separate files: UNet in diffusion_models, VAE in vae, CLIP-L in text_encoders
+    (LDM or diffusers names for the UNet and VAE, Hugging Face names for CLIP)."""
+    device = host.compute_device()
+    dtype = resolve_dtype(dtype_name, device)
+    unet_path = host.model_path("diffusion_models", unet_name)
+    header, det = checkpoints.require_family(unet_path, "sd15_unet")
+    model = SD15VideoModel(unet=_build_unet(header, det, dtype, device), dtype=dtype, source=str(unet_path),
+                           prediction=prediction)
+    vae_path = host.model_path("vae", vae_name)
+    vae = _build_vae(*checkpoints.require_family(vae_path, "sd_vae"), dtype, device)
+    clip_path = host.model_path("text_encoders", clip_name)
+    checkpoints.require_family(clip_path, "clip_text")
+    return model, vae, _build_text_encoder(clip_path, dtype, device)
+
+
+@dataclass(frozen=True)
+class MotionModuleHandle:
+    """KINEFLOW_MOTION_MODULE: a loaded motion module and the LoRAs merged into it, in order."""
+
+    module: ad.MotionModule
+    source: str
+    loras: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def version(self) -> str:
+        return self.module.config.version
+
+
+def load_motion_module(name: str, dtype_name: str = "auto") -> MotionModuleHandle:
+    """An AnimateDiff v1/v2/v3 motion module from the animatediff_models folder (original or diffusers names);
+    the frames it handles at once come from the length of its positional tables."""
+    path = host.model_path("animatediff_models", name)
+    header, det = checkpoints.require_family(path, "animatediff_motion_module")
+    device = host.compute_device()
+    dtype = resolve_dtype(dtype_name, device)
+    sd = ad.convert_state_dict(checkpoints.load_tensors(header, dtype=dtype), det.layout, det.prefix)
+    config = ad.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()}, version=det.version)
+    module = load_into_meta_model(ad.MotionModule, config, sd, dtype).to(device)
+    return MotionModuleHandle(module=module, source=str(path))
+
+
+def apply_motion_module(model: SD15VideoModel, motion: MotionModuleHandle, scale: float = 1.0) -> SD15VideoModel:
+    """A new model handle running `motion` at strength `scale` (0 = the per-frame image model)."""
+    if not isinstance(model, SD15VideoModel):
+        raise KineFlowError("motion modules apply to SD1.5 models (Load SD Checkpoint); "
+                            f"got a {getattr(model, 'family', type(model).__name__)} model")
+    ad.check_compatible(model.unet, motion.module)
+    return replace(model, motion=_scaled_view(motion.module, scale), motion_source=motion.source)
+
+
+def apply_motion_lora(motion: MotionModuleHandle, lora_name: str, strength: float = 1.0) -> MotionModuleHandle:
+    """A new motion module handle with the LoRA merged (W += strength * up @ down) into a copy of the module.
+
+    Strength 0 returns the input handle: the merge would leave every weight as it is."""
+    path = host.model_path("animatediff_motion_lora", lora_name)
+    header, _det = checkpoints.require_family(path, "animatediff_motion_lora")
+    if strength == 0.0:
+        return motion
+    module = copy.deepcopy(motion.module)
+    ad.apply_motion_lora(module, checkpoints.load_tensors(header), strength)
+    return MotionModuleHandle(module=module, source=motion.source, loras=(*motion.loras, (str(path), float(strength))))
+
+
+def apply_domain_adapter(model: SD15VideoModel, adapter_name: str, strength: float = 1.0) -> SD15VideoModel:
+    """A new model handle whose UNet (a copy) has the AnimateDiff v3 domain adapter LoRA merged in."""
+    if not isinstance(model, SD15VideoModel):
+        raise KineFlowError("the domain adapter applies to SD1.5 models (Load SD Checkpoint); "
+                            f"got a {getattr(model, 'family', type(model).__name__)} model")
+    path = host.model_path("loras", adapter_name)
+    header, _det = checkpoints.require_family(path, "animatediff_domain_adapter")
+    if strength == 0.0:
+        return model
+    unet = copy.deepcopy(model.unet)
+    ad.merge_unet_lora(unet, checkpoints.load_tensors(header), strength)
+    return replace(model, unet=unet)
+
