@@ -18,7 +18,7 @@ class KineFlowTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": ("KINEFLOW_TEXT_ENCODER", {"tooltip": "From Load Text Encoders."}),
+            "text_encoder": ("KINEFLOW_TEXT_ENCODER", {"tooltip": "From Load Text Encoders (HunyuanVideo) or Load SD Checkpoint (AnimateDiff)."}),
             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video should show."}),
             "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to steer away from; used only when the sampler's cfg is above 1."}),
         }}
@@ -28,8 +28,9 @@ class KineFlowTextEncode:
 
 
 class KineFlowEmptyVideoLatent:
-    DESCRIPTION = ("An empty latent video to sample into. HunyuanVideo latents have 16 channels, 1 latent frame per "
-                   "4 video frames after the first (so frames = 4k+1) and 1/8 of the size.")
+    DESCRIPTION = ("An empty latent video to sample into. hunyuan_video latents have 16 channels, 1 latent frame per "
+                   "4 video frames after the first (so frames = 4k+1) and 1/8 of the size; sd15 (AnimateDiff) latents "
+                   "have 4 channels, one per frame.")
     CATEGORY = "KineFlow/latent"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -40,7 +41,7 @@ class KineFlowEmptyVideoLatent:
         return {"required": {
             "width": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video width in pixels, a multiple of 16."}),
             "height": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video height in pixels, a multiple of 16."}),
-            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 4, "tooltip": "Number of video frames; 4k+1 for HunyuanVideo (1, 5, 9, ... 129)."}),
+            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 4, "tooltip": "Number of video frames: 4k+1 for hunyuan_video (1, 5, 9, ... 129); any count for sd15."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1, "tooltip": "Videos generated at once (seeds seed, seed+1, ...)."}),
         }, "optional": {
             "latent_format": (list(LATENT_FORMATS), {"default": "hunyuan_video", "tooltip": "Which model family the latent is for."}),
@@ -67,7 +68,7 @@ class KineFlowSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("KINEFLOW_VIDEO_MODEL", {"tooltip": "From Load Video Model."}),
+            "model": ("KINEFLOW_VIDEO_MODEL", {"tooltip": "From Load Video Model (HunyuanVideo) or Load SD Checkpoint + Apply Motion Module (AnimateDiff)."}),
             "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode."}),
             "latent": ("LATENT", {"tooltip": "Empty Video Latent, or a VAE Encode output for video-to-video."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "tooltip": "Noise seed; the same seed gives the same video on any device."}),
@@ -130,7 +131,7 @@ class KineFlowVAEDecode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("KINEFLOW_VAE", {"tooltip": "From Load Video VAE."}),
+            "vae": ("KINEFLOW_VAE", {"tooltip": "From Load Video VAE or Load SD Checkpoint."}),
             "latent": ("LATENT", {"tooltip": "The sampled latent video."}),
             **_TILING_INPUTS,
         }}
@@ -150,7 +151,7 @@ class KineFlowVAEEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("KINEFLOW_VAE", {"tooltip": "From Load Video VAE."}),
+            "vae": ("KINEFLOW_VAE", {"tooltip": "From Load Video VAE or Load SD Checkpoint."}),
             "images": ("IMAGE", {"tooltip": "Frames to encode."}),
             **_TILING_INPUTS,
         }}

@@ -104,6 +104,15 @@ class HunyuanVideoModel:
 
     def net_kwargs(self, text: dict, embedded_guidance: float, batch: int) -> dict:
         """Keyword arguments for `net_fn` from one encoded prompt (see models/hunyuan_text.py)."""
+        if "text_states" not in text:
+            raise KineFlowError(
+                f"this conditioning has {sorted(text)}, not the LLaMA + CLIP states a HunyuanVideo model needs; "
+                "encode the prompt with the text encoder from Load Text Encoders")
+        width = text["text_states"].shape[-1]
+        if width != self.net.config.text_states_dim:
+            raise KineFlowError(
+                f"the text encoder gives {width}-wide states, this transformer expects "
+                f"{self.net.config.text_states_dim}; use the text encoders that belong to the model")
         kwargs = {
             "text_states": text["text_states"],
             "text_mask": text["text_mask"],

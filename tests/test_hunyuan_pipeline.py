@@ -100,3 +100,13 @@ def test_vae_encode_then_partial_denoise_keeps_the_input(models_dir):
     light = sample_video(model, cond, latent, denoise=0.1, **kwargs)["samples"]
     full = sample_video(model, cond, latent, denoise=1.0, **kwargs)["samples"]
     assert (light - latent["samples"]).abs().mean() < (full - latent["samples"]).abs().mean()
+
+
+def test_conditioning_from_another_family_is_a_clear_error(models_dir):
+    from kineflow.runtime.errors import KineFlowError
+    from kineflow.runtime.video_models import load_video_model
+
+    host.configure(models_dir=models_dir)
+    model = load_video_model("kineflow_tiny_dit.safetensors")
+    with pytest.raises(KineFlowError, match="Load Text Encoders"):
+        model.net_kwargs({"context": torch.zeros(1, 77, 768)}, 6.0, 1)
