@@ -5,7 +5,7 @@ tokenizer.json) and CLIP-L text encoder under ComfyUI's folder names, so the rea
 inspect` and workflows use them exactly like full-size files. With random weights they are the fixtures of
 the end-to-end tests; the trainer saves its trained weights through the same functions.
 
-    python -m kineflow.training.tiny_models --out models/   # random weights, for trying the workflow wiring
+    python -m kineflow.training.tiny_models --out models/ [--family animatediff]   # random weights
 """
 
 from __future__ import annotations
@@ -143,11 +143,18 @@ def _randomise_zero_inits(module: torch.nn.Module) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Write random-weight tiny HunyuanVideo-family models.")
+    parser = argparse.ArgumentParser(description="Write random-weight tiny model files in the real layouts.")
     parser.add_argument("--out", default="models", help="models folder (ComfyUI sub-folder names are created)")
+    parser.add_argument("--family", choices=["hunyuan_video", "animatediff"], default="hunyuan_video")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for part, path in write_models(args.out, seed=args.seed).items():
+    if args.family == "animatediff":
+        from . import tiny_sd
+
+        paths = tiny_sd.write_models(args.out, seed=args.seed)
+    else:
+        paths = write_models(args.out, seed=args.seed)
+    for part, path in paths.items():
         print(f"{part}: {path}")
     return 0
 

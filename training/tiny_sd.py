@@ -18,12 +18,11 @@ What each file looks like (same key names as the released files, much smaller wi
 Zero-initialised output layers (the motion modules' proj_out) are filled with small random values, so the
 temporal path of a random module changes the output as a trained one does.
 
-    python -m kineflow.training.tiny_sd --out models/
+    python -m kineflow.training.tiny_models --family animatediff --out models/
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -166,16 +165,3 @@ def write_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     paths["adapter"] = write_domain_adapter(models_dir / NAMES["adapter"], seed + 50)
     return paths
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Write random-weight tiny AnimateDiff-family model files.")
-    parser.add_argument("--out", default="models", help="models folder (ComfyUI sub-folder names are created)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for part, path in write_models(args.out, seed=args.seed).items():
-        print(f"{part}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
