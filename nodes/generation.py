@@ -9,7 +9,7 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 class KineFlowTextEncode:
-    DESCRIPTION = "Encodes a prompt (and an optional negative prompt for CFG) into conditioning for the sampler."
+    DESCRIPTION = "Encodes a prompt and a negative prompt (the unconditional branch of CFG) into conditioning for the sampler."
     CATEGORY = "KineFlow/conditioning"
     RETURN_TYPES = ("KINEFLOW_CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
@@ -20,7 +20,7 @@ class KineFlowTextEncode:
         return {"required": {
             "text_encoder": ("KINEFLOW_TEXT_ENCODER", {"tooltip": "From Load Text Encoders (HunyuanVideo) or Load SD Checkpoint (AnimateDiff)."}),
             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video should show."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to steer away from; used only when the sampler's cfg is above 1."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to steer away from (empty = the unconditional prompt); used only when the sampler's cfg is not 1."}),
         }}
 
     def encode(self, text_encoder, prompt, negative_prompt):
@@ -73,7 +73,7 @@ class KineFlowSampler:
             "latent": ("LATENT", {"tooltip": "Empty Video Latent, or a VAE Encode output for video-to-video."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "tooltip": "Noise seed; the same seed gives the same video on any device."}),
             "steps": ("INT", {"default": 8, "min": 1, "max": 200, "step": 1, "tooltip": "Sampling steps."}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale; 1 = off (one pass per step). Needs a negative prompt when above 1."}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale against the negative prompt; 1 = off (one model pass per step, fastest)."}),
             "shift": ("FLOAT", {"default": 7.0, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "Flow-matching time shift: higher spends more steps at high noise (HunyuanVideo uses 7 at 720p)."}),
             "embedded_guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance strength fed to guidance-distilled models as an input (ignored by models without it)."}),
             "sampler_name": (generation.SAMPLER_NAMES, {"default": "euler", "tooltip": "Sampling algorithm."}),

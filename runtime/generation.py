@@ -64,10 +64,10 @@ def empty_latent(format_name: str, width: int, height: int, frames: int, batch: 
 
 # --------------------------------------------------------------------------- text
 def encode_prompts(text_encoder, prompt: str, negative_prompt: str = "") -> dict:
-    """KINEFLOW_CONDITIONING: the encoded prompt and, when given, the negative prompt (for CFG)."""
+    """KINEFLOW_CONDITIONING: the encoded prompt and negative prompt. As in ComfyUI, an empty negative prompt is
+    encoded too: it is the unconditional branch CFG pushes away from (models are trained with empty captions)."""
     with torch.inference_mode():
-        positive = text_encoder.encode([prompt])
-        negative = text_encoder.encode([negative_prompt]) if negative_prompt.strip() else None
+        positive, negative = text_encoder.encode([prompt]), text_encoder.encode([negative_prompt])
     return {"positive": positive, "negative": negative}
 
 
@@ -100,8 +100,6 @@ def sample_video(
             f"the {model.family} model expects a latent [B, {fmt.channels}, T, H, W]; found shape {tuple(samples.shape)}. "
             f"Use an Empty Video Latent with latent_format {fmt.name!r} or a VAE Encode of the same family."
         )
-    if cfg > 1.0 and conditioning.get("negative") is None:
-        raise KineFlowError(f"cfg {cfg} needs a negative prompt (the unconditional branch); set one in Text Encode or use cfg 1")
     batch = samples.shape[0]
     noise = seeded_noise(samples.shape, seed)
     sigmas = model.sigmas(steps, shift, denoise, scheduler)

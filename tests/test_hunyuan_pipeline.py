@@ -59,11 +59,17 @@ def test_cfg_with_negative_prompt_and_video_to_video(models_dir, tmp_path):
     assert guided.shape == base.shape and not torch.equal(guided, base)
 
 
-def test_cfg_without_negative_prompt_is_a_clear_error(models_dir, tmp_path, capsys):
+def test_cfg_with_an_empty_negative_prompt_guides_against_the_empty_prompt(models_dir, tmp_path):
+    base = _run(models_dir, tmp_path)["6"]["outputs"][0]["samples"]
+    guided = _run(models_dir, tmp_path, ["6.cfg=4.0"])["6"]["outputs"][0]["samples"]
+    assert not torch.equal(guided, base)
+
+
+def test_failed_run_is_a_clear_error_and_leaves_no_output(models_dir, tmp_path, capsys):
     code = cli.main(["run", str(WORKFLOW), "--models-dir", str(models_dir), "--output-dir", str(tmp_path),
-                     "--set", "6.cfg=4.0"])
+                     "--set", "6.scheduler=\"karras\""])
     err = capsys.readouterr().err
-    assert code == 1 and "needs a negative prompt" in err and "Traceback" not in err
+    assert code == 1 and "discrete-schedule models" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir()), "a failed run must not leave outputs"
 
 
