@@ -194,10 +194,45 @@ def _convert(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- eval
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training.tiny_models import SHIPPED_NAMES
+
+    parser.add_argument("--prompts", help="file with one prompt per line (default: the built-in held-out set)")
+    parser.add_argument("-n", "--count", type=int, default=60, help="held-out prompts to generate (default 60)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cfg", type=float, default=1.0)
+    parser.add_argument("--shift", type=float, default=7.0)
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=SHIPPED_NAMES["dit"], help="transformer in diffusion_models/")
+    parser.add_argument("--vae", default=SHIPPED_NAMES["vae"], help="VAE in vae/")
+    parser.add_argument("--llm", default=SHIPPED_NAMES["llm"], help="LLaMA text encoder in text_encoders/")
+    parser.add_argument("--clip", default=SHIPPED_NAMES["clip"], help="CLIP text encoder in text_encoders/")
+    parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
+    parser.add_argument("--save-dir", help="also write each generated video here as mp4")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _eval(args: argparse.Namespace, ctx: Context) -> int:
+    from . import evaluation, host
+
+    host.configure(models_dir=args.models_dir)
+    prompts = evaluation.read_prompt_file(args.prompts) if args.prompts else None
+    settings = evaluation.EvalSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
+                                      seed=args.seed)
+    result = evaluation.evaluate(prompts, heldout=args.count, settings=settings, model=args.model, vae=args.vae,
+                                 llm=args.llm, clip=args.clip, save_dir=args.save_dir)
+    ctx.stdout.write((evaluation.to_json(result) if args.json else evaluation.format_report(result)) + "\n")
+    return EXIT_OK
+
+
 COMMANDS: list[Command] = [
     Command("run", "validate and execute a workflow", _add_run_arguments, _run),
     Command("validate", "check a workflow and list every problem", _add_validate_arguments, _validate),
     Command("nodes", "list node types with their inputs and outputs", _add_nodes_arguments, _nodes),
+    Command("eval", "generate videos for prompts and score how well they follow them (analytic judge)",
+            _add_eval_arguments, _eval),
     Command("inspect", "identify a checkpoint from its header: family, layout, version, parameters, dtypes",
             _add_inspect_arguments, _inspect),
     Command("convert", "convert a workflow between UI (canvas) and API (prompt) format", _add_convert_arguments,

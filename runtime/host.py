@@ -9,6 +9,7 @@ source tree). We never decide by trying `import comfy`: an unrelated PyPI packag
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -47,6 +48,7 @@ class _Standalone:
     output_dir: Path = Path("output")
     input_dir: Path = Path("input")
     interrupt = threading.Event()
+    quiet = 0  # > 0 while standalone progress bars are silenced (see quiet())
 
 
 def configure(
@@ -239,6 +241,8 @@ class Progress:
         check_interrupt()
 
     def _draw(self) -> None:
+        if _Standalone.quiet:
+            return
         done = self.current >= self.total
         if not self._tty and not done:
             return
@@ -260,3 +264,13 @@ class Progress:
 
 def progress(total: int, desc: str = "") -> Progress:
     return Progress(total, desc)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence standalone progress bars inside (a loop with its own bar over many generations uses it)."""
+    _Standalone.quiet += 1
+    try:
+        yield
+    finally:
+        _Standalone.quiet -= 1

@@ -33,6 +33,15 @@ WORD_PATTERN = r"\w+|[^\w\s]+"  # what pre_tokenizers.Whitespace splits on
 CLIP_VOCAB = 49408  # the shipped CLIP-L tokenizer's ids
 
 
+# File names of the tiny HunyuanVideo-family model shipped in weights/ (ComfyUI folder layout).
+SHIPPED_NAMES = {
+    "dit": "kineflow_tiny_dit.safetensors",
+    "vae": "kineflow_tiny_vae.safetensors",
+    "llm": "kineflow_tiny_llm",
+    "clip": "kineflow_tiny_clip.safetensors",
+}
+
+
 @dataclass
 class TinyFamily:
     """Configs of one tiny HunyuanVideo-family model set (text widths wired between the parts)."""
@@ -41,12 +50,7 @@ class TinyFamily:
     vae: HunyuanVideoVAEConfig
     llama: LlamaTextConfig
     clip: CLIPTextConfig
-    names: dict = field(default_factory=lambda: {
-        "dit": "kineflow_tiny_dit.safetensors",
-        "vae": "kineflow_tiny_vae.safetensors",
-        "llm": "kineflow_tiny_llm",
-        "clip": "kineflow_tiny_clip.safetensors",
-    })
+    names: dict = field(default_factory=lambda: dict(SHIPPED_NAMES))
 
 
 def tiny_family(llama_vocab: int) -> TinyFamily:

@@ -1,0 +1,40 @@
+"""`kineflow eval` mechanics on tiny random-weight models (scores are meaningless there; the plumbing is not)."""
+
+import json
+
+import pytest
+
+from kineflow.runtime import cli
+from kineflow.training.tiny_models import write_models
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    write_models(root, texts=["a red circle moves to the left on a blue background"], seed=0)
+    return root
+
+
+def test_eval_on_a_prompt_file_prints_json_scores(models_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red circle moves to the left on a blue background\n\nblue square going up, green backdrop\n")
+    code = cli.main(["eval", "--prompts", str(prompts), "--steps", "2", "--models-dir", str(models_dir), "--json",
+                     "--save-dir", str(tmp_path / "videos")])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)
+    assert result["prompts"] == 2
+    assert set(result["accuracy"]) == {"colour", "shape", "direction", "scale_change", "background"}
+    assert result["counts"]["colour"]["scored"] == 2 and result["counts"]["direction"]["scored"] == 2
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["eval_000.mp4", "eval_001.mp4"]
+
+
+def test_eval_heldout_set_table(models_dir, capsys):
+    assert cli.main(["eval", "-n", "2", "--steps", "1", "--models-dir", str(models_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts" in out and "colour" in out and "temporal consistency" in out
+
+
+def test_eval_with_missing_prompt_file_exits_2(capsys):
+    assert cli.main(["eval", "--prompts", "/nonexistent/prompts.txt"]) == 2
+    assert "cannot read prompt file" in capsys.readouterr().err
