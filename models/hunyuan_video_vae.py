@@ -76,11 +76,12 @@ class HunyuanVideoVAEConfig:
     def tiny(cls) -> "HunyuanVideoVAEConfig":
         """Small widths, same block structure and the same 4x time / 8x space compression.
 
-        norm_num_groups follows `default_norm_groups`, so `config_from_state_dict` recovers it from the
-        shapes. The scaling factor is HunyuanVideo's until the trainer measures the tiny model's own.
+        4 norm groups: with the full model's 32 groups a 16-wide block would normalise every channel on its
+        own, erasing the per-channel means that carry flat colours (it then barely learns). Shapes do not record
+        the group count, so files of this config carry it in their metadata (`norm_num_groups`), as they carry
+        the scaling factor the trainer measures.
         """
-        widths = (16, 32, 64, 64)
-        return cls(block_out_channels=widths, layers_per_block=1, norm_num_groups=default_norm_groups(widths))
+        return cls(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=4)
 
     def spatial_downsample_blocks(self) -> int:
         return int(math.log2(self.spatial_compression_ratio))

@@ -10,6 +10,7 @@ from shapes, convert keys, and assign tensors already in the target dtype into a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,9 +194,11 @@ def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
     sd = vae_mod.convert_state_dict(raw, det.layout)
     del raw
     config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    scaling = header.metadata.get("scaling_factor")
-    if scaling is not None:
-        config = type(config)(**{**config.__dict__, "scaling_factor": float(scaling)})
+    # What shapes cannot tell (the file's metadata does when it was written by KineFlow's trainer).
+    overrides = {key: cast(header.metadata[key]) for key, cast in (("scaling_factor", float), ("norm_num_groups", int))
+                 if key in header.metadata}
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
     vae = load_into_meta_model(vae_mod.HunyuanVideoVAE, config, sd, dtype).to(device).eval()
     return VideoVAE(vae=vae, dtype=dtype, source=str(path))
 

@@ -1,5 +1,6 @@
 """HunyuanVideo causal 3D VAE: checkpoint layouts, diffusers parity, frame arithmetic, tiling, previews."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def test_detect_layout_prefix_and_foreign_keys(tiny_vae):
 
 
 def test_config_round_trips_for_tiny(tiny_vae):
-    assert config_from_state_dict(tiny_vae.state_dict()) == tiny_vae.config
+    """Shapes give everything but the group count, which tiny files carry in their metadata."""
+    derived = config_from_state_dict(tiny_vae.state_dict())
+    assert dataclasses.replace(derived, norm_num_groups=tiny_vae.config.norm_num_groups) == tiny_vae.config
 
 
 # --------------------------------------------------------------------------- parity and arithmetic

@@ -109,7 +109,8 @@ def save_family(models_dir: Path, family: TinyFamily, dit: HunyuanVideoDiT, vae:
     paths = {
         "dit": save_safetensors(cast(dit.state_dict()), models_dir / "diffusion_models" / family.names["dit"], dit_metadata),
         "vae": save_safetensors(cast(vae.state_dict()), models_dir / "vae" / family.names["vae"],
-                                {"scaling_factor": vae.config.scaling_factor}),
+                                {"scaling_factor": vae.config.scaling_factor,
+                                 "norm_num_groups": vae.config.norm_num_groups}),
         "clip": save_safetensors(cast(clip.state_dict()), models_dir / "text_encoders" / family.names["clip"]),
     }
     llm_dir = models_dir / "text_encoders" / family.names["llm"]

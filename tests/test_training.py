@@ -1,0 +1,183 @@
+"""Trainer: loss goes down on a fixed batch, resume equals an uninterrupted run, exports load back."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from kineflow.runtime import cli, host
+from kineflow.runtime.errors import KineFlowError
+from kineflow.runtime.video_models import load_text_encoders, load_video_model, load_video_vae
+from kineflow.training import train
+from kineflow.training.common import Budget, load_checkpoint, step_rngs
+from kineflow.training.dataset import ShapesVideoDataset
+from kineflow.training.tiny_models import write_word_tokenizer
+
+VAE = train.VAESettings(steps=2, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
+DIT = train.DiTSettings(steps=4, batch_size=4, clips=6, warmup=2, save_every=2, log_every=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a loaded machine two threads that wait for
+    each other run several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, one_thread):
+    """A complete (very short) run: VAE, frozen text encoders + cache, transformer."""
+    run_dir = tmp_path_factory.mktemp("run")
+    assert train.train_vae(run_dir, VAE).finished
+    assert train.train_dit(run_dir, DIT).finished
+    return run_dir
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizer_covers_every_caption_word(tmp_path):
+    tokenizer = Tokenizer.from_file(str(write_word_tokenizer(tmp_path, train.caption_vocabulary()) / "tokenizer.json"))
+    unk = tokenizer.token_to_id("[UNK]")
+    for data in (ShapesVideoDataset(length=300, split="train"), ShapesVideoDataset(length=300, split="heldout")):
+        for i in range(len(data)):
+            text = data.spec_and_caption(i)[1]
+            assert unk not in tokenizer.encode(text).ids, text
+
+
+def test_vae_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vae = train.HunyuanVideoVAE(train.build_family(1).vae)
+    video = train.video_batch(ShapesVideoDataset(length=2), [0, 1])[0][:, :, :5, :16, :16]
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss = train.vae_loss(vae, video, torch.Generator().manual_seed(0), VAE)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_dit_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    family = train.build_family(40)
+    dit = train.trainable_dit(family.dit)
+    assert dit.guidance_in is None
+    # The training copy of the q/k norm computes what the inference one does, under the same parameter names.
+    reference = train.dit_mod.HunyuanVideoDiT(family.dit)
+    assert dit.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(2, 5, 2, 32)
+    norm = dit.double_blocks[0].img_attn_q_norm
+    assert type(norm) is not type(reference.double_blocks[0].img_attn_q_norm)
+    torch.testing.assert_close(norm(x), reference.double_blocks[0].img_attn_q_norm(x))
+    n, length = 4, 5
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[:, 3:] = 0
+    cache = {"latents": torch.randn(n, 16, 2, 4, 4), "text_states": torch.randn(n, length, 128),
+             "text_mask": mask, "text_states_2": torch.randn(n, 64), "uncond_states": torch.randn(1, length, 128),
+             "uncond_mask": mask[:1], "uncond_states_2": torch.randn(1, 64)}
+    opt = torch.optim.AdamW(dit.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = train.dit_loss(dit, cache, range(n), torch.Generator().manual_seed(0), DIT)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_step_randomness_depends_only_on_seed_stage_and_step():
+    a_np, a_torch = step_rngs(0, "dit", 7)
+    b_np, b_torch = step_rngs(0, "dit", 7)
+    assert a_np.integers(1 << 30) == b_np.integers(1 << 30)
+    assert torch.equal(torch.randn(3, generator=a_torch), torch.randn(3, generator=b_torch))
+    assert step_rngs(0, "dit", 8)[0].integers(1 << 30) != step_rngs(0, "dit", 7)[0].integers(1 << 30)
+
+
+def test_resume_continues_exactly(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    # VAE: 1 step, then resume to 2 == 2 steps at once (model and optimizer state).
+    train.train_vae(run_dir, dataclasses.replace(VAE, steps=1))
+    with pytest.raises(KineFlowError, match="--resume"):
+        train.train_vae(run_dir, VAE)
+    with pytest.raises(KineFlowError, match="lr"):
+        train.train_vae(run_dir, dataclasses.replace(VAE, lr=1e-2), resume=True)
+    train.train_vae(run_dir, VAE, resume=True)
+    whole, resumed = load_checkpoint(trained_run / "vae" / "ckpt.pt"), load_checkpoint(run_dir / "vae" / "ckpt.pt")
+    assert resumed["step"] == 2
+    assert _states_equal(whole["model"], resumed["model"])
+    assert whole["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+    assert all(torch.equal(whole["optimizer"]["state"][k]["exp_avg"], resumed["optimizer"]["state"][k]["exp_avg"])
+               for k in whole["optimizer"]["state"])
+    (whole_vae, whole_meta), (resumed_vae, resumed_meta) = (train.load_trained_vae(d) for d in (trained_run, run_dir))
+    assert whole_meta == resumed_meta and _states_equal(whole_vae.state_dict(), resumed_vae.state_dict())
+
+    # DiT: an exhausted budget stops before any step; then 2 steps, then resume to 4.
+    stopped = train.train_dit(run_dir, DIT, budget=Budget(minutes=1e-9))
+    assert (stopped.finished, stopped.step) == (False, 0)
+    train.train_dit(run_dir, dataclasses.replace(DIT, steps=2), resume=True)
+    result = train.train_dit(run_dir, DIT, resume=True)
+    assert (result.finished, result.steps_run) == (True, 2)
+    whole, resumed = load_checkpoint(trained_run / "dit" / "ckpt.pt"), load_checkpoint(run_dir / "dit" / "ckpt.pt")
+    assert _states_equal(whole["model"], resumed["model"])
+    logged = [json.loads(line)["step"] for line in (run_dir / "dit" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+
+
+def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "weights"
+    paths = train.export(trained_run, out)
+    sizes = sum(train._size_mb(p) for p in paths.values())
+    assert sizes < train.SIZE_LIMIT_MB
+    assert "KineFlow tiny" in paths["card"].read_text()
+
+    monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
+    host.configure(models_dir=out)
+    model = load_video_model("kineflow_tiny_dit.safetensors")
+    vae = load_video_vae("kineflow_tiny_vae.safetensors")
+    encoder = load_text_encoders("kineflow_tiny_llm", "kineflow_tiny_clip.safetensors")
+    assert not model.guidance_embedded
+    assert "guidance" not in model.net_kwargs(encoder.encode([""]), 6.0, 1)
+    assert model.preview_factors[0] is not None and model.preview_factors[0].shape == (16, 3)
+
+    # The shipped (fp16) encoders and VAE reproduce what the transformer was trained on.
+    cache = torch.load(trained_run / "dit" / "cache.pt", weights_only=True)
+    text = encoder.encode(cache["captions"][:2])
+    length = cache["text_states"].shape[1]
+    torch.testing.assert_close(text["text_states"][:, :length], cache["text_states"][:2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(text["text_states_2"], cache["text_states_2"][:2], rtol=1e-4, atol=1e-4)
+    video = train.video_batch(ShapesVideoDataset(length=DIT.clips, seed=DIT.seed), [0])[0]
+    torch.testing.assert_close(vae.vae.encode_latents(video), cache["latents"][:1], rtol=1e-4, atol=1e-4)
+    assert cache["latents"][:VAE.clips].std().item() == pytest.approx(1.0, abs=1e-3)  # scaling_factor = 1/std
+    assert json.loads(cli_inspect(paths["vae"]))["family"] == "hunyuan_video_vae"
+    assert json.loads(cli_inspect(paths["dit"]))["family"] == "hunyuan_video_dit"
+
+    velocity = model.net_fn(cache["latents"][:2], torch.tensor([500.0, 500.0]), **model.net_kwargs(text, 1.0, 2))
+    assert velocity.shape == cache["latents"][:2].shape and torch.isfinite(velocity).all()
+
+
+def cli_inspect(path) -> str:
+    stdout = io.StringIO()
+    assert cli.main(["inspect", str(path), "--json"], stdout=stdout, stderr=io.StringIO()) == 0
+    return stdout.getvalue()
+
+
+def test_cli_parses_every_stage_and_reports_a_missing_run(tmp_path, capsys):
+    args = train.build_parser().parse_args(["all", "--vae-steps", "3", "--dit-batch-size", "2", "--dit-shift", "2.5"])
+    assert train._settings(args, train.VAESettings, "vae_").steps == 3
+    dit = train._settings(args, train.DiTSettings, "dit_")
+    assert (dit.batch_size, dit.shift, dit.steps) == (2, 2.5, train.DiTSettings().steps)
+    assert train.main(["export", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "w")]) == 2
+    assert "run the 'dit' stage first" in capsys.readouterr().err

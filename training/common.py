@@ -1,0 +1,138 @@
+"""Run mechanics shared by the training stages: checkpoints, per-step randomness, loss log, progress, budget.
+
+Exact resumption rests on one rule: everything random in step `k` (which clips, crops, noise, timesteps, caption
+dropout) is drawn from generators seeded with (seed, stage, k), never from a generator carried across steps.
+A checkpoint therefore needs only the step number next to the model and optimizer states; resuming at step k
+replays steps k, k+1, ... exactly as an uninterrupted run would (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..runtime.errors import KineFlowError
+from ..runtime.media import atomic_write
+
+STAGE_IDS = {"vae": 1, "dit": 2, "cache": 3, "fit": 4}
+
+
+def step_rngs(seed: int, stage: str, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The numpy and torch generators of one training step (a pure function of seed, stage and step)."""
+    key = [int(seed), STAGE_IDS[stage], int(step)]
+    rng = np.random.default_rng(key)
+    gen = torch.Generator().manual_seed(int(np.random.default_rng(key + [1]).integers(2**62)))
+    return rng, gen
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    settings: dict, train_seconds: float, loss_ema: float | None) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": int(step),
+        "settings": settings,
+        "train_seconds": float(train_seconds),
+        "loss_ema": loss_ema,
+        # Not needed for exactness (see the module docstring); kept so code that uses the global RNG later
+        # (e.g. dropout layers) resumes exactly too.
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file; say which one
+        raise KineFlowError(f"cannot read the training checkpoint {path}: {exc}") from exc
+
+
+def check_resumable(ckpt: dict, settings: dict, resume_keys: tuple[str, ...], path: Path) -> None:
+    """Refuse to resume with hyper-parameters that would change the run (steps and budgets may change)."""
+    stored = ckpt["settings"]
+    changed = [f"{k}: checkpoint {stored.get(k)!r}, now {settings.get(k)!r}" for k in resume_keys
+               if stored.get(k) != settings.get(k)]
+    if changed:
+        raise KineFlowError(f"cannot resume {path}: these settings differ from the checkpoint's ({'; '.join(changed)}). "
+                            "Use the original values or start a new --run-dir.")
+
+
+# --------------------------------------------------------------------------- log + progress
+class LossLog:
+    """Appends one JSON object per logged step to `log.jsonl` (lines past `step` are dropped on resume)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a")
+
+    def write(self, **record) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TrainProgress:
+    """`stage  step/total  loss (EMA)  it/s  ETA` on stderr: redrawn in place on a terminal, one line every
+    `line_seconds` otherwise (nohup logs stay short)."""
+
+    def __init__(self, desc: str, start: int, total: int, line_seconds: float = 30.0, stream=None):
+        self.desc, self.start, self.total = desc, start, total
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.line_seconds = line_seconds
+        self.t0 = time.monotonic()
+        self.last_line = self.t0
+
+    def update(self, step: int, loss_ema: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (self.tty or force or now - self.last_line >= self.line_seconds):
+            return
+        self.last_line = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
+        line = f"{self.desc} {step}/{self.total} loss {loss_ema:.5f} {rate:.2f} it/s ETA {eta_text}"
+        self.stream.write(("\r" + line + "  ") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclass
+class Budget:
+    """Wall-clock budget in minutes (0 = none), shared by the stages that `all` runs one after another."""
+
+    minutes: float = 0.0
+    start: float = field(default_factory=time.monotonic)
+
+    def exhausted(self) -> bool:
+        return self.minutes > 0 and time.monotonic() - self.start >= self.minutes * 60.0
+
+
+def ema_update(ema: float | None, value: float, decay: float = 0.98) -> float:
+    return value if ema is None else decay * ema + (1.0 - decay) * value
+
+
+def set_threads(threads: int) -> None:
+    if threads < 1:
+        raise KineFlowError(f"--threads must be >= 1; got {threads}")
+    torch.set_num_threads(threads)

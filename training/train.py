@@ -1,0 +1,584 @@
+"""Train the tiny shipped HunyuanVideo-family model on the procedural shapes dataset, on the CPU.
+
+Stages (each resumable, each writing into one run folder, default `runs/tiny_hv/`):
+
+1. `vae`   - the causal 3D VAE: L1 + edge (spatial/temporal gradient) reconstruction + a small KL term, on random
+             spatial crops of 9-frame clips (the network is convolutional, so crops train it at a quarter of the
+             cost of full frames). At the end the weights are rounded to the export dtype, the latent std of
+             full-size clips is measured (`scaling_factor = 1/std`) and latent->RGB preview factors are fitted;
+             the result is `vae/vae.safetensors`.
+2. `dit`   - the transformer, by flow matching: x_t = (1-σ)·x0 + σ·ε, target ε - x0, timestep σ·1000. The text
+             encoders are the tiny LLaMA + CLIP of `tiny_family`, **frozen at their random initialisation**: the
+             conditioning of every training clip is then computed once and cached with its latent
+             (`dit/cache.pt`), so a step costs the DiT alone. Random frozen encoders keep token identity (an
+             embedding plus one random residual layer is nearly injective over a ~150-word vocabulary) and the
+             DiT's token refiner learns to read them; training them jointly would cost a LLaMA forward/backward
+             over ~130 template tokens per clip and step, and rule out the cache. The model is not
+             guidance-distilled, so it has no guidance embedding (`guidance_embed=False`); classifier-free
+             guidance comes from dropping the caption (the empty prompt "" is the unconditional) 10% of the time.
+3. `export` - `save_family` into a ComfyUI-style models folder (diffusion_models/, vae/, text_encoders/) in fp16,
+             with the preview factors in the DiT's metadata and a generated MODEL_CARD.md.
+
+`all` runs the three in order under one time budget; with `--resume` it continues whichever stage is unfinished.
+
+    python -m kineflow.training.train all --resume --threads 1 --max-minutes 120 --out weights/
+
+(training/README.md has the measured speeds and the recommended commands per stage.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from ..models import hunyuan_video_dit as dit_mod
+from ..models.clip_text import CLIPTextModel
+from ..models.hunyuan_text import HunyuanTextEncoder
+from ..models.hunyuan_video_vae import HunyuanVideoVAE, fit_latent_rgb_factors
+from ..models.llama_text import LlamaTextEncoder
+from ..models.tokenization import clip_l_tokenizer, load_tokenizer
+from ..runtime.errors import InterruptedRun, KineFlowError
+from ..runtime.media import atomic_write
+from . import dataset as shapes
+from .common import (Budget, LossLog, TrainProgress, check_resumable, ema_update, load_checkpoint, save_checkpoint,
+                     set_threads, step_rngs)
+from .tiny_models import TinyFamily, save_family, save_safetensors, tiny_family, write_word_tokenizer
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SIZE_LIMIT_MB = 25.0
+COMMANDS_FILE = "commands.txt"
+FIT_CLIPS = 32  # full-size clips used to measure the latent std and fit the preview factors
+
+
+# --------------------------------------------------------------------------- settings
+def _opt(default, help_text: str, **kwargs):
+    return field(default=default, metadata={"help": help_text, **kwargs})
+
+
+@dataclass
+class VAESettings:
+    steps: int = _opt(1300, "optimizer steps in total (a resumed run continues up to this)")
+    batch_size: int = _opt(8, "clips per step")
+    crop: int = _opt(32, "side of the random square crop trained on (multiple of 8, <= 64)")
+    lr: float = _opt(5e-4, "Adam learning rate (after a linear warm-up)")
+    warmup: int = _opt(50, "warm-up steps")
+    kl_weight: float = _opt(1e-4, "weight of the mean per-element KL term")
+    edge_weight: float = _opt(0.5, "weight of the L1 loss on x/y/t differences (sharp edges, clean motion)")
+    clips: int = _opt(10_000, "size of the training clip index space")
+    seed: int = _opt(0, "seed of data order, crops, noise and initialisation")
+    dtype: str = _opt("fp16", "export dtype; the final VAE is rounded to it before its latents are measured",
+                      choices=tuple(DTYPES))
+    save_every: int = _opt(100, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+
+@dataclass
+class DiTSettings:
+    steps: int = _opt(12000, "optimizer steps in total (a resumed run continues up to this)")
+    batch_size: int = _opt(64, "latents per step")
+    lr: float = _opt(5e-4, "AdamW learning rate (after a linear warm-up)")
+    warmup: int = _opt(100, "warm-up steps")
+    clips: int = _opt(6000, "training clips encoded once into the latent + text cache")
+    caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
+    shift: float = _opt(3.0, "flow shift applied to the sampled sigma, as the sampler shifts its schedule")
+    sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
+                               choices=("logit_normal", "uniform"))
+    seed: int = _opt(0, "seed of data order, noise, text encoders and initialisation")
+    dtype: str = _opt("fp16", "export dtype; the frozen text encoders are rounded to it before caching",
+                      choices=tuple(DTYPES))
+    save_every: int = _opt(250, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+
+# Settings that may change between a run and its resumption (everything else must match the checkpoint).
+FREE_SETTINGS = ("steps", "save_every", "log_every")
+
+
+def _resume_keys(settings) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(settings) if f.name not in FREE_SETTINGS)
+
+
+# --------------------------------------------------------------------------- vocabulary and model family
+def caption_vocabulary() -> list[str]:
+    """Every phrase the dataset's captions are built from (templates with placeholders removed, synonyms,
+    colours, articles), train and held-out templates alike, so a word-level tokenizer never sees an unknown word."""
+    texts = [re.sub(r"\{\w+\}", " ", t) for table in (shapes.SINGLE_TEMPLATES, shapes.TWO_TEMPLATES)
+             for group in table.values() for t in group]
+    texts += list(shapes.COLOURS) + ["a", "an"]
+    texts += [w for words in shapes.SHAPE_WORDS.values() for w in words]
+    texts += [w for words in shapes.DIRECTION_WORDS.values() for w in words]
+    texts += [w for pair in shapes.MOVE_VERBS for w in pair]
+    for table in (shapes.STILL_VERB, shapes.STILL_PARTICIPLE, shapes.GROW_VERB, shapes.GROW_PARTICIPLE,
+                  shapes.SHRINK_VERB, shapes.SHRINK_PARTICIPLE):
+        texts += list(table)
+    return texts
+
+
+def build_family(llama_vocab: int) -> TinyFamily:
+    """`tiny_family` without the guidance embedding: this model is trained with real CFG, not distilled."""
+    family = tiny_family(llama_vocab)
+    family.dit = dataclasses.replace(family.dit, guidance_embed=False)
+    return family
+
+
+def round_to(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Round the weights to `dtype` in place (kept in float32), so training sees what the exported file holds."""
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(dtype).float())
+    return module
+
+
+class _AutogradRMSNorm(dit_mod.RMSNorm):
+    """The DiT's q/k RMSNorm with an out-of-place forward: the inference version updates the norm's output in
+    place, which autograd rejects. Same parameter name (`weight`), same result."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def trainable_dit(config: dit_mod.HunyuanVideoDiTConfig) -> dit_mod.HunyuanVideoDiT:
+    net = dit_mod.HunyuanVideoDiT(config)
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is dit_mod.RMSNorm:
+                replacement = _AutogradRMSNorm(child.weight.shape[0], child.eps)
+                replacement.weight = child.weight
+                setattr(module, name, replacement)
+    return net
+
+
+# --------------------------------------------------------------------------- data
+def video_batch(data: shapes.ShapesVideoDataset, indices) -> tuple[torch.Tensor, list[str]]:
+    """Clips as the VAE takes them: [B, 3, F, H, W] in -1..1, plus their captions."""
+    videos, captions, _ = data.batch(indices)
+    return videos.permute(0, 4, 1, 2, 3).mul(2.0).sub(1.0).contiguous(), captions
+
+
+def random_crops(video: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    _, _, _, h, w = video.shape
+    if size % 8 or not 8 <= size <= min(h, w):
+        raise KineFlowError(f"--crop must be a multiple of 8 between 8 and {min(h, w)}; got {size}")
+    ys = rng.integers(0, h - size + 1, len(video))
+    xs = rng.integers(0, w - size + 1, len(video))
+    return torch.stack([v[:, :, y:y + size, x:x + size] for v, y, x in zip(video, ys, xs)])
+
+
+# --------------------------------------------------------------------------- the shared loop
+@dataclass
+class StageResult:
+    finished: bool  # reached settings.steps
+    step: int
+    steps_run: int  # optimizer steps taken by this call
+    train_seconds: float  # over every call of this stage
+
+
+def run_loop(stage: str, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
+             settings, *, resume: bool, budget: Budget) -> StageResult:
+    """Step `model` with `loss_fn(step) -> scalar loss` up to settings.steps, checkpointing and logging.
+
+    Warm-up sets the learning rate from the step alone and the loss function draws its randomness from
+    `step_rngs`, so a resumed run is the uninterrupted run."""
+    ckpt_path = run_dir / stage / "ckpt.pt"
+    as_dict = dataclasses.asdict(settings)
+    step, seconds, loss_ema = 0, 0.0, None
+    if ckpt_path.exists():
+        if not resume:
+            raise KineFlowError(f"{ckpt_path} already exists; pass --resume to continue it or use another --run-dir")
+        ckpt = load_checkpoint(ckpt_path)
+        check_resumable(ckpt, as_dict, _resume_keys(settings), ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, seconds, loss_ema = ckpt["step"], ckpt["train_seconds"], ckpt["loss_ema"]
+    start_step = step
+    log = LossLog(run_dir / stage / "log.jsonl", step)
+    bar = TrainProgress(stage, step, settings.steps)
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step, settings=as_dict,
+                        train_seconds=seconds, loss_ema=loss_ema)
+
+    model.train()
+    try:
+        while step < settings.steps and not budget.exhausted():
+            t0 = time.monotonic()
+            lr = settings.lr * min(1.0, (step + 1) / max(settings.warmup, 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(step)
+            if not torch.isfinite(loss):
+                raise KineFlowError(f"{stage} loss became {loss.item()} at step {step}; lower --lr and resume "
+                                    "from the last checkpoint")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            seconds += time.monotonic() - t0
+            loss_ema = ema_update(loss_ema, loss.item())
+            if step % settings.log_every == 0 or step == settings.steps:
+                log.write(step=step, loss=loss.item(), loss_ema=loss_ema, lr=lr, train_seconds=round(seconds, 2))
+            bar.update(step, loss_ema, force=step == settings.steps)
+            if step % settings.save_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        raise InterruptedRun(f"{stage} training interrupted at step {step}; resume with --resume "
+                             f"(the last checkpoint is at step {step - step % settings.save_every})") from None
+    finally:
+        bar.close()
+        log.close()
+    if step != start_step:
+        checkpoint()
+    if step < settings.steps:
+        sys.stderr.write(f"{stage}: time budget reached at step {step}/{settings.steps}; checkpoint saved, "
+                         "continue with --resume\n")
+    model.eval()
+    return StageResult(step >= settings.steps, step, step - start_step, seconds)
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+def vae_loss(vae: HunyuanVideoVAE, video: torch.Tensor, gen: torch.Generator, settings: VAESettings) -> torch.Tensor:
+    posterior = vae.encode(video)
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+    recon = vae.decode(z)
+    loss = (recon - video).abs().mean()
+    if settings.edge_weight:
+        edges = sum((recon.diff(dim=d) - video.diff(dim=d)).abs().mean() for d in (2, 3, 4))
+        loss = loss + settings.edge_weight * edges
+    kl = 0.5 * (posterior.mean.square() + posterior.logvar.exp() - 1.0 - posterior.logvar).mean()
+    return loss + settings.kl_weight * kl
+
+
+def vae_path(run_dir: Path) -> Path:
+    return run_dir / "vae" / "vae.safetensors"
+
+
+def train_vae(run_dir: Path, settings: VAESettings, *, resume: bool = False, budget: Budget | None = None) -> StageResult:
+    run_dir = Path(run_dir)
+    data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train")
+    torch.manual_seed(settings.seed)
+    vae = HunyuanVideoVAE(build_family(1).vae)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=settings.lr)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, gen = step_rngs(settings.seed, "vae", step)
+        video, _ = video_batch(data, rng.integers(0, settings.clips, settings.batch_size))
+        return vae_loss(vae, random_crops(video, settings.crop, rng), gen, settings)
+
+    result = run_loop("vae", run_dir, vae, optimizer, loss_fn, settings, resume=resume, budget=budget or Budget())
+    if result.finished and (result.steps_run or not vae_path(run_dir).exists()):
+        finalize_vae(run_dir, vae, data, settings)
+    return result
+
+
+def finalize_vae(run_dir: Path, vae: HunyuanVideoVAE, data: shapes.ShapesVideoDataset, settings: VAESettings) -> Path:
+    """Round to the export dtype, set scaling_factor = 1/std of full-size latents, fit preview factors, save."""
+    round_to(vae, DTYPES[settings.dtype]).eval()
+    rng, _ = step_rngs(settings.seed, "fit", 0)
+    indices = rng.choice(settings.clips, size=min(FIT_CLIPS, settings.clips), replace=False)
+    videos = [video_batch(data, indices[i:i + 8])[0] for i in range(0, len(indices), 8)]
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(v).mean for v in videos])
+    std, mean = latents.std().item(), latents.mean().item()
+    vae.config = dataclasses.replace(vae.config, scaling_factor=1.0 / std)
+    factors, bias = fit_latent_rgb_factors(vae, videos)
+    preview = json.dumps({"factors": factors.tolist(), "bias": bias.tolist()})
+    return save_safetensors(vae.state_dict(), vae_path(run_dir), {
+        "scaling_factor": vae.config.scaling_factor, "norm_num_groups": vae.config.norm_num_groups,
+        "kineflow.latent_rgb_factors": preview,
+        "kineflow.latent_mean": mean, "kineflow.latent_std": std})
+
+
+def load_trained_vae(run_dir: Path) -> tuple[HunyuanVideoVAE, dict]:
+    path = vae_path(run_dir)
+    if not path.exists():
+        raise KineFlowError(f"no trained VAE at {path}; run the 'vae' stage to the end first")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    config = dataclasses.replace(build_family(1).vae, scaling_factor=float(metadata["scaling_factor"]),
+                                 norm_num_groups=int(metadata["norm_num_groups"]))
+    vae = HunyuanVideoVAE(config)
+    vae.load_state_dict(load_file(str(path)))
+    return vae.eval().requires_grad_(False), metadata
+
+
+# --------------------------------------------------------------------------- frozen text encoders
+def prepare_text_encoders(run_dir: Path, seed: int, dtype: torch.dtype) -> tuple[HunyuanTextEncoder, TinyFamily]:
+    """The run's tokenizer and frozen random LLaMA + CLIP (created once, then read back from `text/`)."""
+    text_dir = Path(run_dir) / "text"
+    tokenizer_dir = text_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        write_word_tokenizer(tokenizer_dir, caption_vocabulary())
+    family = build_family(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size())
+    torch.manual_seed(seed)
+    llama, clip = LlamaTextEncoder(family.llama), CLIPTextModel(family.clip)
+    for name, module in (("llama", llama), ("clip", clip)):
+        path = text_dir / f"{name}.safetensors"
+        if path.exists():
+            module.load_state_dict(load_file(str(path)))
+        else:
+            save_safetensors(round_to(module, dtype).state_dict(), path)
+        module.eval().requires_grad_(False)
+    return HunyuanTextEncoder(llama, load_tokenizer(tokenizer_dir), clip, clip_l_tokenizer()), family
+
+
+# --------------------------------------------------------------------------- stage 2: DiT
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pad_text(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trim or right-pad text columns to `length` (only all-padding columns are ever trimmed)."""
+    states, mask = states[:, :length], mask[:, :length]
+    pad = length - states.shape[1]
+    return F.pad(states, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+
+
+def build_cache(run_dir: Path, settings: DiTSettings, vae: HunyuanVideoVAE, encoder: HunyuanTextEncoder,
+                batch: int = 16) -> dict:
+    """Scaled latents (posterior means) and text conditioning of the training clips, plus the empty prompt."""
+    path = Path(run_dir) / "dit" / "cache.pt"
+    key = {"clips": settings.clips, "seed": settings.seed, "vae": _file_digest(vae_path(run_dir)),
+           "llama": _file_digest(Path(run_dir) / "text" / "llama.safetensors")}
+    if path.exists():
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if cache["key"] == key:
+            return cache
+    data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train")
+    latents, states, masks, pooled, captions = [], [], [], [], []
+    bar = TrainProgress("dit cache", 0, settings.clips)
+    with torch.no_grad():
+        for start in range(0, settings.clips, batch):
+            video, texts = video_batch(data, range(start, min(start + batch, settings.clips)))
+            latents.append(vae.encode_latents(video))
+            text = encoder.encode(texts)
+            states.append(text["text_states"])
+            masks.append(text["text_mask"])
+            pooled.append(text["text_states_2"])
+            captions += texts
+            bar.update(start + len(texts), 0.0)
+        bar.close()
+        length = max(int(m.sum(dim=1).max()) for m in masks)
+        uncond = encoder.encode([""])
+    states, masks = zip(*(_pad_text(s, m, length) for s, m in zip(states, masks)))
+    u_states, u_mask = _pad_text(uncond["text_states"], uncond["text_mask"], length)
+    cache = {"key": key, "latents": torch.cat(latents), "text_states": torch.cat(states), "text_mask": torch.cat(masks),
+             "text_states_2": torch.cat(pooled), "uncond_states": u_states, "uncond_mask": u_mask,
+             "uncond_states_2": uncond["text_states_2"], "captions": captions}
+    with atomic_write(path) as tmp:
+        torch.save(cache, tmp)
+    return cache
+
+
+def sample_sigmas(batch: int, settings: DiTSettings, gen: torch.Generator) -> torch.Tensor:
+    if settings.sigma_sampling == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch, generator=gen))
+    else:
+        u = torch.rand(batch, generator=gen)
+    return settings.shift * u / (1.0 + (settings.shift - 1.0) * u)
+
+
+def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Generator,
+             settings: DiTSettings) -> torch.Tensor:
+    """Flow-matching MSE on a batch of cached clips; dropped captions use the cached empty prompt."""
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    x0 = cache["latents"][idx]
+    b = len(idx)
+    sigma = sample_sigmas(b, settings, gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(b, generator=gen) < settings.caption_dropout
+    s = sigma.view(b, 1, 1, 1, 1)
+    x_t = (1.0 - s) * x0 + s * noise
+    pick = lambda key, ukey: torch.where(drop.view(-1, *[1] * (cache[key].ndim - 1)),  # noqa: E731
+                                         cache[ukey].expand_as(cache[key][idx]), cache[key][idx])
+    velocity = dit(x_t, sigma * 1000.0, pick("text_states", "uncond_states"), pick("text_mask", "uncond_mask"),
+                   pick("text_states_2", "uncond_states_2"))
+    return F.mse_loss(velocity.float(), noise - x0)
+
+
+def dit_checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "dit" / "ckpt.pt"
+
+
+def train_dit(run_dir: Path, settings: DiTSettings, *, resume: bool = False, budget: Budget | None = None) -> StageResult:
+    run_dir = Path(run_dir)
+    vae, _ = load_trained_vae(run_dir)
+    encoder, family = prepare_text_encoders(run_dir, settings.seed, DTYPES[settings.dtype])
+    cache = build_cache(run_dir, settings, vae, encoder)
+    torch.manual_seed(settings.seed)
+    dit = trainable_dit(family.dit)
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=settings.lr, weight_decay=0.0)
+    n = len(cache["latents"])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, gen = step_rngs(settings.seed, "dit", step)
+        return dit_loss(dit, cache, rng.integers(0, n, settings.batch_size), gen, settings)
+
+    return run_loop("dit", run_dir, dit, optimizer, loss_fn, settings, resume=resume, budget=budget or Budget())
+
+
+# --------------------------------------------------------------------------- stage 3: export
+def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path]:
+    """Write the trained parts with `save_family` (+ tokenizer, MODEL_CARD.md) under `out`; returns the paths."""
+    run_dir, out = Path(run_dir), Path(out)
+    ckpt_path = dit_checkpoint_path(run_dir)
+    if not ckpt_path.exists():
+        raise KineFlowError(f"no transformer checkpoint at {ckpt_path}; run the 'dit' stage first")
+    dit_ckpt = load_checkpoint(ckpt_path)
+    dit_settings = DiTSettings(**dit_ckpt["settings"])
+    vae, vae_meta = load_trained_vae(run_dir)
+    encoder, family = prepare_text_encoders(run_dir, dit_settings.seed, DTYPES[dit_settings.dtype])
+    dit = trainable_dit(family.dit)
+    dit.load_state_dict(dit_ckpt["model"])
+    vae_ckpt = load_checkpoint(run_dir / "vae" / "ckpt.pt")
+    dit_meta = {"kineflow.latent_rgb_factors": vae_meta["kineflow.latent_rgb_factors"],
+                "kineflow.training": json.dumps({"dit_steps": dit_ckpt["step"], "vae_steps": vae_ckpt["step"],
+                                                 "dit": dit_ckpt["settings"], "vae": vae_ckpt["settings"]})}
+    paths = save_family(out, family, dit, vae, encoder.llama, encoder.clip, dtype=DTYPES[dtype_name],
+                        dit_metadata=dit_meta)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(run_dir / "text" / "tokenizer" / name, paths["llm"] / name)
+    sizes = {part: _size_mb(path) for part, path in paths.items()}
+    commands_file = run_dir / COMMANDS_FILE
+    commands = commands_file.read_text().splitlines() if commands_file.exists() else []
+    card = model_card(family, vae_ckpt, dit_ckpt, vae_meta, sizes, dtype_name, commands)
+    with atomic_write(out / "MODEL_CARD.md") as tmp:
+        tmp.write_text(card)
+    total = sum(sizes.values())
+    if total > SIZE_LIMIT_MB:
+        sys.stderr.write(f"warning: the exported weights take {total:.1f} MB, more than the {SIZE_LIMIT_MB} MB budget\n")
+    return {**paths, "card": out / "MODEL_CARD.md"}
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def model_card(family: TinyFamily, vae_ckpt: dict, dit_ckpt: dict, vae_meta: dict, sizes: dict, dtype_name: str,
+               commands: list[str]) -> str:
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    with torch.device("meta"):
+        counts = {"dit": params(dit_mod.HunyuanVideoDiT(family.dit)), "vae": params(HunyuanVideoVAE(family.vae)),
+                  "llm": params(LlamaTextEncoder(family.llama)), "clip": params(CLIPTextModel(family.clip))}
+    rows = "\n".join(f"| {part} | {family.names[part]} | {counts[part]:,} | {sizes[part]:.2f} MB |" for part in counts)
+    hardware = f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, " \
+               f"{torch.get_num_threads()} threads"
+    minutes = lambda ck: ck["train_seconds"] / 60.0  # noqa: E731
+    return f"""# KineFlow tiny HunyuanVideo-family model
+
+Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
+moving over flat backgrounds, 9 frames of 64x64, plain-English captions). It shows the pipeline working end to
+end; it knows nothing beyond that dataset's vocabulary.
+
+| part | file | parameters | size ({dtype_name}) |
+|---|---|---|---|
+{rows}
+
+- VAE: {vae_ckpt['step']} steps, {minutes(vae_ckpt):.1f} min; settings `{json.dumps(vae_ckpt['settings'])}`;
+  scaling_factor {float(vae_meta['scaling_factor']):.5f} (1 / latent std {float(vae_meta['kineflow.latent_std']):.4f},
+  latent mean {float(vae_meta['kineflow.latent_mean']):.4f}).
+- Transformer: {dit_ckpt['step']} steps, {minutes(dit_ckpt):.1f} min; settings `{json.dumps(dit_ckpt['settings'])}`.
+  Flow matching (velocity ε − x0, timestep σ·1000), trained sigma shift {dit_ckpt['settings']['shift']}; no
+  guidance embedding (use cfg > 1 with the empty prompt as negative; embedded guidance is ignored).
+- Text encoders: LLaMA ({family.llama.num_hidden_layers} layers, width {family.llama.hidden_size}, word-level
+  tokenizer over the caption vocabulary) and CLIP (width {family.clip.hidden_size}) frozen at their seeded random
+  initialisation; the transformer learned to read them.
+- Hardware: {hardware}. Training time excludes data caching.
+
+Commands of this run (time, command; from `{COMMANDS_FILE}` in the run folder):
+
+""" + "".join(f"    {line}\n" for line in commands or ["(none recorded: the stages were run from Python)"])
+
+
+# --------------------------------------------------------------------------- CLI
+def _add_settings(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    for f in dataclasses.fields(cls):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default {f.default})", **extra)
+
+
+def _settings(args: argparse.Namespace, cls, prefix: str = ""):
+    return cls(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kineflow.training.train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run-dir", default="runs/tiny_hv", help="folder of checkpoints, caches and logs")
+    common.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    common.add_argument("--max-minutes", type=float, default=0.0,
+                        help="stop (with a checkpoint) after this much wall time; 0 = no limit")
+    common.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", default="weights", help="models folder to export into (ComfyUI sub-folder names)")
+    out.add_argument("--export-dtype", default="fp16", choices=tuple(DTYPES), help="dtype of the exported files")
+    _add_settings(sub.add_parser("vae", parents=[common], help="train the VAE"), VAESettings)
+    _add_settings(sub.add_parser("dit", parents=[common], help="train the transformer"), DiTSettings)
+    sub.add_parser("export", parents=[common, out], help="write the shipped weights and model card")
+    everything = sub.add_parser("all", parents=[common, out], help="vae, dit and export in order")
+    _add_settings(everything, VAESettings, "vae-")
+    _add_settings(everything, DiTSettings, "dit-")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python -m kineflow.training.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    set_threads(args.threads)
+    run_dir, budget = Path(args.run_dir), Budget(args.max_minutes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / COMMANDS_FILE, "a") as f:  # the model card lists how the run was made
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command}\n")
+    try:
+        if args.stage == "vae":
+            train_vae(run_dir, _settings(args, VAESettings), resume=args.resume, budget=budget)
+        elif args.stage == "dit":
+            train_dit(run_dir, _settings(args, DiTSettings), resume=args.resume, budget=budget)
+        elif args.stage == "export":
+            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
+        else:
+            if not train_vae(run_dir, _settings(args, VAESettings, "vae_"), resume=args.resume, budget=budget).finished:
+                return 0
+            if not train_dit(run_dir, _settings(args, DiTSettings, "dit_"), resume=args.resume, budget=budget).finished:
+                return 0
+            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
+    except KineFlowError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except InterruptedRun as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 130
+    return 0
+
+
+def _print_paths(paths: dict[str, Path]) -> None:
+    for part, path in paths.items():
+        print(f"{part}: {path} ({_size_mb(path):.2f} MB)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
