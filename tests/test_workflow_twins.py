@@ -91,3 +91,19 @@ def test_node_reference_is_current():
     assert committed.is_file(), f"docs/NODES.md is missing; create it with `{REGENERATE_COMMAND}`"
     assert committed.read_text(encoding="utf-8") == fresh, (
         f"docs/NODES.md is out of date with the registered nodes; regenerate it with `{REGENERATE_COMMAND}`")
+
+
+def test_ui_workflow_and_api_twin_produce_bit_identical_frames(tmp_path):
+    """`kineflow run` on the canvas file and on its API twin renders the same frames, bit for bit."""
+    import torch
+
+    from kineflow.runtime.executor import OutputCache, run_workflow
+
+    ui = run_workflow(str(WORKFLOWS / "shapes_video.json"), output_dir=tmp_path / "ui", cache=OutputCache())
+    api = run_workflow(str(WORKFLOWS / "api" / "shapes_video.json"), output_dir=tmp_path / "api", cache=OutputCache())
+    frames_ui, frames_api = ui["2"]["outputs"][0], api["2"]["outputs"][0]
+    assert frames_ui.shape == (33, 256, 256, 3)
+    assert torch.equal(frames_ui, frames_api)
+    saved_ui = (tmp_path / "ui" / "KineFlow" / "shapes_00001_.mp4").read_bytes()
+    saved_api = (tmp_path / "api" / "KineFlow" / "shapes_00001_.mp4").read_bytes()
+    assert len(saved_ui) > 1000 and len(saved_api) > 1000
