@@ -65,6 +65,17 @@ def configure(
         _Standalone.input_dir = Path(input_dir)
 
 
+@contextlib.contextmanager
+def configured(**folders):
+    """`configure(**folders)` for the duration of a `with` block, then restore the previous standalone folders."""
+    saved = (_Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir)
+    configure(**folders)
+    try:
+        yield
+    finally:
+        _Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir = saved
+
+
 def register_comfyui_folders() -> None:
     """Inside ComfyUI: add our `animatediff_models` folder kinds and the pack's shipped weights."""
     import folder_paths  # ComfyUI's module; only reached when in_comfyui()

@@ -25,14 +25,10 @@ MAX_LISTED_CHOICES = 12
 @contextmanager
 def _folders(root: Path | None):
     """Point the standalone model and input folders at `root` (None: empty folders) for the duration."""
-    saved = (host._Standalone.models_dir, host._Standalone.input_dir)  # no public getter; restored below
     with tempfile.TemporaryDirectory() as empty:
         base = root if root is not None else Path(empty)
-        host.configure(models_dir=base / "models", input_dir=base / "input")
-        try:
+        with host.configured(models_dir=base / "models", input_dir=base / "input"):
             yield
-        finally:
-            host._Standalone.models_dir, host._Standalone.input_dir = saved
 
 
 def _combo_choices(cls) -> dict[str, list]:
