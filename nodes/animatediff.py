@@ -5,8 +5,7 @@ latent_format "sd15", Sampler, Context Options, VAE Decode / Encode).
 """
 
 from ..runtime import animatediff as ad_runtime
-from ..runtime import host
-from .loaders import DTYPE_CHOICES, DTYPE_TOOLTIP
+from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, model_choices as _choices
 
 PREDICTION_INPUT = (list(ad_runtime.PREDICTIONS), {
     "default": "eps",
@@ -14,10 +13,6 @@ PREDICTION_INPUT = (list(ad_runtime.PREDICTIONS), {
 })
 SD_OUTPUTS = ("KINEFLOW_VIDEO_MODEL", "KINEFLOW_VAE", "KINEFLOW_TEXT_ENCODER")
 SD_OUTPUT_NAMES = ("model", "vae", "text_encoder")
-
-
-def _choices(kind: str) -> list[str]:
-    return host.list_models(kind) or [""]
 
 
 class KineFlowLoadSDCheckpoint:

@@ -1,14 +1,7 @@
 """Loader nodes for the HunyuanVideo family: diffusion model, VAE, text encoders."""
 
-from ..runtime import host
 from ..runtime.video_models import load_text_encoders, load_video_model, load_video_vae
-
-DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
-DTYPE_TOOLTIP = "Weight dtype in memory. auto = fp32 on CPU, bf16 on GPU."
-
-
-def _choices(kind: str, folders: bool = False) -> list[str]:
-    return host.list_models(kind, include_folders=folders) or [""]
+from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, model_choices as _choices
 
 
 class KineFlowLoadVideoModel:
