@@ -15,7 +15,7 @@ class KineFlowLoadVideoModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (_choices("diffusion_models"), {"tooltip": "Transformer checkpoint in models/diffusion_models (or models/unet)."}),
+            "model_name": (_choices("diffusion_models", folders=True), {"tooltip": "Transformer checkpoint (file, or diffusers folder with config.json) in models/diffusion_models (or models/unet)."}),
             "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
             "fp8": (["disabled", "e4m3fn"], {"default": "disabled", "tooltip": "Store linear weights as fp8 e4m3 (half of bf16's memory) and upcast each layer when it runs."}),
         }}
@@ -34,7 +34,7 @@ class KineFlowLoadVideoVAE:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae_name": (_choices("vae"), {"tooltip": "VAE checkpoint in models/vae."}),
+            "vae_name": (_choices("vae", folders=True), {"tooltip": "VAE checkpoint (file, or diffusers folder with config.json) in models/vae."}),
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
         }}
 

@@ -116,3 +116,30 @@ def test_conditioning_from_another_family_is_a_clear_error(models_dir):
     model = load_video_model("kineflow_tiny_dit.safetensors")
     with pytest.raises(KineFlowError, match="Load Text Encoders"):
         model.net_kwargs({"context": torch.zeros(1, 77, 768)}, 6.0, 1)
+
+
+def test_diffusers_transformer_folder_loads_through_the_loader_node(tmp_path):
+    """A diffusers `save_pretrained` folder (sharded safetensors + config.json) is one choice of the loader."""
+    diffusers = pytest.importorskip("diffusers")
+    from kineflow.models.hunyuan_video_dit import HunyuanVideoDiTConfig
+    from kineflow.nodes.loaders import KineFlowLoadVideoModel
+
+    cfg = HunyuanVideoDiTConfig.tiny()
+    torch.manual_seed(0)
+    ref = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=cfg.heads_num, attention_head_dim=cfg.head_dim,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+        guidance_embeds=True, text_embed_dim=cfg.text_states_dim, pooled_projection_dim=cfg.text_states_dim_2,
+        rope_theta=cfg.rope_theta, rope_axes_dim=cfg.rope_dim_list).eval()
+    ref.save_pretrained(tmp_path / "diffusion_models" / "hv_diffusers", max_shard_size="200KB")
+    assert len(list((tmp_path / "diffusion_models" / "hv_diffusers").glob("*.safetensors"))) > 1
+    host.configure(models_dir=tmp_path)
+    assert "hv_diffusers" in KineFlowLoadVideoModel.INPUT_TYPES()["required"]["model_name"][0]
+    (model,) = KineFlowLoadVideoModel().load("hv_diffusers", "fp32", "disabled")
+    x = torch.randn(1, 16, 2, 4, 4)
+    text, mask, pooled = torch.randn(1, 5, cfg.text_states_dim), torch.ones(1, 5), torch.randn(1, cfg.text_states_dim_2)
+    t, g = torch.tensor([500.0]), torch.tensor([6000.0])
+    with torch.no_grad():
+        expected = ref(x, t, text, mask, pooled, guidance=g, return_dict=False)[0]
+    ours = model.net_fn(x, t, text_states=text, text_mask=mask, text_states_2=pooled, guidance=g)
+    assert (ours - expected).abs().max() < 1e-4
