@@ -21,13 +21,21 @@ function snapSize(value) {
   return Math.round(v / 16) * 16;
 }
 
+function widgetValue(node, name) {
+  return node.widgets?.find((w) => w.name === name)?.value;
+}
+
+// Only the causal 3D VAE (hunyuan_video latents) needs 4k+1 frames; sd15 latents are one per frame.
+function isCausalVideoLatent(node) {
+  return (widgetValue(node, "latent_format") ?? "hunyuan_video") === "hunyuan_video";
+}
+
 function describe(node) {
-  const get = (name) => node.widgets?.find((w) => w.name === name)?.value;
-  const frames = get("frames");
-  const width = get("width");
-  const height = get("height");
+  const frames = widgetValue(node, "frames");
+  const width = widgetValue(node, "width");
+  const height = widgetValue(node, "height");
   if (frames === undefined || width === undefined || height === undefined) return "";
-  const latentFrames = (frames - 1) / 4 + 1;
+  const latentFrames = isCausalVideoLatent(node) ? Math.floor((frames - 1) / 4) + 1 : frames;
   return `${frames} frames -> latent ${latentFrames}x${height / 8}x${width / 8}`;
 }
 
@@ -39,11 +47,13 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       for (const widget of this.widgets ?? []) {
-        const snap = FRAME_WIDGETS.has(widget.name) ? snapFrames : SIZE_WIDGETS.has(widget.name) ? snapSize : null;
-        if (!snap) continue;
+        const isFrames = FRAME_WIDGETS.has(widget.name);
+        if (!isFrames && !SIZE_WIDGETS.has(widget.name)) continue;
+        const node = this;
         const original = widget.callback;
         widget.callback = function (value, ...rest) {
-          widget.value = snap(value);
+          if (!isFrames) widget.value = snapSize(value);
+          else if (isCausalVideoLatent(node)) widget.value = snapFrames(value);
           return original?.call(this, widget.value, ...rest);
         };
       }
