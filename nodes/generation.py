@@ -41,7 +41,7 @@ class KineFlowEmptyVideoLatent:
         return {"required": {
             "width": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video width in pixels, a multiple of 16."}),
             "height": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video height in pixels, a multiple of 16."}),
-            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 4, "tooltip": "Number of video frames: 4k+1 for hunyuan_video (1, 5, 9, ... 129); any count for sd15."}),
+            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 1, "tooltip": "Number of video frames: 4k+1 for hunyuan_video (1, 5, 9, ... 129); any count for sd15."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1, "tooltip": "Videos generated at once (seeds seed, seed+1, ...)."}),
         }, "optional": {
             "latent_format": (list(LATENT_FORMATS), {"default": "hunyuan_video", "tooltip": "Which model family the latent is for."}),

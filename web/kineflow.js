@@ -1,9 +1,9 @@
 // KineFlow frontend extension for ComfyUI's canvas.
 //
-// Video latents need frame counts of the form 4k+1 (the causal VAE compresses 4 frames into one latent frame
-// after the first) and sizes that are multiples of 16. ComfyUI's number widgets round to multiples of their
-// step, which would turn 25 frames into 24, so this extension snaps the values the way the backend expects
-// and shows what the settings mean (duration, latent shape) under the node.
+// HunyuanVideo latents need frame counts of the form 4k+1 (the causal VAE compresses 4 frames into one latent
+// frame after the first) and sizes that are multiples of 16, while AnimateDiff (sd15) latents take any frame
+// count. The frames widget therefore has step 1, and this extension snaps it to 4k+1 only when the node's
+// latent_format is hunyuan_video; it also shows the resulting latent shape under the node.
 
 import { app } from "../../scripts/app.js";
 
