@@ -45,3 +45,13 @@ def test_real_frontend_exports_the_api_twins():
     for file in files:
         twin = json.loads((ROOT / "workflows" / "api" / file.name).read_text())
         assert strip(exported[str(file)]) == strip(twin), file.name
+
+
+def test_web_extension_snaps_latent_widgets_in_the_real_frontend():
+    if not shutil.which("node"):
+        pytest.skip("node is not installed")
+    out = subprocess.run(["node", str(ROOT / "tests/live/web_extension.js")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "KINEFLOW_COMFYUI_URL": URL})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"extensions": ["KineFlow.VideoLatentSizes"], "hunyuan_frames_10": 9,
+                                      "width_70": 64, "sd15_frames_10": 10}
