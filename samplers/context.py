@@ -137,3 +137,31 @@ def context_window_denoiser(denoiser, options: ContextOptions):
         return out / total.view(1, 1, -1, 1, 1)
 
     return windowed
+
+
+def window_edges(num_frames: int, options: ContextOptions) -> list[int]:
+    """Frame positions where a window starts or ends inside the video: where seams would show.
+
+    Edge e means the step from frame e-1 to frame e crosses a window boundary (contiguous windows only)."""
+    edges = set()
+    for window in context_windows(num_frames, options):
+        if window != list(range(window[0], window[0] + len(window))):
+            continue  # dilated or wrapped windows have no single boundary frame
+        for edge in (window[0], window[-1] + 1):
+            if 0 < edge < num_frames:
+                edges.add(edge)
+    return sorted(edges)
+
+
+def seam_ratio(frames: torch.Tensor, edges: list[int]) -> float:
+    """Mean frame-to-frame change across `edges` over the median change elsewhere (1.0 = seamless).
+
+    `frames` is [F, ...] (IMAGE frames or latent frames); the change from frame i-1 to i is the mean absolute
+    difference. The issue's criterion for 64 frames with windows of 16 / overlap 4 is a ratio <= 1.5."""
+    if frames.shape[0] < 3 or not edges:
+        raise KineFlowError(f"a seam ratio needs at least 3 frames and one window edge; got {frames.shape[0]} frames, edges {edges}")
+    change = (frames[1:].float() - frames[:-1].float()).abs().flatten(1).mean(dim=1)  # change[i-1]: frame i-1 -> i
+    at_edges = torch.tensor([e - 1 for e in edges])
+    mask = torch.ones(len(change), dtype=torch.bool)
+    mask[at_edges] = False
+    return float(change[at_edges].mean() / change[mask].median().clamp_min(1e-12))

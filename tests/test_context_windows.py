@@ -137,3 +137,17 @@ def test_invalid_options_are_rejected_with_clear_messages():
         ContextOptions(fuse_method="max")
     with pytest.raises(KineFlowError, match=r"\[B, C, T, H, W\]"):
         context_window_denoiser(lambda x, s: x, ContextOptions())(torch.zeros(1, 2, 3, 4), torch.ones(1))
+
+
+def test_window_edges_and_seam_ratio():
+    from kineflow.samplers.context import ContextOptions, seam_ratio, window_edges
+
+    options = ContextOptions(length=16, overlap=4)
+    edges = window_edges(64, options)
+    assert edges and all(0 < e < 64 for e in edges)
+    smooth = torch.linspace(0, 1, 64).view(64, 1, 1).expand(64, 8, 8)
+    assert abs(seam_ratio(smooth, edges) - 1.0) < 1e-4
+    jumpy = smooth.clone()
+    for e in edges:
+        jumpy[e:] += 0.05  # a visible jump at every window edge
+    assert seam_ratio(jumpy, edges) > 1.5
