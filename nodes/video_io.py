@@ -7,6 +7,26 @@ import os
 from ..runtime import host, media
 from ..runtime.errors import InputFileError
 
+
+def _chosen_file(choice, override=""):
+    """The input file a loader should read: `override` (a path) when set, else the dropdown `choice`; None if neither."""
+    name = override.strip() if override and override.strip() else (choice or "")
+    return media.resolve_input_path(name, host.input_dir()) if name else None
+
+
+def _file_fingerprint(path) -> str:
+    """IS_CHANGED value: re-run the loader when the file changes."""
+    return f"{path}:{os.path.getmtime(path)}" if path is not None and path.is_file() else f"missing:{path}"
+
+
+def _check_chosen(path, kind: str, choice_name: str, override_name: str):
+    """VALIDATE_INPUTS result for a loader's chosen file: True or a message."""
+    if path is None:
+        return f"no {kind} chosen: pick a file in '{choice_name}' or set '{override_name}'."
+    if not path.is_file():
+        return f"{kind} file not found: {path} (relative names are looked up in {host.input_dir()})."
+    return True
+
 CATEGORY = "KineFlow/video"
 
 
@@ -85,13 +105,8 @@ class KineFlowLoadVideo:
             },
         }
 
-    @staticmethod
-    def _path(video, video_path=""):
-        name = video_path.strip() if video_path and video_path.strip() else (video or "")
-        return media.resolve_input_path(name, host.input_dir()) if name else None
-
     def load(self, video, frame_load_cap, skip_first_frames, select_every_nth, force_rate, custom_width, custom_height, video_path=""):
-        path = self._path(video, video_path)
+        path = _chosen_file(video, video_path)
         if path is None:
             raise InputFileError("no video chosen: pick a file in 'video' or set 'video_path'.")
         frames, info = media.read_video(path, frame_load_cap, skip_first_frames, select_every_nth, force_rate, (custom_width, custom_height))
@@ -99,17 +114,11 @@ class KineFlowLoadVideo:
 
     @classmethod
     def IS_CHANGED(cls, video, video_path="", **_):
-        path = cls._path(video, video_path)
-        return f"{path}:{os.path.getmtime(path)}" if path is not None and path.is_file() else f"missing:{path}"
+        return _file_fingerprint(_chosen_file(video, video_path))
 
     @classmethod
     def VALIDATE_INPUTS(cls, video=None, video_path=None):
-        path = cls._path(video, video_path or "")
-        if path is None:
-            return "no video chosen: pick a file in 'video' or set 'video_path'."
-        if not path.is_file():
-            return f"video file not found: {path} (relative names are looked up in {host.input_dir()})."
-        return True
+        return _check_chosen(_chosen_file(video, video_path or ""), "video", "video", "video_path")
 
 
 class KineFlowLoadImage:
@@ -128,30 +137,19 @@ class KineFlowLoadImage:
             "optional": {"image_path": ("STRING", {"default": "", "tooltip": "An image path that overrides the 'image' choice: absolute, or relative to the input folder."})},
         }
 
-    @staticmethod
-    def _path(image, image_path=""):
-        name = image_path.strip() if image_path and image_path.strip() else (image or "")
-        return media.resolve_input_path(name, host.input_dir()) if name else None
-
     def load(self, image, image_path=""):
-        path = self._path(image, image_path)
+        path = _chosen_file(image, image_path)
         if path is None:
             raise InputFileError("no image chosen: pick a file in 'image' or set 'image_path'.")
         return media.read_image(path)
 
     @classmethod
     def IS_CHANGED(cls, image, image_path="", **_):
-        path = cls._path(image, image_path)
-        return f"{path}:{os.path.getmtime(path)}" if path is not None and path.is_file() else f"missing:{path}"
+        return _file_fingerprint(_chosen_file(image, image_path))
 
     @classmethod
     def VALIDATE_INPUTS(cls, image=None, image_path=None):
-        path = cls._path(image, image_path or "")
-        if path is None:
-            return "no image chosen: pick a file in 'image' or set 'image_path'."
-        if not path.is_file():
-            return f"image file not found: {path} (relative names are looked up in {host.input_dir()})."
-        return True
+        return _check_chosen(_chosen_file(image, image_path or ""), "image", "image", "image_path")
 
 
 NODE_CLASS_MAPPINGS = {
