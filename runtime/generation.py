@@ -116,8 +116,10 @@ def sample_video(
     bar = host.progress(len(sigmas) - 1, "sampling")
 
     def callback(step, total, x, denoised):
-        rgb = latent_preview_rgb(denoised, *model.preview_factors)
-        preview = Image.fromarray((rgb.numpy() * 255).astype(np.uint8))
+        preview = None
+        if bar.shows_previews:
+            rgb = latent_preview_rgb(denoised, *model.preview_factors)
+            preview = Image.fromarray((rgb.cpu().numpy() * 255).astype(np.uint8))
         bar.update(1, preview=preview)
 
     out = sample(model.model_sampling, denoiser, noise, sigmas, sampler_name, start,

@@ -242,6 +242,11 @@ class Progress:
             self._comfy_bar = comfy.utils.ProgressBar(self.total)
         self._tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
+    @property
+    def shows_previews(self) -> bool:
+        """Only ComfyUI's canvas displays previews; callers skip building them otherwise."""
+        return self._comfy_bar is not None
+
     def update(self, n: int = 1, preview=None) -> None:
         self.current = min(self.current + n, self.total)
         if self._comfy_bar is not None:

@@ -143,3 +143,14 @@ def test_diffusers_transformer_folder_loads_through_the_loader_node(tmp_path):
         expected = ref(x, t, text, mask, pooled, guidance=g, return_dict=False)[0]
     ours = model.net_fn(x, t, text_states=text, text_mask=mask, text_states_2=pooled, guidance=g)
     assert (ours - expected).abs().max() < 1e-4
+
+
+def test_latent_preview_is_an_rgb_image_in_range():
+    from kineflow.runtime.video_models import latent_preview_rgb
+
+    latent = torch.randn(1, 16, 3, 8, 10)
+    plain = latent_preview_rgb(latent, None, None)
+    fitted = latent_preview_rgb(latent, torch.randn(16, 3), torch.zeros(3))
+    for rgb in (plain, fitted):
+        assert rgb.shape == (8, 10, 3) and 0.0 <= float(rgb.min()) and float(rgb.max()) <= 1.0
+    assert not host.progress(1, "x").shows_previews  # standalone: previews are not built at all
