@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from kineflow.training.common import Budget, load_checkpoint, step_rngs
 from kineflow.training.dataset import ShapesVideoDataset
 from kineflow.training.tiny_models import write_word_tokenizer
 
-VAE = train.VAESettings(steps=2, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
+VAE = train.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
 DIT = train.DiTSettings(steps=4, batch_size=4, clips=6, warmup=2, save_every=2, log_every=1)
 
 
@@ -134,6 +135,44 @@ def test_resume_continues_exactly(trained_run, tmp_path):
     assert _states_equal(whole["model"], resumed["model"])
     logged = [json.loads(line)["step"] for line in (run_dir / "dit" / "log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]
+
+
+def test_patch_decoder_places_each_latent_voxels_pixels():
+    """Phase 1's stand-in decoder: latent frame 0 is video frame 0, frame k covers frames 4k-3..4k."""
+    vae = train.HunyuanVideoVAE(train.build_family(1).vae)
+    head = train.PatchDecoder(vae)
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.copy_(torch.arange(head.proj.out_channels, dtype=torch.float32))
+    out = head(torch.zeros(1, 16, 3, 2, 2))
+    assert out.shape == (1, 3, 9, 16, 16)
+    # bias index = ((channel * 4 + frame_in_chunk) * 8 + row) * 8 + column
+    assert out[0, 0, 0, 0, 0] == 3 * 64  # latent frame 0 -> its last sub-frame
+    assert out[0, 1, 1, 2, 5] == ((1 * 4 + 0) * 8 + 2) * 8 + 5
+    assert out[0, 2, 8, 9, 15] == ((2 * 4 + 3) * 8 + 1) * 8 + 7
+
+
+def test_foreground_weights_mark_the_shape_not_the_background():
+    video = torch.full((1, 3, 1, 8, 8), -0.8)
+    video[:, 0, :, 2:4, 2:4] = 0.9
+    weights = train.foreground_weights(video, 4.0)
+    assert weights[0, 0, 0, 2, 2] == 5.0 and weights[0, 0, 0, 0, 0] == 1.0 and weights.sum() == 64 + 4 * 4
+
+
+def test_vae_refine_trains_the_decoder_and_keeps_the_latents(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before, _ = train.load_trained_vae(run_dir)
+    settings = train.RefineSettings(steps=2, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
+    assert train.refine_vae(run_dir, settings).finished
+    after, _ = train.load_trained_vae(run_dir)
+    assert train.encoder_digest(after) == train.encoder_digest(before)
+    assert not torch.equal(after.decoder.conv_out.conv.weight, before.decoder.conv_out.conv.weight)
+    # the transformer's cache is keyed by the encoder, so it stays valid: resuming 'dit' does not rebuild it
+    cache = run_dir / "dit" / "cache.pt"
+    stamp = cache.stat().st_mtime_ns
+    train.train_dit(run_dir, dataclasses.replace(DIT, steps=DIT.steps + 1), resume=True)
+    assert cache.stat().st_mtime_ns == stamp
 
 
 def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, monkeypatch):

@@ -1,0 +1,229 @@
+"""AnimateDiff-family trainer: losses fall on a fixed batch, resume equals an uninterrupted run, and a complete
+(very short) run exports files that the loader nodes, the runtime and `kineflow inspect` read back."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from kineflow.models.animatediff import MotionModule
+from kineflow.models.sd15_unet import SD15UNet
+from kineflow.models.sd_vae import SDVAE
+from kineflow.runtime import animatediff as ad_runtime
+from kineflow.runtime import cli, host
+from kineflow.runtime.errors import KineFlowError
+from kineflow.runtime.executor import run_workflow
+from kineflow.training import train
+from kineflow.training import train_animatediff as ta
+from kineflow.training.common import Budget, load_checkpoint
+from kineflow.training.dataset import ShapesVideoDataset
+from kineflow.training.tiny_sd import TINY_UNET, TINY_VAE, tiny_motion_config
+
+VAE = ta.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=2, crop=16, clips=4, save_every=1,
+                     log_every=1)
+UNET = ta.UNetSettings(steps=4, batch_size=4, clips=3, warmup=2, save_every=2, log_every=1)
+MOTION = ta.MotionSettings(steps=2, batch_size=1, clips=2, warmup=2, save_every=1, log_every=1)
+WORKFLOW = Path(__file__).parent / "data" / "workflows" / "animatediff_tiny_random_api.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, one_thread):
+    """A complete (very short) run: VAE phases, frozen CLIP + cache, UNet, motion module."""
+    run_dir = tmp_path_factory.mktemp("ad_run")
+    assert ta.train_vae(run_dir, VAE).finished
+    assert ta.train_unet(run_dir, UNET).finished
+    assert ta.train_motion(run_dir, MOTION).finished
+    return run_dir
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fit(parameters, loss_of, steps: int, lr: float) -> list[float]:
+    opt = torch.optim.Adam(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _fixed_frames() -> torch.Tensor:
+    video = train.video_batch(ShapesVideoDataset(length=2), [0, 1])[0]
+    return video[:, :, 0, :16, :16]
+
+
+def test_vae_phase_losses_fall_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vae = SDVAE(TINY_VAE)
+    head = ta.PatchDecoder(vae)
+    frames = _fixed_frames()
+    assert head(vae.encode(frames).mean).shape == frames.shape
+    gen = lambda: torch.Generator().manual_seed(0)
+    encoder = [*vae.encoder.parameters(), *vae.quant_conv.parameters(), *head.parameters()]
+    # Posterior noise (std ~1 at first) hides the latents until the encoder's means outgrow it: a high rate.
+    losses = _fit(encoder, lambda: ta.encoder_loss(vae, head, frames, gen(), VAE), 20, 1e-2)
+    assert losses[-1] < 0.75 * losses[0], losses
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    losses = _fit(decoder, lambda: ta.decoder_loss(vae, frames, gen(), VAE), 15, 2e-3)
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert torch.isfinite(ta.vae_loss(vae, frames, gen(), VAE))
+
+
+def test_folding_the_latent_scale_keeps_reconstructions():
+    torch.manual_seed(0)
+    vae = SDVAE(TINY_VAE).eval()
+    frames = _fixed_frames()
+    with torch.no_grad():
+        before, recon = vae.encode(frames), vae(frames)
+        ta.fold_latent_scale(vae, 3.0)
+        after = vae.encode(frames)
+        torch.testing.assert_close(after.mean, 3.0 * before.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(after.std, 3.0 * before.std, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(vae(frames), recon, rtol=1e-4, atol=1e-4)
+
+
+def _random_cache(clips: int = 2, frames: int = 4) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    return {"latents": torch.randn(clips, 4, frames, 8, 8, generator=gen),
+            "context": torch.randn(clips, 77, TINY_UNET.context_dim, generator=gen),
+            "uncond": torch.randn(1, 77, TINY_UNET.context_dim, generator=gen)}
+
+
+def test_unet_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    unet = SD15UNet(TINY_UNET)
+    cache = _random_cache()
+    loss_of = lambda: ta.unet_loss(unet, cache, [0, 1, 0, 1], [0, 1, 2, 3],
+                                   torch.Generator().manual_seed(0), UNET)
+    losses = _fit(unet.parameters(), loss_of, 25, 2e-3)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_motion_module_starts_as_the_image_model_and_its_loss_falls():
+    torch.manual_seed(0)
+    unet = SD15UNet(TINY_UNET).requires_grad_(False)
+    motion = MotionModule(tiny_motion_config(MOTION.version))
+    cache = _random_cache()
+    x = cache["latents"][0].transpose(0, 1)
+    t, context = torch.full((4,), 500.0), cache["context"][:1].expand(4, -1, -1)
+    with torch.no_grad():  # proj_out starts at zero, as AnimateDiff trains it: the image model's output at first
+        torch.testing.assert_close(unet(x, t, context, video_frames=4, temporal=motion), unet(x, t, context))
+    loss_of = lambda: ta.motion_loss(unet, motion, cache, [0, 1], torch.Generator().manual_seed(0),
+                                     MOTION)
+    losses = _fit(motion.parameters(), loss_of, 25, 2e-3)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_resume_continues_exactly(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    for name in ("vae", "text", "cache"):  # reuse the finished VAE, CLIP and cache
+        (run_dir / name).mkdir(parents=True)
+        for path in (trained_run / name).iterdir():
+            (run_dir / name / path.name).write_bytes(path.read_bytes())
+    # UNet: an exhausted budget stops before any step; then 2 steps, then resume to 4 == 4 steps at once.
+    stopped = ta.train_unet(run_dir, UNET, budget=Budget(minutes=1e-9))
+    assert (stopped.finished, stopped.step) == (False, 0)
+    ta.train_unet(run_dir, dataclasses.replace(UNET, steps=2), resume=True)
+    with pytest.raises(KineFlowError, match="lr"):
+        ta.train_unet(run_dir, dataclasses.replace(UNET, lr=1e-2), resume=True)
+    result = ta.train_unet(run_dir, UNET, resume=True)
+    assert (result.finished, result.steps_run) == (True, 2)
+    whole, resumed = (load_checkpoint(d / "unet" / "ckpt.pt") for d in (trained_run, run_dir))
+    assert _states_equal(whole["model"], resumed["model"])
+    assert all(torch.equal(whole["optimizer"]["state"][k]["exp_avg"], resumed["optimizer"]["state"][k]["exp_avg"])
+               for k in whole["optimizer"]["state"])
+    logged = [json.loads(line)["step"] for line in (run_dir / "unet" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+    # Motion module: 1 step, then resume to 2 == 2 steps at once.
+    ta.train_motion(run_dir, dataclasses.replace(MOTION, steps=1))
+    with pytest.raises(KineFlowError, match="--resume"):
+        ta.train_motion(run_dir, MOTION)
+    ta.train_motion(run_dir, MOTION, resume=True)
+    whole, resumed = (load_checkpoint(d / "motion" / "ckpt.pt") for d in (trained_run, run_dir))
+    assert _states_equal(whole["model"], resumed["model"])
+
+
+def cli_inspect(path) -> dict:
+    stdout = io.StringIO()
+    assert cli.main(["inspect", str(path), "--json"], stdout=stdout, stderr=io.StringIO()) == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_export_loads_back_through_the_runtime_and_the_nodes(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "weights"
+    paths = ta.export(trained_run, out)
+    assert sum(train._size_mb(p) for p in paths.values()) < train.SIZE_LIMIT_MB
+    assert "KineFlow tiny AnimateDiff" in paths["card"].read_text()
+    checkpoint, motion_info = cli_inspect(paths["checkpoint"]), cli_inspect(paths["motion"])
+    assert (checkpoint["family"], checkpoint["layout"]) == ("sd15_checkpoint", "ldm")
+    assert (motion_info["family"], motion_info["version"]) == ("animatediff_motion_module", MOTION.version)
+    assert set(checkpoint["dtypes"]) == set(motion_info["dtypes"]) == {"F16"}
+
+    monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
+    host.configure(models_dir=out)
+    model, vae, encoder = ad_runtime.load_sd_checkpoint("kineflow_tiny_sd15.safetensors")
+    motion = ad_runtime.load_motion_module("kineflow_tiny_mm.safetensors")
+    animated = ad_runtime.apply_motion_module(model, motion)
+
+    # The shipped CLIP and VAE reproduce the cached training data (fp16 weights, computed in float32).
+    cache = torch.load(ta.cache_path(trained_run), weights_only=True)
+    torch.testing.assert_close(encoder.encode(cache["captions"][:2])["context"], cache["context"][:2])
+    torch.testing.assert_close(encoder.encode([""])["context"], cache["uncond"])
+    video = train.video_batch(ShapesVideoDataset(length=1, seed=UNET.seed, frames=ta.RENDER_FRAMES), [0])[0]
+    torch.testing.assert_close(vae.vae.encode_frames(video[:, :, :ta.CLIP_FRAMES]), cache["latents"][:1])
+    trained_vae, _ = ta.load_trained_vae(trained_run)
+    frames = ta._fit_frames(ShapesVideoDataset(length=VAE.clips, seed=VAE.seed), VAE)
+    scaled = torch.cat([trained_vae.encode_latents(f) for f in frames])
+    assert scaled.std().item() == pytest.approx(1.0, abs=1e-2)  # the fold makes SD1.5's 0.18215 give unit std
+
+    # The loaded model with the motion module is the network the motion stage trained.
+    unet, _ = ta.load_trained_unet(trained_run, torch.float16)
+    trained_motion = MotionModule(tiny_motion_config(MOTION.version))
+    trained_motion.load_state_dict(load_checkpoint(trained_run / "motion" / "ckpt.pt")["model"])
+    x, t = cache["latents"][:1], torch.tensor([300.0])
+    context = cache["context"][:1]
+    got = animated.net_fn(x, t, **animated.net_kwargs({"context": context}, 1.0, 1))
+    with torch.no_grad():
+        frames_in = x.transpose(1, 2).flatten(0, 1)
+        expected = unet(frames_in, t.repeat(ta.CLIP_FRAMES), context.repeat(ta.CLIP_FRAMES, 1, 1),
+                        video_frames=ta.CLIP_FRAMES, temporal=trained_motion)
+    torch.testing.assert_close(got, expected.unflatten(0, (1, ta.CLIP_FRAMES)).transpose(1, 2), rtol=1e-3, atol=1e-3)
+
+    # The loader nodes in the AnimateDiff workflow: checkpoint -> motion module -> sampler (with CFG) -> decode.
+    results = run_workflow(str(WORKFLOW), overrides=['2.model_name="kineflow_tiny_mm.safetensors"', "6.cfg=2.0",
+                                                     "6.steps=2"],
+                           models_dir=out, output_dir=tmp_path / "output")
+    frames_out = results["7"]["outputs"][0]
+    assert frames_out.shape == (ta.CLIP_FRAMES, 64, 64, 3) and bool(torch.isfinite(frames_out).all())
+
+
+def test_cli_parses_every_stage_and_reports_a_missing_run(tmp_path, capsys):
+    parser = ta.build_parser()
+    args = parser.parse_args(["all", "--vae-steps", "3", "--unet-batch-size", "8", "--motion-version", "v3"])
+    assert train._settings(args, ta.VAESettings, "vae_").steps == 3
+    assert train._settings(args, ta.UNetSettings, "unet_").batch_size == 8
+    assert train._settings(args, ta.MotionSettings, "motion_").version == "v3"
+    assert parser.parse_args(["motion", "--steps", "5"]).steps == 5
+    empty = ["--run-dir", str(tmp_path / "empty"), "--threads", "1"]
+    assert ta.main(["export", *empty, "--out", str(tmp_path / "w")]) == 2
+    assert "run the 'motion' stage first" in capsys.readouterr().err
+    assert ta.main(["motion", *empty]) == 2
+    assert "run the 'unet' stage first" in capsys.readouterr().err

@@ -1,0 +1,590 @@
+"""Train the tiny AnimateDiff-family model (SD1.5-style UNet + SD VAE + CLIP, and a motion module) on the
+procedural shapes dataset, on the CPU, the way AnimateDiff was made: an image model first, then a motion module
+trained on videos with the image model frozen.
+
+Stages (each resumable, each writing into one run folder, default `runs/tiny_ad/`):
+
+1. `vae`    - the SD KL-f8 VAE (`tiny_sd.TINY_VAE`) on single frames (the SD VAE codes every frame alone), in the
+              three phases that made the HunyuanVideo VAE learn (train.py): encoder against a linear patch
+              decoder, decoder on the frozen encoder's latents, then end to end. At the end the weights are
+              rounded to the export dtype and the latent std is measured; the measured scale is folded into
+              `quant_conv` / `post_quant_conv` so that SD1.5's fixed `scaling_factor` 0.18215, which every SD1.5
+              loader applies (ours and ComfyUI's), gives unit-std latents.
+2. `unet`   - the SD1.5 UNet (`tiny_sd.TINY_UNET`) text-to-image on single frames: epsilon prediction on
+              AnimateDiff's discrete schedule (β 0.00085 -> 0.012 linear, 1000 steps, `runtime.animatediff.
+              SCHEDULE`). The text encoder is the tiny CLIP (`tiny_sd.TINY_CLIP`, full CLIP-L vocabulary, the
+              shipped BPE tokenizer) **frozen at its seeded random initialisation**, read as SD reads it (final
+              hidden state of the 77 padded tokens); the scaled latents of 16-frame clips and their text
+              states are computed once (`cache/clips.pt`). 10% of captions are dropped to "" for CFG.
+3. `motion` - an AnimateDiff motion module (`tiny_sd.tiny_motion_config`, v2 by default) inserted into the
+              frozen UNet, trained with the same objective on whole 16-frame clips (independent noise per frame,
+              one timestep and caption per clip). Its `proj_out` layers start at zero, as in AnimateDiff, so
+              training starts from the image model.
+4. `export` - one LDM single-file checkpoint (`checkpoints/kineflow_tiny_sd15.safetensors`) and the motion module
+              under the original AnimateDiff names (`animatediff_models/kineflow_tiny_mm.safetensors`), in fp16,
+              plus `MODEL_CARD_ANIMATEDIFF.md` (not MODEL_CARD.md: the HunyuanVideo export writes that one into
+              the same folder).
+
+`all` runs the four in order under one time budget; with `--resume` it continues whichever stage is unfinished.
+
+    python -m kineflow.training.train_animatediff all --resume --threads 1 --max-minutes 120 --out weights/
+
+The loop, checkpoints, per-step randomness, loss log, progress bar, budget and the VAE's loss terms are
+train.py's and common.py's (imported, not copied); training/README.md has measured speeds and commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ..models.animatediff import VERSIONS, MotionModule
+from ..models.clip_text import CLIPTextModel
+from ..models.sd15_unet import LDM_PREFIX as UNET_PREFIX
+from ..models.sd15_unet import SD15UNet
+from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
+from ..models.sd_vae import SDVAE, SDVAEConfig
+from ..models.tokenization import clip_l_tokenizer
+from ..runtime.animatediff import SCHEDULE, SDTextEncoder
+from ..runtime.errors import InterruptedRun, KineFlowError
+from ..runtime.media import atomic_write
+from ..samplers.schedules import DiscreteSchedule
+from . import dataset as shapes
+from . import train
+from .common import Budget, TrainProgress, load_checkpoint, set_threads, step_rngs
+from .tiny_models import save_safetensors
+from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
+
+CLIP_FRAMES = 16  # AnimateDiff's training clip length
+RENDER_FRAMES = 17  # the dataset renders 1 + 4k frames (made for a 4x temporal VAE); the last one is dropped
+SD15_SCALING_FACTOR = SDVAEConfig().scaling_factor  # 0.18215, fixed by every SD1.5 loader
+NAMES = {"checkpoint": "checkpoints/kineflow_tiny_sd15.safetensors",
+         "motion": "animatediff_models/kineflow_tiny_mm.safetensors"}
+CARD_NAME = "MODEL_CARD_ANIMATEDIFF.md"
+_opt = train._opt  # settings fields with a help text (turned into CLI flags by train._add_settings)
+VAE_PHASES = ("vae_encoder", "vae_decoder", "vae")  # checkpoint folders, in training order
+
+# --------------------------------------------------------------------------- settings
+@dataclass
+class VAESettings:
+    encoder_steps: int = _opt(1200, "phase 1: steps of the encoder against a linear patch decoder")
+    encoder_lr: float = _opt(1e-3, "phase 1 Adam learning rate (after a linear warm-up)")
+    decoder_steps: int = _opt(800, "phase 2: steps of the decoder on the frozen encoder's latents")
+    decoder_lr: float = _opt(5e-4, "phase 2 Adam learning rate")
+    steps: int = _opt(600, "phase 3: steps of the whole VAE fine-tuned end to end (a resumed run continues up "
+                           "to this)")
+    lr: float = _opt(2e-4, "phase 3 Adam learning rate")
+    batch_size: int = _opt(16, "frames per step (one random frame of as many clips)")
+    crop: int = _opt(32, "side of the random square crop trained on (multiple of 8, <= 64)")
+    warmup: int = _opt(50, "warm-up steps of each phase")
+    foreground_weight: float = _opt(4.0, "extra L1 weight of pixels that differ from the frame's background")
+    kl_weight: float = _opt(1e-4, "weight of the mean per-element KL term")
+    edge_weight: float = _opt(0.1, "phase 3 weight of the L1 loss on x/y differences (sharp edges)")
+    clips: int = _opt(10_000, "size of the training clip index space")
+    seed: int = _opt(0, "seed of data order, crops, noise and initialisation")
+    dtype: str = _opt("fp16", "export dtype; the final VAE is rounded to it before its latents are measured",
+                      choices=tuple(train.DTYPES))
+    save_every: int = _opt(100, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+
+@dataclass
+class UNetSettings:
+    steps: int = _opt(6000, "optimizer steps in total (a resumed run continues up to this)")
+    batch_size: int = _opt(64, "frames per step (random frames of random cached clips)")
+    lr: float = _opt(5e-4, "AdamW learning rate (after a linear warm-up)")
+    warmup: int = _opt(100, "warm-up steps")
+    clips: int = _opt(2000, "16-frame training clips encoded once into the latent + text cache")
+    caption_dropout: float = _opt(0.1, "probability of training a frame with the empty prompt (for CFG)")
+    seed: int = _opt(0, "seed of data order, noise, the frozen CLIP and initialisation")
+    dtype: str = _opt("fp16", "export dtype; the frozen CLIP is rounded to it before caching",
+                      choices=tuple(train.DTYPES))
+    save_every: int = _opt(250, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+
+@dataclass
+class MotionSettings:
+    version: str = _opt("v2", "AnimateDiff motion module version (v2 has a mid-block module; v1 shares the "
+                              "UNet's group-norm statistics across frames)", choices=VERSIONS)
+    steps: int = _opt(3000, "optimizer steps in total (a resumed run continues up to this)")
+    batch_size: int = _opt(4, "16-frame clips per step")
+    lr: float = _opt(5e-4, "AdamW learning rate (after a linear warm-up)")
+    warmup: int = _opt(100, "warm-up steps")
+    clips: int = _opt(2000, "16-frame training clips (the unet stage's cache is reused when it holds as many)")
+    caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
+    seed: int = _opt(0, "seed of data order, noise and initialisation")
+    dtype: str = _opt("fp16", "export dtype; the frozen UNet is rounded to it before the motion module trains",
+                      choices=tuple(train.DTYPES))
+    save_every: int = _opt(250, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+class PatchDecoder(torch.nn.Module):
+    """Phase 1's stand-in decoder: a 1x1 conv from each latent pixel to its s x s x 3 pixels, pixel-shuffled
+    (train.PatchDecoder for a per-frame VAE)."""
+
+    def __init__(self, vae: SDVAE):
+        super().__init__()
+        c = vae.config
+        self.s = c.downscale
+        self.proj = torch.nn.Conv2d(c.z_channels, c.in_channels * self.s * self.s, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.proj(z), self.s)
+
+
+def frame_loss(recon: torch.Tensor, frames: torch.Tensor, settings: VAESettings, edges: bool = False) -> torch.Tensor:
+    """train.recon_loss (foreground-weighted L1) on images [B, 3, H, W]; with `edges`, plus the L1 of the x/y
+    differences (phase 3 only: from scratch it pulls the output flat)."""
+    loss = train.recon_loss(recon[:, :, None], frames[:, :, None], settings)
+    if edges and settings.edge_weight:
+        diffs = sum((recon.diff(dim=d) - frames.diff(dim=d)).abs().mean() for d in (2, 3))
+        loss = loss + settings.edge_weight * diffs
+    return loss
+
+
+def encoder_loss(vae: SDVAE, head: PatchDecoder, frames, gen, settings: VAESettings) -> torch.Tensor:
+    posterior = vae.encode(frames)
+    recon = head(train.posterior_sample(posterior, gen))
+    return frame_loss(recon, frames, settings) + settings.kl_weight * train.kl_loss(posterior)
+
+
+def decoder_loss(vae: SDVAE, frames, gen, settings: VAESettings) -> torch.Tensor:
+    with torch.no_grad():
+        z = train.posterior_sample(vae.encode(frames), gen)
+    return frame_loss(vae.decode(z), frames, settings)
+
+
+def vae_loss(vae: SDVAE, frames, gen, settings: VAESettings) -> torch.Tensor:
+    posterior = vae.encode(frames)
+    recon = vae.decode(train.posterior_sample(posterior, gen))
+    return frame_loss(recon, frames, settings, edges=True) + settings.kl_weight * train.kl_loss(posterior)
+
+
+def frame_batch(data: shapes.ShapesVideoDataset, rng: np.random.Generator, batch: int, crop: int) -> torch.Tensor:
+    """One random frame of each of `batch` random clips, randomly cropped: [B, 3, crop, crop] in -1..1."""
+    video, _ = train.video_batch(data, rng.integers(0, len(data), batch))
+    frames = video[torch.arange(batch), :, torch.as_tensor(rng.integers(0, video.shape[2], batch))]
+    return train.random_crops(frames[:, :, None], crop, rng)[:, :, 0]
+
+
+def vae_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "vae" / "vae.safetensors"
+
+
+def train_vae(run_dir: Path, settings: VAESettings, *, resume: bool = False,
+              budget: Budget | None = None) -> train.StageResult:
+    """The three phases in order, each with its own checkpoint folder (`vae_encoder/`, `vae_decoder/`, `vae/`),
+    then `finalize_vae`. Re-running with `resume` replays finished phases and continues the unfinished one."""
+    run_dir, budget = Path(run_dir), budget or Budget()
+    data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train")
+    torch.manual_seed(settings.seed)
+    vae = SDVAE(TINY_VAE)
+    head = PatchDecoder(vae)
+    phases = (  # names as in VAE_PHASES
+        ("vae_encoder", torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv, "head": head}),
+         settings.encoder_steps, settings.encoder_lr, lambda x, gen: encoder_loss(vae, head, x, gen, settings)),
+        ("vae_decoder", torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}),
+         settings.decoder_steps, settings.decoder_lr, lambda x, gen: decoder_loss(vae, x, gen, settings)),
+        ("vae", vae, settings.steps, settings.lr, lambda x, gen: vae_loss(vae, x, gen, settings)),
+    )
+    result = None
+    for stage, trained, steps, lr, loss_of in phases:
+        def loss_fn(step: int, stage=stage, loss_of=loss_of) -> torch.Tensor:
+            rng, gen = step_rngs(settings.seed, stage, step)
+            return loss_of(frame_batch(data, rng, settings.batch_size, settings.crop), gen)
+
+        optimizer = torch.optim.Adam(trained.parameters(), lr=lr)
+        result = train.run_loop(stage, run_dir, trained, optimizer, loss_fn, settings, steps=steps, lr=lr,
+                                resume=resume, budget=budget)
+        if not result.finished:
+            return result
+    if result.steps_run or not vae_path(run_dir).exists():
+        finalize_vae(run_dir, vae, data, settings)
+    return result
+
+
+def fold_latent_scale(vae: SDVAE, k: float) -> SDVAE:
+    """Make the VAE's unscaled latents k times larger without changing what it reconstructs: the posterior mean
+    rows of `quant_conv` scale by k (its log-variance rows shift by 2 ln k) and `post_quant_conv` divides its
+    input by k. Exact up to rounding."""
+    z = vae.config.z_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[:z] *= k
+        vae.quant_conv.bias[:z] *= k
+        vae.quant_conv.bias[z:] += 2.0 * math.log(k)
+        vae.post_quant_conv.weight /= k
+    return vae
+
+
+def _fit_frames(data: shapes.ShapesVideoDataset, settings: VAESettings) -> list[torch.Tensor]:
+    """Every frame of train.FIT_CLIPS full-size clips, in batches of [N, 3, 64, 64]."""
+    rng, _ = step_rngs(settings.seed, "fit", 0)
+    indices = rng.choice(settings.clips, size=min(train.FIT_CLIPS, settings.clips), replace=False)
+    return [train.video_batch(data, indices[i:i + 4])[0].transpose(1, 2).flatten(0, 1)
+            for i in range(0, len(indices), 4)]
+
+
+def latent_std(vae: SDVAE, frames: list[torch.Tensor]) -> tuple[float, float]:
+    """(std, mean) of the unscaled posterior means of `frames`."""
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(f).mean for f in frames])
+    return latents.std().item(), latents.mean().item()
+
+
+def finalize_vae(run_dir: Path, vae: SDVAE, data: shapes.ShapesVideoDataset, settings: VAESettings) -> Path:
+    """Round to the export dtype, fold 1 / (std x 0.18215) into the latent convs (so SD1.5's scaling factor gives
+    unit-std latents), round again, save `vae/vae.safetensors` with the measurements in its metadata."""
+    dtype = train.DTYPES[settings.dtype]
+    train.round_to(vae, dtype).eval()
+    frames = _fit_frames(data, settings)
+    raw_std, raw_mean = latent_std(vae, frames)
+    fold = 1.0 / (raw_std * SD15_SCALING_FACTOR)
+    train.round_to(fold_latent_scale(vae, fold), dtype)
+    std, mean = latent_std(vae, frames)
+    return save_safetensors(vae.state_dict(), vae_path(run_dir), {
+        "scaling_factor": SD15_SCALING_FACTOR, "kineflow.latent_fold": fold,
+        "kineflow.latent_std_before_fold": raw_std, "kineflow.latent_mean_before_fold": raw_mean,
+        "kineflow.scaled_latent_std": std * SD15_SCALING_FACTOR,
+        "kineflow.scaled_latent_mean": mean * SD15_SCALING_FACTOR})
+
+
+def load_trained_vae(run_dir: Path) -> tuple[SDVAE, dict]:
+    path = vae_path(run_dir)
+    if not path.exists():
+        raise KineFlowError(f"no trained VAE at {path}; run the 'vae' stage to the end first")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    vae = SDVAE(TINY_VAE)
+    vae.load_state_dict(load_file(str(path)))
+    return vae.eval().requires_grad_(False), metadata
+
+
+# --------------------------------------------------------------------------- frozen text encoder + cache
+def clip_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "text" / "clip.safetensors"
+
+
+def prepare_text_encoder(run_dir: Path, seed: int, dtype: torch.dtype) -> SDTextEncoder:
+    """The run's frozen random CLIP (created once, rounded to `dtype`, then read back from `text/`), with the
+    shipped CLIP-L tokenizer, wrapped as the runtime's SD1.5 text encoder so training reads it as sampling does."""
+    path = clip_path(run_dir)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(TINY_CLIP)
+    if path.exists():
+        clip.load_state_dict(load_file(str(path)))
+    else:
+        save_safetensors(train.round_to(clip, dtype).state_dict(), path)
+    return SDTextEncoder(clip=clip.eval().requires_grad_(False), tokenizer=clip_l_tokenizer(), source=str(path))
+
+
+def cache_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "cache" / "clips.pt"
+
+
+def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTextEncoder, batch: int = 8) -> dict:
+    """Scaled latents [N, 4, 16, 8, 8] (posterior means) and text states [N, 77, D] of the first `clips` training
+    clips, plus the empty prompt's. Shared by the unet and motion stages: a cache of more clips serves a request
+    for fewer (clip i depends only on the seed and i)."""
+    path = cache_path(run_dir)
+    key = {"seed": seed, "frames": CLIP_FRAMES, "vae": train._file_digest(vae_path(run_dir)),
+           "clip": train._file_digest(clip_path(run_dir))}
+    if path.exists():
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if cache["key"] == key and len(cache["latents"]) >= clips:
+            return {k: v[:clips] if k in ("latents", "context", "captions") else v for k, v in cache.items()}
+    data = shapes.ShapesVideoDataset(length=clips, seed=seed, split="train", frames=RENDER_FRAMES)
+    latents, contexts, captions = [], [], []
+    bar = TrainProgress("cache", 0, clips)
+    with torch.no_grad():
+        for start in range(0, clips, batch):
+            video, texts = train.video_batch(data, range(start, min(start + batch, clips)))
+            latents.append(vae.encode_frames(video[:, :, :CLIP_FRAMES], batch=4 * CLIP_FRAMES))
+            contexts.append(encoder.encode(texts)["context"])
+            captions += texts
+            bar.update(start + len(texts), 0.0)
+        bar.close()
+        uncond = encoder.encode([""])["context"]
+    cache = {"key": key, "latents": torch.cat(latents), "context": torch.cat(contexts), "uncond": uncond,
+             "captions": captions}
+    with atomic_write(path) as tmp:
+        torch.save(cache, tmp)
+    return cache
+
+
+def _prepare(run_dir: Path, settings) -> dict:
+    vae, _ = load_trained_vae(run_dir)
+    encoder = prepare_text_encoder(run_dir, settings.seed, train.DTYPES[settings.dtype])
+    return build_cache(run_dir, settings.clips, settings.seed, vae, encoder)
+
+
+# --------------------------------------------------------------------------- stages 2 + 3: UNet, motion module
+_SCHEDULE = DiscreteSchedule(**SCHEDULE)
+ALPHAS_CUMPROD = _SCHEDULE.alphas_cumprod.float()
+
+
+def noised(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """DDPM forward process x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε (what DiscreteEpsilon inverts when sampling)."""
+    a = ALPHAS_CUMPROD[timesteps].view(-1, *[1] * (x0.ndim - 1))
+    return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+
+
+def _contexts(cache: dict, idx: torch.Tensor, gen: torch.Generator, dropout: float) -> torch.Tensor:
+    drop = torch.rand(len(idx), generator=gen) < dropout
+    context = cache["context"][idx]
+    return torch.where(drop.view(-1, 1, 1), cache["uncond"].expand_as(context), context)
+
+
+def unet_loss(unet: SD15UNet, cache: dict, clips, frames, gen: torch.Generator, settings: UNetSettings) -> torch.Tensor:
+    """Epsilon MSE on single frames (`frames[i]` of cached clip `clips[i]`); dropped captions use ""."""
+    idx = torch.as_tensor(np.asarray(clips), dtype=torch.long)
+    x0 = cache["latents"][idx, :, torch.as_tensor(np.asarray(frames), dtype=torch.long)]
+    timesteps = torch.randint(0, len(ALPHAS_CUMPROD), (len(idx),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    context = _contexts(cache, idx, gen, settings.caption_dropout)
+    return F.mse_loss(unet(noised(x0, timesteps, noise), timesteps.float(), context).float(), noise)
+
+
+def motion_loss(unet: SD15UNet, motion: MotionModule, cache: dict, clips, gen: torch.Generator,
+                settings: MotionSettings) -> torch.Tensor:
+    """Epsilon MSE on whole clips through the UNet with the motion module: one timestep and caption per clip,
+    independent noise per frame; the B*F frames go through the UNet as one batch, clip by clip (as net_fn)."""
+    idx = torch.as_tensor(np.asarray(clips), dtype=torch.long)
+    x0 = cache["latents"][idx]
+    b, c, f, h, w = x0.shape
+    timesteps = torch.randint(0, len(ALPHAS_CUMPROD), (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    context = _contexts(cache, idx, gen, settings.caption_dropout)
+    x_t = noised(x0, timesteps, noise).transpose(1, 2).reshape(b * f, c, h, w)
+    pred = unet(x_t, timesteps.float().repeat_interleave(f), context.repeat_interleave(f, dim=0), video_frames=f,
+                temporal=motion)
+    return F.mse_loss(pred.float(), noise.transpose(1, 2).reshape(b * f, c, h, w))
+
+
+def checkpoint_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / "ckpt.pt"
+
+
+def train_unet(run_dir: Path, settings: UNetSettings, *, resume: bool = False,
+               budget: Budget | None = None) -> train.StageResult:
+    run_dir = Path(run_dir)
+    cache = _prepare(run_dir, settings)
+    torch.manual_seed(settings.seed)
+    unet = SD15UNet(TINY_UNET)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=0.0)
+    n, f = cache["latents"].shape[0], cache["latents"].shape[2]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, gen = step_rngs(settings.seed, "unet", step)
+        clips, frames = rng.integers(0, n, settings.batch_size), rng.integers(0, f, settings.batch_size)
+        return unet_loss(unet, cache, clips, frames, gen, settings)
+
+    return train.run_loop("unet", run_dir, unet, optimizer, loss_fn, settings, resume=resume,
+                          budget=budget or Budget())
+
+
+def load_trained_unet(run_dir: Path, dtype: torch.dtype | None = None) -> tuple[SD15UNet, dict]:
+    """The UNet of a finished unet stage (rounded to `dtype` if given) and its checkpoint."""
+    path = checkpoint_path(run_dir, "unet")
+    if not path.exists():
+        raise KineFlowError(f"no UNet checkpoint at {path}; run the 'unet' stage first")
+    ckpt = load_checkpoint(path)
+    if ckpt["step"] < ckpt["settings"]["steps"]:
+        raise KineFlowError(f"the UNet at {path} stopped at step {ckpt['step']} of {ckpt['settings']['steps']}; "
+                            "finish the 'unet' stage with --resume (or resume it with --steps set to the step it "
+                            "reached) first")
+    unet = SD15UNet(TINY_UNET)
+    unet.load_state_dict(ckpt["model"])
+    if dtype is not None:
+        train.round_to(unet, dtype)
+    return unet.eval().requires_grad_(False), ckpt
+
+
+def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = False,
+                 budget: Budget | None = None) -> train.StageResult:
+    run_dir = Path(run_dir)
+    unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
+    cache = _prepare(run_dir, settings)
+    torch.manual_seed(settings.seed)
+    motion = MotionModule(tiny_motion_config(settings.version))  # proj_out zero-initialised
+    optimizer = torch.optim.AdamW(motion.parameters(), lr=settings.lr, weight_decay=0.0)
+    n = len(cache["latents"])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, gen = step_rngs(settings.seed, "motion", step)
+        return motion_loss(unet, motion, cache, rng.integers(0, n, settings.batch_size), gen, settings)
+
+    return train.run_loop("motion", run_dir, motion, optimizer, loss_fn, settings, resume=resume,
+                          budget=budget or Budget())
+
+
+# --------------------------------------------------------------------------- stage 4: export
+def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path]:
+    """Write the LDM checkpoint, the motion module and the model card under `out`; returns their paths."""
+    run_dir, out = Path(run_dir), Path(out)
+    motion_ckpt_path = checkpoint_path(run_dir, "motion")
+    if not motion_ckpt_path.exists():
+        raise KineFlowError(f"no motion module checkpoint at {motion_ckpt_path}; run the 'motion' stage first")
+    motion_ckpt = load_checkpoint(motion_ckpt_path)
+    motion = MotionModule(tiny_motion_config(motion_ckpt["settings"]["version"]))
+    motion.load_state_dict(motion_ckpt["model"])
+    unet, unet_ckpt = load_trained_unet(run_dir)
+    vae, vae_meta = load_trained_vae(run_dir)
+    clip = CLIPTextModel(TINY_CLIP)
+    clip.load_state_dict(load_file(str(clip_path(run_dir))))
+    vae_ckpts = {phase: load_checkpoint(checkpoint_path(run_dir, phase)) for phase in VAE_PHASES}
+    dtype = train.DTYPES[dtype_name]
+    cast = lambda prefix, m: {prefix + k: v.to(dtype) if v.is_floating_point() else v
+                              for k, v in m.state_dict().items()}
+    training = {"vae_steps": {p: ck["step"] for p, ck in vae_ckpts.items()}, "unet_steps": unet_ckpt["step"],
+                "motion_steps": motion_ckpt["step"], "vae": vae_ckpts["vae"]["settings"],
+                "unet": unet_ckpt["settings"], "motion": motion_ckpt["settings"]}
+    paths = {
+        "checkpoint": save_safetensors({**cast(UNET_PREFIX, unet), **cast(VAE_PREFIX, vae), **cast(CLIP_PREFIX, clip)},
+                                       out / NAMES["checkpoint"], {"kineflow.training": json.dumps(training)}),
+        "motion": save_safetensors(cast("", motion), out / NAMES["motion"],
+                                   {"kineflow.training": json.dumps({"motion_steps": motion_ckpt["step"],
+                                                                     "motion": motion_ckpt["settings"]})}),
+    }
+    sizes = {part: train._size_mb(path) for part, path in paths.items()}
+    commands_file = run_dir / train.COMMANDS_FILE
+    commands = commands_file.read_text().splitlines() if commands_file.exists() else []
+    card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, vae_ckpts, unet_ckpt, motion_ckpt,
+                      vae_meta, sizes, dtype_name, commands)
+    with atomic_write(out / CARD_NAME) as tmp:
+        tmp.write_text(card)
+    total = sum(sizes.values())
+    if total > train.SIZE_LIMIT_MB:
+        sys.stderr.write(f"warning: the exported weights take {total:.1f} MB, more than the "
+                         f"{train.SIZE_LIMIT_MB} MB budget\n")
+    return {**paths, "card": out / CARD_NAME}
+
+
+def model_card(models: dict, vae_ckpts: dict, unet_ckpt: dict, motion_ckpt: dict, vae_meta: dict, sizes: dict,
+               dtype_name: str, commands: list[str]) -> str:
+    params = {part: sum(p.numel() for p in m.parameters()) for part, m in models.items()}
+    hardware = f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, " \
+               f"{torch.get_num_threads()} threads"
+    minutes = lambda ck: ck["train_seconds"] / 60.0
+    vae_phases = ", ".join(f"{phase} {ck['step']} steps / {minutes(ck):.1f} min" for phase, ck in vae_ckpts.items())
+    version = motion_ckpt["settings"]["version"]
+    sd_params = " / ".join(f"{params[part]:,}" for part in ("unet", "vae", "clip"))
+    rows = (f"| `{NAMES['checkpoint']}` | UNet / VAE / CLIP text | {sd_params} | {sizes['checkpoint']:.2f} MB |\n"
+            f"| `{NAMES['motion']}` | AnimateDiff {version} motion module | {params['motion']:,} | "
+            f"{sizes['motion']:.2f} MB |")
+    return f"""# KineFlow tiny AnimateDiff-family model
+
+Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
+moving over flat backgrounds, 64x64, plain-English captions), the AnimateDiff way: an SD1.5-style image model on
+single frames, then a motion module on 16-frame clips with the image model frozen. It shows the pipeline working
+end to end; it knows nothing beyond that dataset's vocabulary.
+
+| file | parts | parameters | size ({dtype_name}) |
+|---|---|---|---|
+{rows}
+
+Use: Load SD Checkpoint (prediction eps) -> Load Motion Module -> Apply Motion Module, 16 frames of 64x64, cfg > 1
+with the empty prompt as negative.
+
+- VAE (SD KL-f8, per frame): {vae_phases} (training/README.md explains the phases); settings
+  `{json.dumps(vae_ckpts['vae']['settings'])}`. Its latent scale is folded into `quant_conv`/`post_quant_conv` so
+  that SD1.5's scaling_factor {SD15_SCALING_FACTOR} gives latents of std
+  {float(vae_meta['kineflow.scaled_latent_std']):.4f} (mean {float(vae_meta['kineflow.scaled_latent_mean']):.4f}).
+- UNet: {unet_ckpt['step']} steps, {minutes(unet_ckpt):.1f} min; settings `{json.dumps(unet_ckpt['settings'])}`.
+  Epsilon prediction, discrete schedule β {SCHEDULE['beta_start']} -> {SCHEDULE['beta_end']} linear over
+  {SCHEDULE['num_train_timesteps']} steps (AnimateDiff's), 10% empty captions for CFG.
+- Motion module ({version}): {motion_ckpt['step']} steps, {minutes(motion_ckpt):.1f} min; settings
+  `{json.dumps(motion_ckpt['settings'])}`; trained on {CLIP_FRAMES}-frame clips with the UNet frozen, proj_out
+  zero-initialised.
+- Text encoder: CLIP (width {TINY_CLIP.hidden_size}, {TINY_CLIP.num_hidden_layers} layer, the full CLIP-L vocabulary
+  and tokenizer) frozen at its seeded random initialisation; the UNet learned to read it.
+- Hardware: {hardware}. Training time excludes data caching.
+
+Commands of this run (time, command; from `{train.COMMANDS_FILE}` in the run folder):
+
+""" + "".join(f"    {line}\n" for line in commands or ["(none recorded: the stages were run from Python)"])
+
+
+# --------------------------------------------------------------------------- CLI
+STAGES = (("vae", VAESettings), ("unet", UNetSettings), ("motion", MotionSettings))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kineflow.training.train_animatediff",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run-dir", default="runs/tiny_ad", help="folder of checkpoints, caches and logs")
+    common.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    common.add_argument("--max-minutes", type=float, default=0.0,
+                        help="stop (with a checkpoint) after this much wall time; 0 = no limit")
+    common.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", default="weights", help="models folder to export into (ComfyUI sub-folder names)")
+    out.add_argument("--export-dtype", default="fp16", choices=tuple(train.DTYPES), help="dtype of the exported files")
+    helps = {"vae": "train the SD VAE", "unet": "train the UNet (text-to-image)",
+             "motion": "train the motion module (UNet frozen)"}
+    for name, cls in STAGES:
+        train._add_settings(sub.add_parser(name, parents=[common], help=helps[name]), cls)
+    sub.add_parser("export", parents=[common, out], help="write the checkpoint, motion module and model card")
+    everything = sub.add_parser("all", parents=[common, out], help="vae, unet, motion and export in order")
+    for name, cls in STAGES:
+        train._add_settings(everything, cls, f"{name}-")
+    return parser
+
+
+TRAINERS = {"vae": train_vae, "unet": train_unet, "motion": train_motion}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python -m kineflow.training.train_animatediff " + " ".join(sys.argv[1:] if argv is None else argv)
+    set_threads(args.threads)
+    run_dir, budget = Path(args.run_dir), Budget(args.max_minutes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / train.COMMANDS_FILE, "a") as f:  # the model card lists how the run was made
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command}\n")
+    try:
+        if args.stage in TRAINERS:
+            TRAINERS[args.stage](run_dir, train._settings(args, dict(STAGES)[args.stage]), resume=args.resume,
+                                 budget=budget)
+        elif args.stage == "export":
+            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
+        else:
+            for name, cls in STAGES:
+                if not TRAINERS[name](run_dir, train._settings(args, cls, f"{name}_"), resume=args.resume,
+                                      budget=budget).finished:
+                    return 0
+            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
+    except KineFlowError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except InterruptedRun as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 130
+    return 0
+
+
+def _print_paths(paths: dict[str, Path]) -> None:
+    for part, path in paths.items():
+        print(f"{part}: {path} ({train._size_mb(path):.2f} MB)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
