@@ -14,6 +14,8 @@ The result is the KINEFLOW_CONDITIONING payload: {"text_states" [B, L, 4096], "t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -133,7 +135,7 @@ def _load(path, family, module, model_class, dtype, device):
     prefix, layout = module.locate(header.tensors)
     tower = prefix + (_TOWER_LEVEL[family] if layout == "hf" else "")
     shapes = module.convert_state_dict({k[len(tower):]: v for k, v in header.shapes().items() if k.startswith(tower)})
-    config = module.config_from_state_dict(shapes)
+    config = _llama_config(shapes, Path(path)) if family == "llama_text" else module.config_from_state_dict(shapes)
     with torch.device("meta"):
         model = model_class(config)
     sd = module.convert_state_dict(load_tensors(header, prefix=tower, dtype=dtype))
@@ -144,6 +146,37 @@ def _load(path, family, module, model_class, dtype, device):
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(sd, assign=True)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _folder_config(path: Path) -> dict:
+    """The config.json of a Hugging Face model folder ({} for a single file or a folder without one)."""
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.exists():
+        return {}
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"cannot read {config_file}: {e}") from None
+
+
+def _llama_config(shapes: dict, path: Path) -> llama_text.LlamaTextConfig:
+    """Shapes give the sizes; a folder's config.json gives what they cannot (head width, RoPE theta, norm eps)."""
+    declared = _folder_config(path)
+    if "num_attention_heads" not in declared:
+        config = llama_text.config_from_state_dict(shapes)
+    else:
+        hidden = llama_text._shape(shapes["model.embed_tokens.weight"])[1]
+        heads = int(declared["num_attention_heads"])
+        if heads <= 0 or hidden % heads:
+            raise ModelFileError(f"{path / 'config.json'} declares {heads} attention heads, which do not divide the "
+                                 f"hidden size {hidden} of the weights")
+        config = llama_text.config_from_state_dict(shapes, head_dim=hidden // heads)
+        kv_heads = int(declared.get("num_key_value_heads", heads))
+        if kv_heads != config.num_key_value_heads:
+            raise ModelFileError(f"{path / 'config.json'} declares {kv_heads} key/value heads; the weights hold "
+                                 f"{config.num_key_value_heads} of width {hidden // heads}")
+    fields = {"rope_theta": float, "rms_norm_eps": float}
+    return dataclasses.replace(config, **{k: cast(declared[k]) for k, cast in fields.items() if k in declared})
 
 
 def load_hunyuan_text_encoder(llama_path: str | os.PathLike, clip_path: str | os.PathLike,

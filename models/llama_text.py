@@ -212,11 +212,11 @@ def _shape(value) -> tuple[int, ...]:
     return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
 
 
-def config_from_state_dict(shapes: Mapping[str, object]) -> LlamaTextConfig:
+def config_from_state_dict(shapes: Mapping[str, object], head_dim: int = LLAMA_HEAD_DIM) -> LlamaTextConfig:
     """Config from the shapes of an internal-layout state dict (values: tensors, TensorInfo or shape tuples).
 
     Not recoverable from shapes: rope_theta and rms_norm_eps (LLaMA-3 values are used) and the head width
-    (128, see LLAMA_HEAD_DIM).
+    (`head_dim`, default 128 = LLAMA_HEAD_DIM; a Hugging Face folder's config.json tells the real one).
     """
     try:
         vocab, hidden = _shape(shapes["model.embed_tokens.weight"])
@@ -225,10 +225,10 @@ def config_from_state_dict(shapes: Mapping[str, object]) -> LlamaTextConfig:
         intermediate = _shape(shapes["model.layers.0.mlp.gate_proj.weight"])[0]
     except KeyError as missing:
         raise ModelFileError(f"not a LLaMA state dict in the internal layout: {missing} is missing") from None
-    if q_out % LLAMA_HEAD_DIM or kv_out % LLAMA_HEAD_DIM or q_out != hidden:
+    if q_out % head_dim or kv_out % head_dim or q_out != hidden:
         raise ModelFileError(f"unsupported LLaMA attention shapes: q_proj out {q_out}, k_proj out {kv_out}, hidden "
-                             f"{hidden}; expected q_proj out == hidden and both multiples of {LLAMA_HEAD_DIM}")
+                             f"{hidden}; expected q_proj out == hidden and both multiples of the head width {head_dim}")
     layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("model.layers."))
     return LlamaTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                           num_hidden_layers=layers, num_attention_heads=q_out // LLAMA_HEAD_DIM,
-                           num_key_value_heads=kv_out // LLAMA_HEAD_DIM)
+                           num_hidden_layers=layers, num_attention_heads=q_out // head_dim,
+                           num_key_value_heads=kv_out // head_dim)

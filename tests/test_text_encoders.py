@@ -342,3 +342,30 @@ def test_load_from_files_with_foreign_prefixes(tmp_path, hunyuan_parts):
         assert torch.equal(loaded_clip(ids).pooled_output, clip(ids).pooled_output)
         assert torch.equal(loaded_llama(ids % 50), llama(ids % 50))
     assert loaded_llama.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_llama_folder_config_sets_what_shapes_cannot_tell(tmp_path):
+    """Head count, RoPE theta and norm eps come from a Hugging Face folder's config.json (shapes alone would
+    assume 128-wide heads)."""
+    import json as _json
+
+    from kineflow.models.hunyuan_text import load_llama_text
+    from kineflow.models.llama_text import LlamaTextConfig, LlamaTextEncoder
+    from kineflow.runtime.errors import ModelFileError
+    from kineflow.training.tiny_models import save_safetensors
+
+    torch.manual_seed(0)
+    config = LlamaTextConfig(vocab_size=50, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    model = LlamaTextEncoder(config).eval()
+    save_safetensors(model.state_dict(), tmp_path / "model.safetensors")
+    declared = {"num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-5}
+    (tmp_path / "config.json").write_text(_json.dumps(declared))
+    loaded = load_llama_text(tmp_path, dtype=torch.float32)
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (4, 2)
+    ids = torch.randint(0, 50, (1, 7))
+    torch.testing.assert_close(loaded(ids), model(ids))
+
+    (tmp_path / "config.json").write_text(_json.dumps({**declared, "num_key_value_heads": 4}))
+    with pytest.raises(ModelFileError, match="key/value heads"):
+        load_llama_text(tmp_path, dtype=torch.float32)

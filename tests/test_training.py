@@ -137,6 +137,34 @@ def test_resume_continues_exactly(trained_run, tmp_path):
     assert logged == [1, 2, 3, 4]
 
 
+def test_scene_targets_name_each_colours_role():
+    from kineflow.training.dataset import ClipSpec, ShapeSpec
+
+    spec = ClipSpec("blue", (ShapeSpec("circle", "red", 0.5, 0.5, 0.1, "left", 0.3, "grows"),
+                             ShapeSpec("square", "white", 0.2, 0.2, 0.1)))
+    roles, directions, scales = train.scene_targets(spec)
+    colours = list(train.shapes.COLOURS)
+    assert train.ROLES[roles[colours.index("blue")]] == "background"
+    assert train.ROLES[roles[colours.index("red")]] == "circle" and train.ROLES[roles[colours.index("green")]] == "absent"
+    assert list(train.shapes.DIRECTIONS)[directions[colours.index("red")]] == "left"
+    assert train.shapes.SCALE_CHANGES[scales[colours.index("red")]] == "grows"
+    assert directions[colours.index("white")] == list(train.shapes.DIRECTIONS).index("still")
+    assert directions[colours.index("blue")] == -100 and scales[colours.index("green")] == -100
+
+
+def test_text_stage_learns_to_parse_captions_and_the_transformer_reads_it(tmp_path):
+    settings = train.TextSettings(steps=30, batch_size=16, clips=200, warmup=5, save_every=10, log_every=10)
+    before, _ = train.prepare_text_encoders(tmp_path, settings.seed, torch.float16)
+    assert train.train_text(tmp_path, settings).finished
+    log = [json.loads(line) for line in (tmp_path / "text" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.9 * log[0]["loss"], log
+    after, _ = train.prepare_text_encoders(tmp_path, settings.seed, torch.float16)
+    raw, _ = train.prepare_text_encoders(tmp_path, settings.seed, torch.float16, trained_llama=False)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(raw.llama.state_dict()[weight], before.llama.state_dict()[weight])
+    assert not torch.equal(after.llama.state_dict()[weight], before.llama.state_dict()[weight])
+
+
 def test_patch_decoder_places_each_latent_voxels_pixels():
     """Phase 1's stand-in decoder: latent frame 0 is video frame 0, frame k covers frames 4k-3..4k."""
     vae = train.HunyuanVideoVAE(train.build_family(1).vae)

@@ -54,8 +54,10 @@ class TinyFamily:
 
 
 def tiny_family(llama_vocab: int) -> TinyFamily:
-    llama = LlamaTextConfig(vocab_size=llama_vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                            num_attention_heads=1, num_key_value_heads=1)
+    # 4 layers read at HunyuanVideo's hidden_state_skip_layer=2: the state after layer 2 (two layers of context
+    # for binding a colour to its shape or to "background"); the last two layers exist for the real layout.
+    llama = LlamaTextConfig(vocab_size=llama_vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=4)
     clip = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                           num_attention_heads=1, max_position_embeddings=77)
     dit = HunyuanVideoDiTConfig(
