@@ -8,6 +8,7 @@ replays steps k, k+1, ... exactly as an uninterrupted run would (same machine, s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -22,6 +23,11 @@ from ..runtime.media import atomic_write
 
 STAGE_IDS = {"vae": 1, "dit": 2, "cache": 3, "fit": 4, "vae_encoder": 5, "vae_decoder": 6,
              "vae_refine": 7, "unet": 8, "motion": 9, "text": 10}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (cache keys: a cache is rebuilt when a file it was made from changes)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def step_rngs(seed: int, stage: str, step: int) -> tuple[np.random.Generator, torch.Generator]:

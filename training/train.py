@@ -113,7 +113,7 @@ class RefineSettings:
 
 @dataclass
 class TextSettings:
-    steps: int = _opt(800, "optimizer steps (a resumed run continues up to this)")
+    steps: int = _opt(1400, "optimizer steps (a resumed run continues up to this)")
     batch_size: int = _opt(64, "captions per step")
     lr: float = _opt(2e-3, "AdamW learning rate (after a linear warm-up)")
     warmup: int = _opt(50, "warm-up steps")
@@ -288,8 +288,8 @@ def run_loop(stage: str, run_dir: Path, model: torch.nn.Module, optimizer: torch
     if step != start_step:
         checkpoint()
     if step < total:
-        sys.stderr.write(f"{stage}: time budget reached at step {step}/{total}; checkpoint saved, "
-                         "continue with --resume\n")
+        saved = "checkpoint saved" if step != start_step else "no step taken"
+        sys.stderr.write(f"{stage}: time budget reached at step {step}/{total}; {saved}, continue with --resume\n")
     model.eval()
     return StageResult(step >= total, step, step - start_step, seconds)
 

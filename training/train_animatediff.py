@@ -63,7 +63,7 @@ from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
 from . import dataset as shapes
 from . import train
-from .common import Budget, TrainProgress, load_checkpoint, set_threads, step_rngs
+from .common import Budget, TrainProgress, file_digest, load_checkpoint, set_threads, step_rngs
 from .tiny_models import save_safetensors
 from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
 
@@ -303,8 +303,8 @@ def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTex
     clips, plus the empty prompt's. Shared by the unet and motion stages: a cache of more clips serves a request
     for fewer (clip i depends only on the seed and i)."""
     path = cache_path(run_dir)
-    key = {"seed": seed, "frames": CLIP_FRAMES, "vae": train._file_digest(vae_path(run_dir)),
-           "clip": train._file_digest(clip_path(run_dir))}
+    key = {"seed": seed, "frames": CLIP_FRAMES, "vae": file_digest(vae_path(run_dir)),
+           "clip": file_digest(clip_path(run_dir))}
     if path.exists():
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache["key"] == key and len(cache["latents"]) >= clips:
