@@ -2,24 +2,23 @@
 
 Stages (each resumable, each writing into one run folder, default `runs/tiny_hv/`):
 
-1. `vae`   - the causal 3D VAE: L1 + edge (spatial/temporal gradient) reconstruction + a small KL term, on random
-             spatial crops of 9-frame clips (the network is convolutional, so crops train it at a quarter of the
-             cost of full frames). At the end the weights are rounded to the export dtype, the latent std of
-             full-size clips is measured (`scaling_factor = 1/std`) and latent->RGB preview factors are fitted;
-             the result is `vae/vae.safetensors`.
-2. `dit`   - the transformer, by flow matching: x_t = (1-σ)·x0 + σ·ε, target ε - x0, timestep σ·1000. The text
-             encoders are the tiny LLaMA + CLIP of `tiny_family`, **frozen at their random initialisation**: the
-             conditioning of every training clip is then computed once and cached with its latent
-             (`dit/cache.pt`), so a step costs the DiT alone. Random frozen encoders keep token identity (an
-             embedding plus one random residual layer is nearly injective over a ~150-word vocabulary) and the
-             DiT's token refiner learns to read them; training them jointly would cost a LLaMA forward/backward
-             over ~130 template tokens per clip and step, and rule out the cache. The model is not
-             guidance-distilled, so it has no guidance embedding (`guidance_embed=False`); classifier-free
-             guidance comes from dropping the caption (the empty prompt "" is the unconditional) 10% of the time.
-3. `export` - `save_family` into a ComfyUI-style models folder (diffusion_models/, vae/, text_encoders/) in fp16,
-             with the preview factors in the DiT's metadata and a generated MODEL_CARD.md.
+1. `vae`        - the causal 3D VAE in three phases (encoder against a linear patch decoder, decoder on the
+                  frozen encoder's latents, then end to end), foreground-weighted L1 + a small KL, on random
+                  crops of 9-frame clips. At the end the weights are rounded to the export dtype, the latent std
+                  of full-size clips gives `scaling_factor = 1/std` and latent->RGB preview factors are fitted:
+                  `vae/vae.safetensors`.
+2. `vae-refine` - more decoder training with the encoder frozen (the latents do not change, so it can run
+                  beside `text` and `dit`).
+3. `text`       - the tiny LLaMA trained to parse captions (each colour's role, direction and scale from its
+                  states), then frozen; CLIP stays at its seeded random initialisation.
+4. `dit`        - the transformer, by flow matching: x_t = (1-σ)·x0 + σ·ε, target ε - x0, timestep σ·1000, on
+                  latents and text conditioning computed once and cached (`dit/cache.pt`). The model is not
+                  guidance-distilled (`guidance_embed=False`); classifier-free guidance comes from dropping the
+                  caption (the empty prompt "" is the unconditional) 10% of the time.
+5. `export`     - `save_family` into a ComfyUI-style models folder (diffusion_models/, vae/, text_encoders/) in
+                  fp16, with the preview factors in the DiT's metadata and a generated MODEL_CARD.md.
 
-`all` runs the three in order under one time budget; with `--resume` it continues whichever stage is unfinished.
+`all` runs them in order under one time budget; with `--resume` it continues whichever stage is unfinished.
 
     python -m kineflow.training.train all --resume --threads 1 --max-minutes 120 --out weights/
 
@@ -774,8 +773,9 @@ end; it knows nothing beyond that dataset's vocabulary.
   Flow matching (velocity ε − x0, timestep σ·1000), trained sigma shift {dit_ckpt['settings']['shift']}; no
   guidance embedding (use cfg > 1 with the empty prompt as negative; embedded guidance is ignored).
 - Text encoders: LLaMA ({family.llama.num_hidden_layers} layers, width {family.llama.hidden_size}, word-level
-  tokenizer over the caption vocabulary) and CLIP (width {family.clip.hidden_size}) frozen at their seeded random
-  initialisation; the transformer learned to read them.
+  tokenizer over the caption vocabulary), trained to parse captions and then frozen (`text` stage), and CLIP
+  (width {family.clip.hidden_size}) frozen at its seeded random initialisation; the transformer learned to read
+  them.
 - Hardware: {hardware}. Training time excludes data caching.
 
 Commands of this run (time, command; from `{COMMANDS_FILE}` in the run folder):
