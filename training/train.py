@@ -796,11 +796,25 @@ def _settings(args: argparse.Namespace, cls, prefix: str = ""):
     return cls(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kineflow.training.train", description=__doc__.split("\n\n")[0])
+@dataclass(frozen=True)
+class Stage:
+    """One trainer stage of a command line: its sub-command, its settings and the function that runs it."""
+
+    name: str  # sub-command
+    prefix: str  # flag prefix of its settings under `all` (e.g. "dit-" -> --dit-steps)
+    settings: type
+    run: object  # run(run_dir, settings, *, resume, budget) -> StageResult
+    help: str
+
+
+def build_stage_parser(prog: str, description: str, run_dir: str, stages: tuple[Stage, ...],
+                       export_help: str) -> argparse.ArgumentParser:
+    """The trainers' shared command line: one sub-command per stage, `export`, and `all` (every stage, then
+    export) with each stage's settings under its prefix."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="stage", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run-dir", default="runs/tiny_hv", help="folder of checkpoints, caches and logs")
+    common.add_argument("--run-dir", default=run_dir, help="folder of checkpoints, caches and logs")
     common.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     common.add_argument("--max-minutes", type=float, default=0.0,
                         help="stop (with a checkpoint) after this much wall time; 0 = no limit")
@@ -808,51 +822,39 @@ def build_parser() -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--out", default="weights", help="models folder to export into (ComfyUI sub-folder names)")
     out.add_argument("--export-dtype", default="fp16", choices=tuple(DTYPES), help="dtype of the exported files")
-    _add_settings(sub.add_parser("vae", parents=[common], help="train the VAE"), VAESettings)
-    _add_settings(sub.add_parser("vae-refine", parents=[common],
-                                 help="more decoder training, encoder frozen (can run beside 'dit')"), RefineSettings)
-    _add_settings(sub.add_parser("text", parents=[common], help="train the LLaMA text encoder to parse captions"),
-                  TextSettings)
-    _add_settings(sub.add_parser("dit", parents=[common], help="train the transformer"), DiTSettings)
-    sub.add_parser("export", parents=[common, out], help="write the shipped weights and model card")
-    everything = sub.add_parser("all", parents=[common, out], help="vae, vae-refine, text, dit and export in order")
-    _add_settings(everything, VAESettings, "vae-")
-    _add_settings(everything, RefineSettings, "refine-")
-    _add_settings(everything, TextSettings, "text-")
-    _add_settings(everything, DiTSettings, "dit-")
+    for stage in stages:
+        _add_settings(sub.add_parser(stage.name, parents=[common], help=stage.help), stage.settings)
+    sub.add_parser("export", parents=[common, out], help=export_help)
+    everything = sub.add_parser("all", parents=[common, out],
+                                help=", ".join(stage.name for stage in stages) + " and export in order")
+    for stage in stages:
+        _add_settings(everything, stage.settings, stage.prefix)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = "python -m kineflow.training.train " + " ".join(sys.argv[1:] if argv is None else argv)
+def run_stage_cli(parser: argparse.ArgumentParser, stages: tuple[Stage, ...], export_fn,
+                  argv: list[str] | None) -> int:
+    """Parse, record the command in the run folder (the model card lists it), run the chosen stage(s).
+    Exit codes: 0 done or stopped by the budget, 2 a KineFlowError, 130 interrupted."""
+    args = parser.parse_args(argv)
+    command = f"{parser.prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     set_threads(args.threads)
     run_dir, budget = Path(args.run_dir), Budget(args.max_minutes)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / COMMANDS_FILE, "a") as f:  # the model card lists how the run was made
+    with open(run_dir / COMMANDS_FILE, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command}\n")
+    by_name = {stage.name: stage for stage in stages}
     try:
-        if args.stage == "vae":
-            train_vae(run_dir, _settings(args, VAESettings), resume=args.resume, budget=budget)
-        elif args.stage == "vae-refine":
-            refine_vae(run_dir, _settings(args, RefineSettings), resume=args.resume, budget=budget)
-        elif args.stage == "text":
-            train_text(run_dir, _settings(args, TextSettings), resume=args.resume, budget=budget)
-        elif args.stage == "dit":
-            train_dit(run_dir, _settings(args, DiTSettings), resume=args.resume, budget=budget)
-        elif args.stage == "export":
-            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
-        else:
-            if not train_vae(run_dir, _settings(args, VAESettings, "vae_"), resume=args.resume, budget=budget).finished:
-                return 0
-            refined = refine_vae(run_dir, _settings(args, RefineSettings, "refine_"), resume=args.resume, budget=budget)
-            if not refined.finished:
-                return 0
-            if not train_text(run_dir, _settings(args, TextSettings, "text_"), resume=args.resume, budget=budget).finished:
-                return 0
-            if not train_dit(run_dir, _settings(args, DiTSettings, "dit_"), resume=args.resume, budget=budget).finished:
-                return 0
-            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
+        if args.stage in by_name:
+            stage = by_name[args.stage]
+            stage.run(run_dir, _settings(args, stage.settings), resume=args.resume, budget=budget)
+            return 0
+        if args.stage == "all":
+            for stage in stages:
+                settings = _settings(args, stage.settings, stage.prefix.replace("-", "_"))
+                if not stage.run(run_dir, settings, resume=args.resume, budget=budget).finished:
+                    return 0
+        _print_paths(export_fn(run_dir, Path(args.out), args.export_dtype))
     except KineFlowError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
@@ -860,6 +862,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{exc}\n")
         return 130
     return 0
+
+
+STAGES = (
+    Stage("vae", "vae-", VAESettings, train_vae, "train the VAE"),
+    Stage("vae-refine", "refine-", RefineSettings, refine_vae,
+          "more decoder training, encoder frozen (can run beside 'dit')"),
+    Stage("text", "text-", TextSettings, train_text, "train the LLaMA text encoder to parse captions"),
+    Stage("dit", "dit-", DiTSettings, train_dit, "train the transformer"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return build_stage_parser("python -m kineflow.training.train", __doc__.split("\n\n")[0], "runs/tiny_hv", STAGES,
+                              "write the shipped weights and model card")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage_cli(build_parser(), STAGES, export, argv)
 
 
 def _print_paths(paths: dict[str, Path]) -> None:

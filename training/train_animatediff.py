@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +57,12 @@ from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
 from ..models.sd_vae import SDVAE, SDVAEConfig
 from ..models.tokenization import clip_l_tokenizer
 from ..runtime.animatediff import SCHEDULE, SDTextEncoder
-from ..runtime.errors import InterruptedRun, KineFlowError
+from ..runtime.errors import KineFlowError
 from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
 from . import dataset as shapes
 from . import train
-from .common import Budget, TrainProgress, file_digest, load_checkpoint, set_threads, step_rngs
+from .common import Budget, TrainProgress, file_digest, load_checkpoint, step_rngs
 from .tiny_models import save_safetensors
 from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
 
@@ -522,68 +521,20 @@ Commands of this run (time, command; from `{train.COMMANDS_FILE}` in the run fol
 
 
 # --------------------------------------------------------------------------- CLI
-STAGES = (("vae", VAESettings), ("unet", UNetSettings), ("motion", MotionSettings))
+STAGES = (
+    train.Stage("vae", "vae-", VAESettings, train_vae, "train the SD VAE"),
+    train.Stage("unet", "unet-", UNetSettings, train_unet, "train the UNet (text-to-image)"),
+    train.Stage("motion", "motion-", MotionSettings, train_motion, "train the motion module (UNet frozen)"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kineflow.training.train_animatediff",
-                                     description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="stage", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run-dir", default="runs/tiny_ad", help="folder of checkpoints, caches and logs")
-    common.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    common.add_argument("--max-minutes", type=float, default=0.0,
-                        help="stop (with a checkpoint) after this much wall time; 0 = no limit")
-    common.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--out", default="weights", help="models folder to export into (ComfyUI sub-folder names)")
-    out.add_argument("--export-dtype", default="fp16", choices=tuple(train.DTYPES), help="dtype of the exported files")
-    helps = {"vae": "train the SD VAE", "unet": "train the UNet (text-to-image)",
-             "motion": "train the motion module (UNet frozen)"}
-    for name, cls in STAGES:
-        train._add_settings(sub.add_parser(name, parents=[common], help=helps[name]), cls)
-    sub.add_parser("export", parents=[common, out], help="write the checkpoint, motion module and model card")
-    everything = sub.add_parser("all", parents=[common, out], help="vae, unet, motion and export in order")
-    for name, cls in STAGES:
-        train._add_settings(everything, cls, f"{name}-")
-    return parser
-
-
-TRAINERS = {"vae": train_vae, "unet": train_unet, "motion": train_motion}
+    return train.build_stage_parser("python -m kineflow.training.train_animatediff", __doc__.split("\n\n")[0],
+                                    "runs/tiny_ad", STAGES, "write the checkpoint, motion module and model card")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = "python -m kineflow.training.train_animatediff " + " ".join(sys.argv[1:] if argv is None else argv)
-    set_threads(args.threads)
-    run_dir, budget = Path(args.run_dir), Budget(args.max_minutes)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / train.COMMANDS_FILE, "a") as f:  # the model card lists how the run was made
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command}\n")
-    try:
-        if args.stage in TRAINERS:
-            TRAINERS[args.stage](run_dir, train._settings(args, dict(STAGES)[args.stage]), resume=args.resume,
-                                 budget=budget)
-        elif args.stage == "export":
-            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
-        else:
-            for name, cls in STAGES:
-                if not TRAINERS[name](run_dir, train._settings(args, cls, f"{name}_"), resume=args.resume,
-                                      budget=budget).finished:
-                    return 0
-            _print_paths(export(run_dir, Path(args.out), args.export_dtype))
-    except KineFlowError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    except InterruptedRun as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 130
-    return 0
-
-
-def _print_paths(paths: dict[str, Path]) -> None:
-    for part, path in paths.items():
-        print(f"{part}: {path} ({train._size_mb(path):.2f} MB)")
+    return train.run_stage_cli(build_parser(), STAGES, export, argv)
 
 
 if __name__ == "__main__":
