@@ -197,18 +197,29 @@ def _convert(args: argparse.Namespace, ctx: Context) -> int:
 # --------------------------------------------------------------------------- eval
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training.tiny_models import SHIPPED_NAMES
+    from .evaluation import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
 
+    parser.add_argument("--family", choices=("hunyuan_video", "animatediff"), default="hunyuan_video",
+                        help="model family to generate with (default hunyuan_video)")
     parser.add_argument("--prompts", help="file with one prompt per line (default: the built-in held-out set)")
     parser.add_argument("-n", "--count", type=int, default=60, help="held-out prompts to generate (default 60)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cfg", type=float, default=1.0)
-    parser.add_argument("--shift", type=float, default=7.0)
+    parser.add_argument("--shift", type=float, default=7.0, help="flow shift (hunyuan_video only)")
     parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--scheduler", default="default", help="sigma spacing: default or karras (animatediff)")
+    parser.add_argument("--frames", type=int, help="frames per video (default 9 for hunyuan_video, 16 for animatediff)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=SHIPPED_NAMES["dit"], help="transformer in diffusion_models/")
-    parser.add_argument("--vae", default=SHIPPED_NAMES["vae"], help="VAE in vae/")
-    parser.add_argument("--llm", default=SHIPPED_NAMES["llm"], help="LLaMA text encoder in text_encoders/")
-    parser.add_argument("--clip", default=SHIPPED_NAMES["clip"], help="CLIP text encoder in text_encoders/")
+    hv = parser.add_argument_group("hunyuan_video models")
+    hv.add_argument("--model", default=SHIPPED_NAMES["dit"], help="transformer in diffusion_models/")
+    hv.add_argument("--vae", default=SHIPPED_NAMES["vae"], help="VAE in vae/")
+    hv.add_argument("--llm", default=SHIPPED_NAMES["llm"], help="LLaMA text encoder in text_encoders/")
+    hv.add_argument("--clip", default=SHIPPED_NAMES["clip"], help="CLIP text encoder in text_encoders/")
+    ad = parser.add_argument_group("animatediff models")
+    ad.add_argument("--checkpoint", default=ANIMATEDIFF_CHECKPOINT, help="SD1.5 checkpoint in checkpoints/")
+    ad.add_argument("--motion-module", default=ANIMATEDIFF_MOTION_MODULE,
+                    help="motion module in animatediff_models/; 'none' denoises every frame on its own")
+    ad.add_argument("--motion-scale", type=float, default=1.0, help="motion module strength")
     parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
     parser.add_argument("--save-dir", help="also write each generated video here as mp4")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -220,9 +231,14 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
     host.configure(models_dir=args.models_dir)
     prompts = evaluation.read_prompt_file(args.prompts) if args.prompts else None
     settings = evaluation.EvalSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
-                                      seed=args.seed)
-    result = evaluation.evaluate(prompts, heldout=args.count, settings=settings, model=args.model, vae=args.vae,
-                                 llm=args.llm, clip=args.clip, save_dir=args.save_dir)
+                                      scheduler=args.scheduler, seed=args.seed,
+                                      frames=args.frames or evaluation.DEFAULT_FRAMES[args.family])
+    if args.family == "animatediff":
+        motion = None if args.motion_module.lower() == "none" else args.motion_module
+        models = evaluation.load_animatediff(args.checkpoint, motion, args.motion_scale)
+    else:
+        models = evaluation.load_hunyuan_video(args.model, args.vae, args.llm, args.clip)
+    result = evaluation.evaluate(models, prompts, heldout=args.count, settings=settings, save_dir=args.save_dir)
     ctx.stdout.write((evaluation.to_json(result) if args.json else evaluation.format_report(result)) + "\n")
     return EXIT_OK
 

@@ -3,7 +3,8 @@
 Prompts come from a file (one per line; their expected attributes are parsed from the words) or from the
 built-in held-out set (colour x shape x direction x background combinations never seen together in training,
 half of them in sentence templates never used in training). Generation goes through the same loaders and
-sampler as the nodes.
+sampler as the nodes, for either family: a HunyuanVideo-style transformer + video VAE + text encoders, or an
+SD1.5 checkpoint with (or, to measure what the motion module adds, without) an AnimateDiff motion module.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from .errors import InputFileError
 from .media import write_video
 from .video_models import load_text_encoders, load_video_model, load_video_vae
 
+# What the AnimateDiff trainer ships (training/train_animatediff.py NAMES, folder-relative).
+ANIMATEDIFF_CHECKPOINT = "kineflow_tiny_sd15.safetensors"
+ANIMATEDIFF_MOTION_MODULE = "kineflow_tiny_mm.safetensors"
+# Frames per family by default: 9 (1 + 4k for the 4x temporal VAE) and AnimateDiff's 16-frame clips.
+DEFAULT_FRAMES = {"hunyuan_video": 9, "animatediff": 16}
+
 
 @dataclass
 class EvalSettings:
@@ -29,10 +36,39 @@ class EvalSettings:
     cfg: float = 1.0
     shift: float = 7.0
     sampler_name: str = "euler"
+    scheduler: str = "default"
     seed: int = 0
     width: int = 64
     height: int = 64
     frames: int = 9
+
+
+@dataclass
+class EvalModels:
+    """A loaded (video model, VAE, text encoder) triple of one family and a label for reports."""
+
+    net: object
+    vae: object
+    text: object
+    label: str
+
+
+def load_hunyuan_video(model: str = SHIPPED_NAMES["dit"], vae: str = SHIPPED_NAMES["vae"],
+                       llm: str = SHIPPED_NAMES["llm"], clip: str = SHIPPED_NAMES["clip"]) -> EvalModels:
+    return EvalModels(load_video_model(model), load_video_vae(vae), load_text_encoders(llm, clip), label=model)
+
+
+def load_animatediff(checkpoint: str = ANIMATEDIFF_CHECKPOINT, motion_module: str | None = ANIMATEDIFF_MOTION_MODULE,
+                     motion_scale: float = 1.0) -> EvalModels:
+    """An SD1.5 checkpoint with `motion_module` applied, or frames denoised independently when it is None."""
+    from .animatediff import apply_motion_module, load_motion_module, load_sd_checkpoint
+
+    net, vae, text = load_sd_checkpoint(checkpoint)
+    label = checkpoint
+    if motion_module:
+        net = apply_motion_module(net, load_motion_module(motion_module), motion_scale)
+        label += f" + {motion_module}"
+    return EvalModels(net, vae, text, label=label)
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -46,16 +82,15 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def evaluate(prompts: list[str] | None = None, *, heldout: int = 60, settings: EvalSettings = EvalSettings(),
-             model: str = SHIPPED_NAMES["dit"], vae: str = SHIPPED_NAMES["vae"], llm: str = SHIPPED_NAMES["llm"],
-             clip: str = SHIPPED_NAMES["clip"], save_dir: str | Path | None = None) -> dict:
+def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: int = 60,
+             settings: EvalSettings = EvalSettings(), save_dir: str | Path | None = None) -> dict:
     """Generate and judge; returns {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}."""
     if prompts is None:
         pairs = heldout_prompts(heldout, settings.seed)
         prompts, expected = [p for p, _ in pairs], [expected_from_spec(s) for _, s in pairs]
     else:
         expected = [parse_prompt(p) for p in prompts]
-    net, decoder, text = load_video_model(model), load_video_vae(vae), load_text_encoders(llm, clip)
+    net, decoder, text = models.net, models.vae, models.text
     verdicts, unknown = [], sorted({w for e in expected for w in e.unknown_words})
     bar = host.progress(len(prompts), "evaluating")
     for i, prompt in enumerate(prompts):
@@ -64,7 +99,7 @@ def evaluate(prompts: list[str] | None = None, *, heldout: int = 60, settings: E
         with host.quiet():
             sampled = generation.sample_video(net, cond, latent, seed=settings.seed + i, steps=settings.steps,
                                               cfg=settings.cfg, shift=settings.shift, embedded_guidance=1.0,
-                                              sampler_name=settings.sampler_name)
+                                              sampler_name=settings.sampler_name, scheduler=settings.scheduler)
             frames = generation.decode_video(decoder, sampled, tiling=None)
         verdicts.append(judge(frames))
         if save_dir is not None:
@@ -73,6 +108,7 @@ def evaluate(prompts: list[str] | None = None, *, heldout: int = 60, settings: E
     scores = score(verdicts, expected)
     consistency = [v.temporal_consistency for v in verdicts if v.primary is not None]
     return {
+        "models": models.label,
         "prompts": len(prompts),
         "settings": settings.__dict__,
         "accuracy": {a: scores[a].accuracy for a in ATTRIBUTES},
@@ -84,7 +120,9 @@ def evaluate(prompts: list[str] | None = None, *, heldout: int = 60, settings: E
 
 
 def format_report(result: dict) -> str:
-    lines = [f"{result['prompts']} prompts, {result['settings']['steps']} steps, cfg {result['settings']['cfg']}"]
+    run = result["settings"]
+    lines = [f"{result['models']}: {result['prompts']} prompts, {run['frames']} frames, {run['steps']} steps, "
+             f"cfg {run['cfg']}"]
     lines.append(f"{'attribute':<14}{'accuracy':>9}{'correct':>9}{'scored':>8}")
     for attribute, acc in result["accuracy"].items():
         c = result["counts"][attribute]

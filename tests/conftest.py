@@ -180,3 +180,13 @@ def fixture_nodes():
 @pytest.fixture
 def calls():
     return CALLS
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module (training tests use it): tiny convolutions gain nothing from a
+    second thread, and on a loaded machine two threads that wait for each other run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -38,3 +38,33 @@ def test_eval_heldout_set_table(models_dir, capsys):
 def test_eval_with_missing_prompt_file_exits_2(capsys):
     assert cli.main(["eval", "--prompts", "/nonexistent/prompts.txt"]) == 2
     assert "cannot read prompt file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def animatediff_dir(tmp_path_factory):
+    from kineflow.training import tiny_sd
+
+    root = tmp_path_factory.mktemp("ad_models")
+    tiny_sd.write_models(root, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("motion", ["kineflow_tiny_mm_v2.safetensors", "none"])
+def test_eval_animatediff_with_and_without_motion_module(animatediff_dir, tmp_path, capsys, motion):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves to the left on a blue background\n")
+    code = cli.main(["eval", "--family", "animatediff", "--motion-module", motion, "--prompts", str(prompts),
+                     "--steps", "2", "--models-dir", str(animatediff_dir), "--json", "--save-dir", str(tmp_path / "v")])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["frames"] == 16
+    assert result["models"] == "kineflow_tiny_sd15.safetensors" + ("" if motion == "none" else f" + {motion}")
+    import av
+
+    with av.open(str(tmp_path / "v" / "eval_000.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 16
+
+
+def test_eval_rejects_a_frame_count_the_family_cannot_make(models_dir, capsys):
+    assert cli.main(["eval", "-n", "1", "--frames", "10", "--models-dir", str(models_dir)]) == 1
+    assert "1 + 4k" in capsys.readouterr().err

@@ -23,14 +23,7 @@ VAE = train.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=1,
 DIT = train.DiTSettings(steps=4, batch_size=4, clips=6, warmup=2, save_every=2, log_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a loaded machine two threads that wait for
-    each other run several times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ MOTION = ta.MotionSettings(steps=2, batch_size=1, clips=2, warmup=2, save_every=
 WORKFLOW = Path(__file__).parent / "data" / "workflows" / "animatediff_tiny_random_api.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
