@@ -25,6 +25,7 @@ from kineflow.training.tiny_sd import TINY_UNET, TINY_VAE, tiny_motion_config
 
 VAE = ta.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=2, crop=16, clips=4, save_every=1,
                      log_every=1)
+TEXT = ta.TextSettings(steps=2, batch_size=4, clips=8, warmup=1, save_every=1, log_every=1)
 UNET = ta.UNetSettings(steps=4, batch_size=4, clips=3, warmup=2, save_every=2, log_every=1)
 MOTION = ta.MotionSettings(steps=2, batch_size=1, clips=2, warmup=2, save_every=1, log_every=1)
 WORKFLOW = Path(__file__).parent / "data" / "workflows" / "animatediff_tiny_random_api.json"
@@ -35,9 +36,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, one_thread):
-    """A complete (very short) run: VAE phases, frozen CLIP + cache, UNet, motion module."""
+    """A complete (very short) run: VAE phases, CLIP caption parser, cache, UNet, motion module."""
     run_dir = tmp_path_factory.mktemp("ad_run")
     assert ta.train_vae(run_dir, VAE).finished
+    assert ta.train_text(run_dir, TEXT).finished
     assert ta.train_unet(run_dir, UNET).finished
     assert ta.train_motion(run_dir, MOTION).finished
     return run_dir
@@ -111,6 +113,19 @@ def test_unet_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_clip_learns_to_parse_captions_through_the_states_the_unet_reads():
+    torch.manual_seed(0)
+    clip, tokenizer = ta.CLIPTextModel(ta.TINY_CLIP), ta.clip_l_tokenizer()
+    heads = train.SceneHeads(ta.TINY_CLIP.hidden_size)
+    specs, captions = zip(*(ShapesVideoDataset(length=8).spec_and_caption(i) for i in range(8)))
+    states_of = lambda c: ta.clip_states(clip, tokenizer, c)
+    states, mask = states_of(list(captions[:2]))
+    assert states.shape == (2, 77, ta.TINY_CLIP.hidden_size) and mask[:, 0].all() and not mask[:, -1].any()
+    losses = _fit([*clip.parameters(), *heads.parameters()],
+                  lambda: train.text_loss(states_of, heads, list(captions), specs), 30, 3e-3)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_motion_module_starts_as_the_image_model_and_its_loss_falls():
     torch.manual_seed(0)
     unet = SD15UNet(TINY_UNET).requires_grad_(False)
@@ -154,6 +169,14 @@ def test_resume_continues_exactly(trained_run, tmp_path):
     ta.train_motion(run_dir, MOTION, resume=True)
     whole, resumed = (load_checkpoint(d / "motion" / "ckpt.pt") for d in (trained_run, run_dir))
     assert _states_equal(whole["model"], resumed["model"])
+
+
+def test_unet_stage_needs_the_trained_text_encoder(trained_run, tmp_path):
+    (tmp_path / "vae").mkdir()
+    for path in (trained_run / "vae").iterdir():
+        (tmp_path / "vae" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(KineFlowError, match="run the 'text' stage first"):
+        ta.train_unet(tmp_path, UNET)
 
 
 def cli_inspect(path) -> dict:
@@ -214,6 +237,7 @@ def test_cli_parses_every_stage_and_reports_a_missing_run(tmp_path, capsys):
     parser = ta.build_parser()
     args = parser.parse_args(["all", "--vae-steps", "3", "--unet-batch-size", "8", "--motion-version", "v3"])
     assert train._settings(args, ta.VAESettings, "vae_").steps == 3
+    assert train._settings(parser.parse_args(["all", "--text-steps", "7"]), ta.TextSettings, "text_").steps == 7
     assert train._settings(args, ta.UNetSettings, "unet_").batch_size == 8
     assert train._settings(args, ta.MotionSettings, "motion_").version == "v3"
     assert parser.parse_args(["motion", "--steps", "5"]).steps == 5

@@ -61,7 +61,7 @@ def tiny_family(llama_vocab: int) -> TinyFamily:
     clip = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                           num_attention_heads=1, max_position_embeddings=77)
     dit = HunyuanVideoDiTConfig(
-        in_channels=16, out_channels=16, hidden_size=64, heads_num=2, mlp_width_ratio=4.0,
+        in_channels=16, out_channels=16, hidden_size=128, heads_num=4, mlp_width_ratio=4.0,
         mm_double_blocks_depth=2, mm_single_blocks_depth=2, refiner_depth=1,
         rope_dim_list=default_rope_dims(32), text_states_dim=llama.hidden_size, text_states_dim_2=clip.hidden_size,
     )

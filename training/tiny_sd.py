@@ -41,7 +41,7 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 
 # Widths are multiples of 32 (the GroupNorm group count, which shapes do not reveal) and heads are 8 (the
 # count the loaders assume for SD1.5 and AnimateDiff), so the files load exactly like released ones.
-TINY_CLIP = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+TINY_CLIP = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=1, max_position_embeddings=77)
 TINY_UNET = SD15UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, False),
                            num_heads=8, context_dim=TINY_CLIP.hidden_size)

@@ -543,23 +543,25 @@ def caption_states(encoder: HunyuanTextEncoder, captions: list[str]) -> tuple[to
     return states[:, encoder.crop_start:], mask[:, encoder.crop_start:]
 
 
-def scene_logits(encoder: HunyuanTextEncoder, heads: SceneHeads, captions: list[str]) -> tuple[torch.Tensor, ...]:
-    states, mask = caption_states(encoder, captions)
+def scene_logits(states_of, heads: SceneHeads, captions: list[str]) -> tuple[torch.Tensor, ...]:
+    """Scene logits from the mean of the caption tokens' states; `states_of(captions) -> (states, mask)` is the
+    text encoder's reader (caption_states for the LLaMA, train_animatediff.clip_states for CLIP)."""
+    states, mask = states_of(captions)
     m = mask[..., None].to(states.dtype)
     return heads((states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0))
 
 
-def text_loss(encoder: HunyuanTextEncoder, heads: SceneHeads, captions: list[str], specs) -> torch.Tensor:
+def text_loss(states_of, heads: SceneHeads, captions: list[str], specs) -> torch.Tensor:
     targets = [torch.tensor(t) for t in zip(*(scene_targets(s) for s in specs))]
-    logits = scene_logits(encoder, heads, captions)
+    logits = scene_logits(states_of, heads, captions)
     return sum(F.cross_entropy(lg.flatten(0, 1), tg.flatten(), ignore_index=-100) for lg, tg in zip(logits, targets))
 
 
-def scene_accuracy(encoder: HunyuanTextEncoder, heads: SceneHeads, data: shapes.ShapesVideoDataset) -> dict:
+def scene_accuracy(states_of, heads: SceneHeads, data: shapes.ShapesVideoDataset) -> dict:
     """Fraction of captions whose whole scene (every colour's role, direction, scale) is read right."""
     specs, captions = zip(*(data.spec_and_caption(i) for i in range(len(data))))
     with torch.no_grad():
-        logits = scene_logits(encoder, heads, list(captions))
+        logits = scene_logits(states_of, heads, list(captions))
     targets = [torch.tensor(t) for t in zip(*(scene_targets(s) for s in specs))]
     result = {}
     for name, lg, tg in zip(("roles", "directions", "scales"), logits, targets):
@@ -568,31 +570,43 @@ def scene_accuracy(encoder: HunyuanTextEncoder, heads: SceneHeads, data: shapes.
     return result
 
 
-def train_text(run_dir: Path, settings: TextSettings, *, resume: bool = False,
-               budget: Budget | None = None) -> StageResult:
-    """Stage `text`: train the tiny LLaMA to parse captions (see above); writes text/llama.safetensors."""
-    run_dir = Path(run_dir)
-    encoder, _ = prepare_text_encoders(run_dir, settings.seed, DTYPES[settings.dtype], trained_llama=False)
-    llama = encoder.llama.train().requires_grad_(True)
+def train_scene_parser(stage: str, run_dir: Path, part: str, encoder: torch.nn.Module, states_of, width: int,
+                       settings: TextSettings, *, resume: bool, budget: Budget | None) -> tuple[StageResult, dict]:
+    """Train `encoder` (made trainable here; checkpointed under the name `part`) with linear scene heads on its
+    mean caption state; once the stage is finished, round it to the export dtype and return its held-out scene
+    accuracy (else {})."""
+    encoder.train().requires_grad_(True)
     torch.manual_seed(settings.seed)
-    heads = SceneHeads(llama.config.hidden_size)
+    heads = SceneHeads(width)
     data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train")
-    model = torch.nn.ModuleDict({"llama": llama, "heads": heads})
+    model = torch.nn.ModuleDict({part: encoder, "heads": heads})
 
     def loss_fn(step: int) -> torch.Tensor:
-        rng, _ = step_rngs(settings.seed, "text", step)
+        rng, _ = step_rngs(settings.seed, stage, step)
         specs, captions = zip(*(data.spec_and_caption(int(i)) for i in rng.integers(0, settings.clips,
                                                                                       settings.batch_size)))
-        return text_loss(encoder, heads, list(captions), specs)
+        return text_loss(states_of, heads, list(captions), specs)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    result = run_loop("text", run_dir, model, optimizer, loss_fn, settings, resume=resume, budget=budget or Budget())
-    if result.finished and (result.steps_run or not trained_llama_path(run_dir).exists()):
-        round_to(llama, DTYPES[settings.dtype])
-        heldout = shapes.ShapesVideoDataset(length=500, seed=settings.seed, split="heldout")
-        accuracy = scene_accuracy(encoder, heads, heldout)
-        sys.stderr.write(f"text: held-out captions read right: {json.dumps(accuracy)}\n")
-        save_safetensors(llama.state_dict(), trained_llama_path(run_dir),
+    result = run_loop(stage, run_dir, model, optimizer, loss_fn, settings, resume=resume, budget=budget or Budget())
+    if not result.finished:
+        return result, {}
+    round_to(encoder, DTYPES[settings.dtype]).eval()
+    heldout = shapes.ShapesVideoDataset(length=500, seed=settings.seed, split="heldout")
+    accuracy = scene_accuracy(states_of, heads, heldout)
+    sys.stderr.write(f"{stage}: held-out captions read right: {json.dumps(accuracy)}\n")
+    return result, accuracy
+
+
+def train_text(run_dir: Path, settings: TextSettings, *, resume: bool = False,
+               budget: Budget | None = None) -> StageResult:
+    """Stage `text`: train the tiny LLaMA to parse captions (see above); writes text/llama_trained.safetensors."""
+    run_dir = Path(run_dir)
+    encoder, _ = prepare_text_encoders(run_dir, settings.seed, DTYPES[settings.dtype], trained_llama=False)
+    result, accuracy = train_scene_parser("text", run_dir, "llama", encoder.llama, lambda c: caption_states(encoder, c),
+                                          encoder.llama.config.hidden_size, settings, resume=resume, budget=budget)
+    if accuracy and (result.steps_run or not trained_llama_path(run_dir).exists()):
+        save_safetensors(encoder.llama.state_dict(), trained_llama_path(run_dir),
                          {"kineflow.heldout_scene_accuracy": json.dumps(accuracy)})
     return result
 

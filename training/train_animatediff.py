@@ -10,22 +10,24 @@ Stages (each resumable, each writing into one run folder, default `runs/tiny_ad/
               rounded to the export dtype and the latent std is measured; the measured scale is folded into
               `quant_conv` / `post_quant_conv` so that SD1.5's fixed `scaling_factor` 0.18215, which every SD1.5
               loader applies (ours and ComfyUI's), gives unit-std latents.
-2. `unet`   - the SD1.5 UNet (`tiny_sd.TINY_UNET`) text-to-image on single frames: epsilon prediction on
+2. `text`   - the tiny CLIP (`tiny_sd.TINY_CLIP`: full CLIP-L vocabulary, the shipped BPE tokenizer) trained to
+              parse captions into their scene, as train.py's `text` stage trains the LLaMA (a frozen *random*
+              text encoder binds colours to the wrong roles), then frozen.
+3. `unet`   - the SD1.5 UNet (`tiny_sd.TINY_UNET`) text-to-image on single frames: epsilon prediction on
               AnimateDiff's discrete schedule (β 0.00085 -> 0.012 linear, 1000 steps, `runtime.animatediff.
-              SCHEDULE`). The text encoder is the tiny CLIP (`tiny_sd.TINY_CLIP`, full CLIP-L vocabulary, the
-              shipped BPE tokenizer) **frozen at its seeded random initialisation**, read as SD reads it (final
-              hidden state of the 77 padded tokens); the scaled latents of 16-frame clips and their text
-              states are computed once (`cache/clips.pt`). 10% of captions are dropped to "" for CFG.
-3. `motion` - an AnimateDiff motion module (`tiny_sd.tiny_motion_config`, v2 by default) inserted into the
+              SCHEDULE`), conditioned as SD is (CLIP's final hidden state of the 77 padded tokens); the scaled
+              latents of 16-frame clips and their text states are computed once (`cache/clips.pt`). 10% of
+              captions are dropped to "" for CFG.
+4. `motion` - an AnimateDiff motion module (`tiny_sd.tiny_motion_config`, v2 by default) inserted into the
               frozen UNet, trained with the same objective on whole 16-frame clips (independent noise per frame,
               one timestep and caption per clip). Its `proj_out` layers start at zero, as in AnimateDiff, so
               training starts from the image model.
-4. `export` - one LDM single-file checkpoint (`checkpoints/kineflow_tiny_sd15.safetensors`) and the motion module
+5. `export` - one LDM single-file checkpoint (`checkpoints/kineflow_tiny_sd15.safetensors`) and the motion module
               under the original AnimateDiff names (`animatediff_models/kineflow_tiny_mm.safetensors`), in fp16,
               plus `MODEL_CARD_ANIMATEDIFF.md` (not MODEL_CARD.md: the HunyuanVideo export writes that one into
               the same folder).
 
-`all` runs the four in order under one time budget; with `--resume` it continues whichever stage is unfinished.
+`all` runs them in order under one time budget; with `--resume` it continues whichever stage is unfinished.
 
     python -m kineflow.training.train_animatediff all --resume --threads 1 --max-minutes 120 --out weights/
 
@@ -47,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..models.animatediff import VERSIONS, MotionModule
@@ -56,7 +59,7 @@ from ..models.sd15_unet import SD15UNet
 from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
 from ..models.sd_vae import SDVAE, SDVAEConfig
 from ..models.tokenization import clip_l_tokenizer
-from ..runtime.animatediff import SCHEDULE, SDTextEncoder
+from ..runtime.animatediff import CLIP_LENGTH, SCHEDULE, SDTextEncoder
 from ..runtime.errors import KineFlowError
 from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
@@ -78,12 +81,12 @@ VAE_PHASES = ("vae_encoder", "vae_decoder", "vae")  # checkpoint folders, in tra
 # --------------------------------------------------------------------------- settings
 @dataclass
 class VAESettings:
-    encoder_steps: int = _opt(1200, "phase 1: steps of the encoder against a linear patch decoder")
+    encoder_steps: int = _opt(3000, "phase 1: steps of the encoder against a linear patch decoder")
     encoder_lr: float = _opt(1e-3, "phase 1 Adam learning rate (after a linear warm-up)")
-    decoder_steps: int = _opt(800, "phase 2: steps of the decoder on the frozen encoder's latents")
+    decoder_steps: int = _opt(3000, "phase 2: steps of the decoder on the frozen encoder's latents")
     decoder_lr: float = _opt(5e-4, "phase 2 Adam learning rate")
-    steps: int = _opt(600, "phase 3: steps of the whole VAE fine-tuned end to end (a resumed run continues up "
-                           "to this)")
+    steps: int = _opt(1500, "phase 3: steps of the whole VAE fine-tuned end to end (a resumed run continues up "
+                            "to this)")
     lr: float = _opt(2e-4, "phase 3 Adam learning rate")
     batch_size: int = _opt(16, "frames per step (one random frame of as many clips)")
     crop: int = _opt(32, "side of the random square crop trained on (multiple of 8, <= 64)")
@@ -100,6 +103,11 @@ class VAESettings:
 
 
 @dataclass
+class TextSettings(train.TextSettings):
+    steps: int = _opt(3000, "optimizer steps (a resumed run continues up to this)")
+
+
+@dataclass
 class UNetSettings:
     steps: int = _opt(6000, "optimizer steps in total (a resumed run continues up to this)")
     batch_size: int = _opt(64, "frames per step (random frames of random cached clips)")
@@ -107,9 +115,7 @@ class UNetSettings:
     warmup: int = _opt(100, "warm-up steps")
     clips: int = _opt(2000, "16-frame training clips encoded once into the latent + text cache")
     caption_dropout: float = _opt(0.1, "probability of training a frame with the empty prompt (for CFG)")
-    seed: int = _opt(0, "seed of data order, noise, the frozen CLIP and initialisation")
-    dtype: str = _opt("fp16", "export dtype; the frozen CLIP is rounded to it before caching",
-                      choices=tuple(train.DTYPES))
+    seed: int = _opt(0, "seed of data order, noise and initialisation")
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
 
@@ -266,8 +272,6 @@ def load_trained_vae(run_dir: Path) -> tuple[SDVAE, dict]:
     path = vae_path(run_dir)
     if not path.exists():
         raise KineFlowError(f"no trained VAE at {path}; run the 'vae' stage to the end first")
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     vae = SDVAE(TINY_VAE)
@@ -275,21 +279,41 @@ def load_trained_vae(run_dir: Path) -> tuple[SDVAE, dict]:
     return vae.eval().requires_grad_(False), metadata
 
 
-# --------------------------------------------------------------------------- frozen text encoder + cache
+# --------------------------------------------------------------------------- stage 2: text encoder, cache
 def clip_path(run_dir: Path) -> Path:
     return Path(run_dir) / "text" / "clip.safetensors"
 
 
-def prepare_text_encoder(run_dir: Path, seed: int, dtype: torch.dtype) -> SDTextEncoder:
-    """The run's frozen random CLIP (created once, rounded to `dtype`, then read back from `text/`), with the
-    shipped CLIP-L tokenizer, wrapped as the runtime's SD1.5 text encoder so training reads it as sampling does."""
+def clip_states(clip: CLIPTextModel, tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's final hidden states of the captions as the UNet reads them (77 positions), and the real-token mask."""
+    ids, mask = tokenizer.encode(captions, CLIP_LENGTH)
+    return clip(ids).last_hidden_state, mask
+
+
+def train_text(run_dir: Path, settings: TextSettings, *, resume: bool = False,
+               budget: Budget | None = None) -> train.StageResult:
+    """Stage `text`: train the tiny CLIP to parse captions into their scene (train.py's `text` stage, read through
+    CLIP) and save it to text/clip.safetensors, where the unet stage reads it frozen."""
+    run_dir = Path(run_dir)
+    torch.manual_seed(settings.seed)
+    clip, tokenizer = CLIPTextModel(TINY_CLIP), clip_l_tokenizer()
+    result, accuracy = train.train_scene_parser("text", run_dir, "clip", clip,
+                                                lambda captions: clip_states(clip, tokenizer, captions),
+                                                TINY_CLIP.hidden_size, settings, resume=resume, budget=budget)
+    if accuracy and (result.steps_run or not clip_path(run_dir).exists()):
+        save_safetensors(clip.state_dict(), clip_path(run_dir),
+                         {"kineflow.heldout_scene_accuracy": json.dumps(accuracy)})
+    return result
+
+
+def prepare_text_encoder(run_dir: Path) -> SDTextEncoder:
+    """The run's trained CLIP (frozen), with the shipped CLIP-L tokenizer, wrapped as the runtime's SD1.5 text
+    encoder so training reads it as sampling does."""
     path = clip_path(run_dir)
-    torch.manual_seed(seed)
+    if not path.exists():
+        raise KineFlowError(f"no trained CLIP at {path}; run the 'text' stage first")
     clip = CLIPTextModel(TINY_CLIP)
-    if path.exists():
-        clip.load_state_dict(load_file(str(path)))
-    else:
-        save_safetensors(train.round_to(clip, dtype).state_dict(), path)
+    clip.load_state_dict(load_file(str(path)))
     return SDTextEncoder(clip=clip.eval().requires_grad_(False), tokenizer=clip_l_tokenizer(), source=str(path))
 
 
@@ -329,11 +353,11 @@ def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTex
 
 def _prepare(run_dir: Path, settings) -> dict:
     vae, _ = load_trained_vae(run_dir)
-    encoder = prepare_text_encoder(run_dir, settings.seed, train.DTYPES[settings.dtype])
+    encoder = prepare_text_encoder(run_dir)
     return build_cache(run_dir, settings.clips, settings.seed, vae, encoder)
 
 
-# --------------------------------------------------------------------------- stages 2 + 3: UNet, motion module
+# --------------------------------------------------------------------------- stages 3 + 4: UNet, motion module
 _SCHEDULE = DiscreteSchedule(**SCHEDULE)
 ALPHAS_CUMPROD = _SCHEDULE.alphas_cumprod.float()
 
@@ -433,7 +457,7 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
                           budget=budget or Budget())
 
 
-# --------------------------------------------------------------------------- stage 4: export
+# --------------------------------------------------------------------------- stage 5: export
 def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path]:
     """Write the LDM checkpoint, the motion module and the model card under `out`; returns their paths."""
     run_dir, out = Path(run_dir), Path(out)
@@ -445,15 +469,18 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     motion.load_state_dict(motion_ckpt["model"])
     unet, unet_ckpt = load_trained_unet(run_dir)
     vae, vae_meta = load_trained_vae(run_dir)
-    clip = CLIPTextModel(TINY_CLIP)
-    clip.load_state_dict(load_file(str(clip_path(run_dir))))
+    clip = prepare_text_encoder(run_dir).clip
+    with safe_open(str(clip_path(run_dir)), "pt") as f:
+        text_accuracy = f.metadata()["kineflow.heldout_scene_accuracy"]
+    text_ckpt = load_checkpoint(checkpoint_path(run_dir, "text"))
     vae_ckpts = {phase: load_checkpoint(checkpoint_path(run_dir, phase)) for phase in VAE_PHASES}
     dtype = train.DTYPES[dtype_name]
     cast = lambda prefix, m: {prefix + k: v.to(dtype) if v.is_floating_point() else v
                               for k, v in m.state_dict().items()}
-    training = {"vae_steps": {p: ck["step"] for p, ck in vae_ckpts.items()}, "unet_steps": unet_ckpt["step"],
-                "motion_steps": motion_ckpt["step"], "vae": vae_ckpts["vae"]["settings"],
-                "unet": unet_ckpt["settings"], "motion": motion_ckpt["settings"]}
+    training = {"vae_steps": {p: ck["step"] for p, ck in vae_ckpts.items()}, "text_steps": text_ckpt["step"],
+                "unet_steps": unet_ckpt["step"], "motion_steps": motion_ckpt["step"],
+                "vae": vae_ckpts["vae"]["settings"], "text": text_ckpt["settings"], "unet": unet_ckpt["settings"],
+                "motion": motion_ckpt["settings"]}
     paths = {
         "checkpoint": save_safetensors({**cast(UNET_PREFIX, unet), **cast(VAE_PREFIX, vae), **cast(CLIP_PREFIX, clip)},
                                        out / NAMES["checkpoint"], {"kineflow.training": json.dumps(training)}),
@@ -464,8 +491,8 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     sizes = {part: train._size_mb(path) for part, path in paths.items()}
     commands_file = run_dir / train.COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
-    card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, vae_ckpts, unet_ckpt, motion_ckpt,
-                      vae_meta, sizes, dtype_name, commands)
+    card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, vae_ckpts, text_ckpt, text_accuracy,
+                      unet_ckpt, motion_ckpt, vae_meta, sizes, dtype_name, commands)
     with atomic_write(out / CARD_NAME) as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
@@ -475,8 +502,8 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     return {**paths, "card": out / CARD_NAME}
 
 
-def model_card(models: dict, vae_ckpts: dict, unet_ckpt: dict, motion_ckpt: dict, vae_meta: dict, sizes: dict,
-               dtype_name: str, commands: list[str]) -> str:
+def model_card(models: dict, vae_ckpts: dict, text_ckpt: dict, text_accuracy: str, unet_ckpt: dict,
+               motion_ckpt: dict, vae_meta: dict, sizes: dict, dtype_name: str, commands: list[str]) -> str:
     params = {part: sum(p.numel() for p in m.parameters()) for part, m in models.items()}
     hardware = f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, " \
                f"{torch.get_num_threads()} threads"
@@ -511,8 +538,9 @@ with the empty prompt as negative.
 - Motion module ({version}): {motion_ckpt['step']} steps, {minutes(motion_ckpt):.1f} min; settings
   `{json.dumps(motion_ckpt['settings'])}`; trained on {CLIP_FRAMES}-frame clips with the UNet frozen, proj_out
   zero-initialised.
-- Text encoder: CLIP (width {TINY_CLIP.hidden_size}, {TINY_CLIP.num_hidden_layers} layer, the full CLIP-L vocabulary
-  and tokenizer) frozen at its seeded random initialisation; the UNet learned to read it.
+- Text encoder: CLIP (width {TINY_CLIP.hidden_size}, {TINY_CLIP.num_hidden_layers} layers, the full CLIP-L vocabulary
+  and tokenizer) trained to parse captions ({text_ckpt['step']} steps, {minutes(text_ckpt):.1f} min; held-out
+  captions read right: {text_accuracy}), then frozen; the UNet learned to read it.
 - Hardware: {hardware}. Training time excludes data caching.
 
 Commands of this run (time, command; from `{train.COMMANDS_FILE}` in the run folder):
@@ -523,6 +551,7 @@ Commands of this run (time, command; from `{train.COMMANDS_FILE}` in the run fol
 # --------------------------------------------------------------------------- CLI
 STAGES = (
     train.Stage("vae", "vae-", VAESettings, train_vae, "train the SD VAE"),
+    train.Stage("text", "text-", TextSettings, train_text, "train the CLIP text encoder to parse captions"),
     train.Stage("unet", "unet-", UNetSettings, train_unet, "train the UNet (text-to-image)"),
     train.Stage("motion", "motion-", MotionSettings, train_motion, "train the motion module (UNet frozen)"),
 )
