@@ -241,3 +241,31 @@ def test_cli_parses_every_stage_and_reports_a_missing_run(tmp_path, capsys):
     assert (dit.batch_size, dit.shift, dit.steps) == (2, 2.5, train.DiTSettings().steps)
     assert train.main(["export", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "w")]) == 2
     assert "run the 'dit' stage first" in capsys.readouterr().err
+
+
+def test_decay_steps_lower_the_learning_rate_linearly_to_the_end(tmp_path):
+    settings = dataclasses.replace(DIT, warmup=1, decay_steps=2)
+    run_dir = tmp_path / "run"
+    shutil.copytree(_fresh_vae_run(tmp_path), run_dir)
+    assert train.train_dit(run_dir, settings).finished
+    rates = [json.loads(line)["lr"] for line in (run_dir / "dit" / "log.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([settings.lr, settings.lr, settings.lr, settings.lr / 2])
+
+
+def _fresh_vae_run(tmp_path):
+    """The encoder alone trained by the `vae` stage (0 decoder and end-to-end steps), its decoder by `vae-refine`:
+    the latents are final once the encoder is, so the transformer's cache can be built while the decoder trains."""
+    run_dir = tmp_path / "vae_only"
+    if not train.vae_path(run_dir).exists():
+        assert train.train_vae(run_dir, dataclasses.replace(VAE, decoder_steps=0, steps=0)).finished
+        refine = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
+        assert train.refine_vae(run_dir, refine).finished
+    return run_dir
+
+
+def test_export_of_a_run_whose_decoder_was_trained_by_refine(tmp_path):
+    run_dir = _fresh_vae_run(tmp_path)
+    assert not (run_dir / "vae_decoder" / "ckpt.pt").exists() and not (run_dir / "vae" / "ckpt.pt").exists()
+    assert train.train_dit(run_dir, DIT).finished
+    card = train.export(run_dir, tmp_path / "weights")["card"].read_text()
+    assert "vae_encoder 1 steps" in card and "vae_refine 1 steps" in card

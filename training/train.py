@@ -130,6 +130,8 @@ class DiTSettings:
     lr: float = _opt(5e-4, "AdamW learning rate (after a linear warm-up)")
     warmup: int = _opt(100, "warm-up steps")
     clips: int = _opt(4000, "training clips encoded once into the latent + text cache")
+    decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
+                               "change on --resume before the decay has begun")
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
     shift: float = _opt(3.0, "flow shift applied to the sampled sigma, as the sampler shifts its schedule")
     sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
@@ -142,7 +144,7 @@ class DiTSettings:
 
 
 # Settings that may change between a run and its resumption (everything else must match the checkpoint).
-FREE_SETTINGS = ("steps", "encoder_steps", "decoder_steps", "save_every", "log_every")
+FREE_SETTINGS = ("steps", "encoder_steps", "decoder_steps", "decay_steps", "save_every", "log_every")
 
 
 def _resume_keys(settings) -> tuple[str, ...]:
@@ -231,7 +233,7 @@ def run_loop(stage: str, run_dir: Path, model: torch.nn.Module, optimizer: torch
     """Step `model` with `loss_fn(step) -> scalar loss` up to `steps` (default settings.steps) at peak rate `lr`
     (default settings.lr), checkpointing and logging.
 
-    Warm-up sets the learning rate from the step alone and the loss function draws its randomness from
+    Warm-up (and the optional final decay) set the learning rate from the step alone and the loss function draws its randomness from
     `step_rngs`, so a resumed run is the uninterrupted run."""
     total = settings.steps if steps is None else steps
     peak_lr = settings.lr if lr is None else lr
@@ -260,6 +262,9 @@ def run_loop(stage: str, run_dir: Path, model: torch.nn.Module, optimizer: torch
         while step < total and not budget.exhausted():
             t0 = time.monotonic()
             rate = peak_lr * min(1.0, (step + 1) / max(settings.warmup, 1))
+            decay_steps = getattr(settings, "decay_steps", 0)
+            if decay_steps:
+                rate *= min(1.0, (total - step) / decay_steps)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             loss = loss_fn(step)
@@ -734,9 +739,12 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine")
                  if (run_dir / phase / "ckpt.pt").exists()}
     vae_steps = {phase: ckpt["step"] for phase, ckpt in vae_ckpts.items()}
+    # Phases run with 0 steps leave no checkpoint (e.g. the decoder trained by `vae-refine` instead); every
+    # checkpoint of the `vae` stage stores the same settings, so the last one present stands for them.
+    vae_settings = [vae_ckpts[phase]["settings"] for phase in VAE_PHASES if phase in vae_ckpts][-1]
     dit_meta = {"kineflow.latent_rgb_factors": vae_meta["kineflow.latent_rgb_factors"],
                 "kineflow.training": json.dumps({"dit_steps": dit_ckpt["step"], "vae_steps": vae_steps,
-                                                 "dit": dit_ckpt["settings"], "vae": vae_ckpts["vae"]["settings"]})}
+                                                 "dit": dit_ckpt["settings"], "vae": vae_settings})}
     paths = save_family(out, family, dit, vae, encoder.llama, encoder.clip, dtype=DTYPES[dtype_name],
                         dit_metadata=dit_meta)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -744,7 +752,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     sizes = {part: _size_mb(path) for part, path in paths.items()}
     commands_file = run_dir / COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
-    card = model_card(family, vae_ckpts, dit_ckpt, vae_meta, sizes, dtype_name, commands)
+    card = model_card(family, vae_ckpts, vae_settings, dit_ckpt, vae_meta, sizes, dtype_name, commands)
     with atomic_write(out / "MODEL_CARD.md") as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
@@ -758,8 +766,8 @@ def _size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
-def model_card(family: TinyFamily, vae_ckpts: dict, dit_ckpt: dict, vae_meta: dict, sizes: dict, dtype_name: str,
-               commands: list[str]) -> str:
+def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt: dict, vae_meta: dict,
+               sizes: dict, dtype_name: str, commands: list[str]) -> str:
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     with torch.device("meta"):
         counts = {"dit": params(dit_mod.HunyuanVideoDiT(family.dit)), "vae": params(HunyuanVideoVAE(family.vae)),
@@ -780,7 +788,7 @@ end; it knows nothing beyond that dataset's vocabulary.
 {rows}
 
 - VAE: {vae_phases} (training/README.md explains the phases);
-  settings `{json.dumps(vae_ckpts['vae']['settings'])}`;
+  settings `{json.dumps(vae_settings)}`;
   scaling_factor {float(vae_meta['scaling_factor']):.5f} (1 / latent std {float(vae_meta['kineflow.latent_std']):.4f},
   latent mean {float(vae_meta['kineflow.latent_mean']):.4f}).
 - Transformer: {dit_ckpt['step']} steps, {minutes(dit_ckpt):.1f} min; settings `{json.dumps(dit_ckpt['settings'])}`.
