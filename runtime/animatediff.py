@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -222,7 +223,12 @@ def _build_text_encoder(path, dtype, device) -> SDTextEncoder:
 def load_sd_checkpoint(name: str, prediction: str = "eps", dtype_name: str = "auto"
                        ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """UNet, VAE and CLIP-L from one SD1.5 LDM checkpoint in the `checkpoints` folder."""
-    path = host.model_path("checkpoints", name)
+    return load_sd_checkpoint_file(host.model_path("checkpoints", name), prediction, dtype_name)
+
+
+def load_sd_checkpoint_file(path: Path, prediction: str = "eps", dtype_name: str = "auto"
+                            ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
+    """`load_sd_checkpoint` for a file anywhere (the trainer animates a checkpoint given by its path)."""
     header, det = checkpoints.require_family(path, "sd15_checkpoint")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)

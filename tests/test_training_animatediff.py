@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from kineflow.models.animatediff import MotionModule
 from kineflow.models.sd15_unet import SD15UNet
 from kineflow.models.sd_vae import SDVAE
@@ -246,3 +249,26 @@ def test_cli_parses_every_stage_and_reports_a_missing_run(tmp_path, capsys):
     assert "run the 'motion' stage first" in capsys.readouterr().err
     assert ta.main(["motion", *empty]) == 2
     assert "run the 'unet' stage first" in capsys.readouterr().err
+
+
+def test_motion_for_an_existing_checkpoint_with_its_cross_attention_trained(trained_run, tmp_path):
+    """`--base-checkpoint` animates an exported SD1.5 file; with `--cross-attention trained` the UNet's attn2
+    layers (the only path from the prompt to the text-blind motion module) train too, and nothing else of it."""
+    base = ta.export(trained_run, tmp_path / "base")["checkpoint"]
+    settings = dataclasses.replace(MOTION, base_checkpoint=str(base), cross_attention="trained")
+    run_dir = tmp_path / "run"
+    assert ta.train_motion(run_dir, settings).finished
+    with pytest.raises(KineFlowError, match="not a file"):
+        ta.train_motion(tmp_path / "other", dataclasses.replace(settings, base_checkpoint=str(tmp_path / "none")))
+    paths = ta.export(run_dir, tmp_path / "weights")
+    assert f"taken from `{base.name}`" in paths["card"].read_text()
+    assert "cross-attention layers (attn2)" in paths["card"].read_text()
+    before, after = (load_file(str(p)) for p in (base, paths["checkpoint"]))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".attn2." in k for k in changed), sorted(changed)[:5]
+    assert cli_inspect(paths["motion"])["family"] == "animatediff_motion_module"
+    with safe_open(str(paths["checkpoint"]), "pt") as f:
+        record = json.loads(f.metadata()["kineflow.training"])
+    assert record["image_model"] == base.name and record["unet_steps"] == UNET.steps
+

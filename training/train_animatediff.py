@@ -59,7 +59,7 @@ from ..models.sd15_unet import SD15UNet
 from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
 from ..models.sd_vae import SDVAE, SDVAEConfig
 from ..models.tokenization import clip_l_tokenizer
-from ..runtime.animatediff import CLIP_LENGTH, SCHEDULE, SDTextEncoder
+from ..runtime.animatediff import CLIP_LENGTH, SCHEDULE, SDTextEncoder, load_sd_checkpoint_file
 from ..runtime.errors import KineFlowError
 from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
@@ -133,6 +133,13 @@ class MotionSettings:
     seed: int = _opt(0, "seed of data order, noise and initialisation")
     dtype: str = _opt("fp16", "export dtype; the frozen UNet is rounded to it before the motion module trains",
                       choices=tuple(train.DTYPES))
+    cross_attention: str = _opt("frozen", "'trained': the UNet's text cross-attention layers (attn2) train with the "
+                                          "motion module and are exported into the checkpoint. The motion module "
+                                          "never sees the prompt; a UNet trained on single frames has no reason to "
+                                          "pass motion words on, so this is how they reach it",
+                                choices=("frozen", "trained"))
+    base_checkpoint: str = _opt("", "path of an SD1.5 LDM checkpoint to animate instead of this run's vae, text and "
+                                    "unet stages (its UNet, VAE and CLIP)")
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
 
@@ -321,13 +328,14 @@ def cache_path(run_dir: Path) -> Path:
     return Path(run_dir) / "cache" / "clips.pt"
 
 
-def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTextEncoder, batch: int = 8) -> dict:
+def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTextEncoder, sources: dict,
+                batch: int = 8) -> dict:
     """Scaled latents [N, 4, 16, 8, 8] (posterior means) and text states [N, 77, D] of the first `clips` training
     clips, plus the empty prompt's. Shared by the unet and motion stages: a cache of more clips serves a request
-    for fewer (clip i depends only on the seed and i)."""
+    for fewer (clip i depends only on the seed and i). `sources` (digests of the files the VAE and CLIP came
+    from) is part of the cache's key."""
     path = cache_path(run_dir)
-    key = {"seed": seed, "frames": CLIP_FRAMES, "vae": file_digest(vae_path(run_dir)),
-           "clip": file_digest(clip_path(run_dir))}
+    key = {"seed": seed, "frames": CLIP_FRAMES, **sources}
     if path.exists():
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache["key"] == key and len(cache["latents"]) >= clips:
@@ -354,7 +362,8 @@ def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTex
 def _prepare(run_dir: Path, settings) -> dict:
     vae, _ = load_trained_vae(run_dir)
     encoder = prepare_text_encoder(run_dir)
-    return build_cache(run_dir, settings.clips, settings.seed, vae, encoder)
+    sources = {"vae": file_digest(vae_path(run_dir)), "clip": file_digest(clip_path(run_dir))}
+    return build_cache(run_dir, settings.clips, settings.seed, vae, encoder, sources)
 
 
 # --------------------------------------------------------------------------- stages 3 + 4: UNet, motion module
@@ -439,21 +448,56 @@ def load_trained_unet(run_dir: Path, dtype: torch.dtype | None = None) -> tuple[
     return unet.eval().requires_grad_(False), ckpt
 
 
+def load_base_checkpoint(path: str | Path) -> tuple[SD15UNet, SDVAE, SDTextEncoder]:
+    """UNet, VAE and text encoder of an SD1.5 LDM checkpoint file, in float32, frozen."""
+    if not Path(path).is_file():
+        raise KineFlowError(f"--base-checkpoint {str(path)!r} is not a file; expected an SD1.5 LDM checkpoint")
+    model, vae, text = load_sd_checkpoint_file(Path(path), dtype_name="fp32")
+    text.clip.eval().requires_grad_(False)
+    return model.unet.eval().requires_grad_(False), vae.vae.eval().requires_grad_(False), text
+
+
+def motion_parts(trained: torch.nn.Module) -> tuple[MotionModule, SD15UNet | None]:
+    """The motion module (and the UNet whose cross-attention trained with it, if it did) of a motion stage model."""
+    if isinstance(trained, MotionModule):
+        return trained, None
+    return trained["motion"], trained["unet"]
+
+
+def motion_stage_model(settings: MotionSettings, unet: SD15UNet) -> torch.nn.Module:
+    """What the motion stage optimises and checkpoints: the motion module alone, or with `cross_attention`
+    trained, {"motion": module, "unet": UNet whose attn2 layers alone require grad}."""
+    motion = MotionModule(tiny_motion_config(settings.version))  # proj_out zero-initialised
+    if settings.cross_attention == "frozen":
+        return motion
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2"):
+            module.requires_grad_(True)
+    return torch.nn.ModuleDict({"motion": motion, "unet": unet})
+
+
 def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = False,
                  budget: Budget | None = None) -> train.StageResult:
     run_dir = Path(run_dir)
-    unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
-    cache = _prepare(run_dir, settings)
+    if settings.base_checkpoint:
+        unet, vae, encoder = load_base_checkpoint(settings.base_checkpoint)
+        cache = build_cache(run_dir, settings.clips, settings.seed, vae, encoder,
+                            {"checkpoint": file_digest(Path(settings.base_checkpoint))})
+    else:
+        unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
+        cache = _prepare(run_dir, settings)
     torch.manual_seed(settings.seed)
-    motion = MotionModule(tiny_motion_config(settings.version))  # proj_out zero-initialised
-    optimizer = torch.optim.AdamW(motion.parameters(), lr=settings.lr, weight_decay=0.0)
+    trained = motion_stage_model(settings, unet)
+    motion, _ = motion_parts(trained)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=0.0)
     n = len(cache["latents"])
 
     def loss_fn(step: int) -> torch.Tensor:
         rng, gen = step_rngs(settings.seed, "motion", step)
         return motion_loss(unet, motion, cache, rng.integers(0, n, settings.batch_size), gen, settings)
 
-    return train.run_loop("motion", run_dir, motion, optimizer, loss_fn, settings, resume=resume,
+    return train.run_loop("motion", run_dir, trained, optimizer, loss_fn, settings, resume=resume,
                           budget=budget or Budget())
 
 
@@ -465,22 +509,22 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     if not motion_ckpt_path.exists():
         raise KineFlowError(f"no motion module checkpoint at {motion_ckpt_path}; run the 'motion' stage first")
     motion_ckpt = load_checkpoint(motion_ckpt_path)
-    motion = MotionModule(tiny_motion_config(motion_ckpt["settings"]["version"]))
-    motion.load_state_dict(motion_ckpt["model"])
-    unet, unet_ckpt = load_trained_unet(run_dir)
-    vae, vae_meta = load_trained_vae(run_dir)
-    clip = prepare_text_encoder(run_dir).clip
-    with safe_open(str(clip_path(run_dir)), "pt") as f:
-        text_accuracy = f.metadata()["kineflow.heldout_scene_accuracy"]
-    text_ckpt = load_checkpoint(checkpoint_path(run_dir, "text"))
-    vae_ckpts = {phase: load_checkpoint(checkpoint_path(run_dir, phase)) for phase in VAE_PHASES}
+    settings = MotionSettings(**motion_ckpt["settings"])
+    if settings.base_checkpoint:
+        unet, vae, encoder = load_base_checkpoint(settings.base_checkpoint)
+        clip, image_notes, record = encoder.clip, *_base_image_notes(Path(settings.base_checkpoint))
+    else:
+        unet, unet_ckpt = load_trained_unet(run_dir)
+        vae, vae_meta = load_trained_vae(run_dir)
+        clip = prepare_text_encoder(run_dir).clip
+        image_notes, record = _run_image_notes(run_dir, unet_ckpt, vae_meta)
+    trained = motion_stage_model(settings, unet)
+    trained.load_state_dict(motion_ckpt["model"])
+    motion, _ = motion_parts(trained)
     dtype = train.DTYPES[dtype_name]
     cast = lambda prefix, m: {prefix + k: v.to(dtype) if v.is_floating_point() else v
                               for k, v in m.state_dict().items()}
-    training = {"vae_steps": {p: ck["step"] for p, ck in vae_ckpts.items()}, "text_steps": text_ckpt["step"],
-                "unet_steps": unet_ckpt["step"], "motion_steps": motion_ckpt["step"],
-                "vae": vae_ckpts["vae"]["settings"], "text": text_ckpt["settings"], "unet": unet_ckpt["settings"],
-                "motion": motion_ckpt["settings"]}
+    training = {**record, "motion_steps": motion_ckpt["step"], "motion": motion_ckpt["settings"]}
     paths = {
         "checkpoint": save_safetensors({**cast(UNET_PREFIX, unet), **cast(VAE_PREFIX, vae), **cast(CLIP_PREFIX, clip)},
                                        out / NAMES["checkpoint"], {"kineflow.training": json.dumps(training)}),
@@ -491,8 +535,8 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     sizes = {part: train._size_mb(path) for part, path in paths.items()}
     commands_file = run_dir / train.COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
-    card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, vae_ckpts, text_ckpt, text_accuracy,
-                      unet_ckpt, motion_ckpt, vae_meta, sizes, dtype_name, commands)
+    card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, image_notes, motion_ckpt, sizes,
+                      dtype_name, commands)
     with atomic_write(out / CARD_NAME) as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
@@ -502,18 +546,61 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     return {**paths, "card": out / CARD_NAME}
 
 
-def model_card(models: dict, vae_ckpts: dict, text_ckpt: dict, text_accuracy: str, unet_ckpt: dict,
-               motion_ckpt: dict, vae_meta: dict, sizes: dict, dtype_name: str, commands: list[str]) -> str:
+def _minutes(ckpt: dict) -> float:
+    return ckpt["train_seconds"] / 60.0
+
+
+def _run_image_notes(run_dir: Path, unet_ckpt: dict, vae_meta: dict) -> tuple[str, dict]:
+    """The model card's lines on an image model trained in this run, and its training record."""
+    with safe_open(str(clip_path(run_dir)), "pt") as f:
+        text_accuracy = f.metadata()["kineflow.heldout_scene_accuracy"]
+    text_ckpt = load_checkpoint(checkpoint_path(run_dir, "text"))
+    vae_ckpts = {phase: load_checkpoint(checkpoint_path(run_dir, phase)) for phase in VAE_PHASES}
+    vae_phases = ", ".join(f"{phase} {ck['step']} steps / {_minutes(ck):.1f} min" for phase, ck in vae_ckpts.items())
+    record = {"vae_steps": {p: ck["step"] for p, ck in vae_ckpts.items()}, "text_steps": text_ckpt["step"],
+              "unet_steps": unet_ckpt["step"], "vae": vae_ckpts["vae"]["settings"], "text": text_ckpt["settings"],
+              "unet": unet_ckpt["settings"]}
+    notes = f"""- VAE (SD KL-f8, per frame): {vae_phases} (training/README.md explains the phases); settings
+  `{json.dumps(vae_ckpts['vae']['settings'])}`. Its latent scale is folded into `quant_conv`/`post_quant_conv` so
+  that SD1.5's scaling_factor {SD15_SCALING_FACTOR} gives latents of std
+  {float(vae_meta['kineflow.scaled_latent_std']):.4f} (mean {float(vae_meta['kineflow.scaled_latent_mean']):.4f}).
+- UNet: {unet_ckpt['step']} steps, {_minutes(unet_ckpt):.1f} min; settings `{json.dumps(unet_ckpt['settings'])}`.
+  Epsilon prediction, discrete schedule β {SCHEDULE['beta_start']} -> {SCHEDULE['beta_end']} linear over
+  {SCHEDULE['num_train_timesteps']} steps (AnimateDiff's), 10% empty captions for CFG.
+- Text encoder: CLIP (width {TINY_CLIP.hidden_size}, {TINY_CLIP.num_hidden_layers} layers, the full CLIP-L vocabulary
+  and tokenizer) trained to parse captions ({text_ckpt['step']} steps, {_minutes(text_ckpt):.1f} min; held-out
+  captions read right: {text_accuracy}), then frozen; the UNet learned to read it.
+"""
+    return notes, record
+
+
+def _base_image_notes(base: Path) -> tuple[str, dict]:
+    """The model card's lines on an image model taken from an existing checkpoint, and its training record (the
+    one KineFlow's export embeds, `{}` for other files)."""
+    with safe_open(str(base), "pt") as f:
+        record = json.loads((f.metadata() or {}).get("kineflow.training", "{}"))
+    image = {key: record[key] for key in ("vae_steps", "text_steps", "unet_steps", "vae", "text", "unet")
+             if key in record}
+    notes = f"""- Image model (UNet, VAE, CLIP text encoder): taken from `{base.name}` (sha256
+  {file_digest(base)[:16]}...); its training record: `{json.dumps(image) if image else "none embedded"}`.
+"""
+    return notes, {"image_model": base.name, **image}
+
+
+def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, dtype_name: str,
+               commands: list[str]) -> str:
     params = {part: sum(p.numel() for p in m.parameters()) for part, m in models.items()}
     hardware = f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, " \
                f"{torch.get_num_threads()} threads"
-    minutes = lambda ck: ck["train_seconds"] / 60.0
-    vae_phases = ", ".join(f"{phase} {ck['step']} steps / {minutes(ck):.1f} min" for phase, ck in vae_ckpts.items())
-    version = motion_ckpt["settings"]["version"]
+    settings = motion_ckpt["settings"]
+    version = settings["version"]
     sd_params = " / ".join(f"{params[part]:,}" for part in ("unet", "vae", "clip"))
     rows = (f"| `{NAMES['checkpoint']}` | UNet / VAE / CLIP text | {sd_params} | {sizes['checkpoint']:.2f} MB |\n"
             f"| `{NAMES['motion']}` | AnimateDiff {version} motion module | {params['motion']:,} | "
             f"{sizes['motion']:.2f} MB |")
+    frozen = ("the UNet frozen" if settings.get("cross_attention", "frozen") == "frozen" else
+              "the UNet frozen except its text cross-attention layers (attn2), which trained with it and are saved "
+              "in the checkpoint")
     return f"""# KineFlow tiny AnimateDiff-family model
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
@@ -528,19 +615,8 @@ end to end; it knows nothing beyond that dataset's vocabulary.
 Use: Load SD Checkpoint (prediction eps) -> Load Motion Module -> Apply Motion Module, 16 frames of 64x64, cfg > 1
 with the empty prompt as negative.
 
-- VAE (SD KL-f8, per frame): {vae_phases} (training/README.md explains the phases); settings
-  `{json.dumps(vae_ckpts['vae']['settings'])}`. Its latent scale is folded into `quant_conv`/`post_quant_conv` so
-  that SD1.5's scaling_factor {SD15_SCALING_FACTOR} gives latents of std
-  {float(vae_meta['kineflow.scaled_latent_std']):.4f} (mean {float(vae_meta['kineflow.scaled_latent_mean']):.4f}).
-- UNet: {unet_ckpt['step']} steps, {minutes(unet_ckpt):.1f} min; settings `{json.dumps(unet_ckpt['settings'])}`.
-  Epsilon prediction, discrete schedule β {SCHEDULE['beta_start']} -> {SCHEDULE['beta_end']} linear over
-  {SCHEDULE['num_train_timesteps']} steps (AnimateDiff's), 10% empty captions for CFG.
-- Motion module ({version}): {motion_ckpt['step']} steps, {minutes(motion_ckpt):.1f} min; settings
-  `{json.dumps(motion_ckpt['settings'])}`; trained on {CLIP_FRAMES}-frame clips with the UNet frozen, proj_out
-  zero-initialised.
-- Text encoder: CLIP (width {TINY_CLIP.hidden_size}, {TINY_CLIP.num_hidden_layers} layers, the full CLIP-L vocabulary
-  and tokenizer) trained to parse captions ({text_ckpt['step']} steps, {minutes(text_ckpt):.1f} min; held-out
-  captions read right: {text_accuracy}), then frozen; the UNet learned to read it.
+{image_notes}- Motion module ({version}): {motion_ckpt['step']} steps, {_minutes(motion_ckpt):.1f} min; settings
+  `{json.dumps(settings)}`; trained on {CLIP_FRAMES}-frame clips with {frozen}; proj_out zero-initialised.
 - Hardware: {hardware}. Training time excludes data caching.
 
 Commands of this run (time, command; from `{train.COMMANDS_FILE}` in the run folder):
@@ -553,7 +629,8 @@ STAGES = (
     train.Stage("vae", "vae-", VAESettings, train_vae, "train the SD VAE"),
     train.Stage("text", "text-", TextSettings, train_text, "train the CLIP text encoder to parse captions"),
     train.Stage("unet", "unet-", UNetSettings, train_unet, "train the UNet (text-to-image)"),
-    train.Stage("motion", "motion-", MotionSettings, train_motion, "train the motion module (UNet frozen)"),
+    train.Stage("motion", "motion-", MotionSettings, train_motion,
+                "train the motion module (UNet frozen, or its cross-attention with it)"),
 )
 
 
