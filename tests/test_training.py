@@ -263,9 +263,14 @@ def _fresh_vae_run(tmp_path):
     return run_dir
 
 
-def test_export_of_a_run_whose_decoder_was_trained_by_refine(tmp_path):
+def test_export_of_a_run_whose_decoder_was_trained_by_refine(tmp_path, monkeypatch):
+    """Also with one token per latent pixel (--patch-size 1): the loader reads the patch from the weights."""
     run_dir = _fresh_vae_run(tmp_path)
     assert not (run_dir / "vae_decoder" / "ckpt.pt").exists() and not (run_dir / "vae" / "ckpt.pt").exists()
-    assert train.train_dit(run_dir, DIT).finished
-    card = train.export(run_dir, tmp_path / "weights")["card"].read_text()
+    assert train.train_dit(run_dir, dataclasses.replace(DIT, patch_size=1)).finished
+    paths = train.export(run_dir, tmp_path / "weights")
+    card = paths["card"].read_text()
     assert "vae_encoder 1 steps" in card and "vae_refine 1 steps" in card
+    monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
+    host.configure(models_dir=tmp_path / "weights")
+    assert load_video_model("kineflow_tiny_dit.safetensors").net.config.patch_size == (1, 1, 1)

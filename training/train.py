@@ -132,6 +132,8 @@ class DiTSettings:
     clips: int = _opt(4000, "training clips encoded once into the latent + text cache")
     decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
                                "change on --resume before the decay has begun")
+    patch_size: int = _opt(2, "spatial patch of the transformer's tokens (HunyuanVideo's is 2: one token per 2x2 "
+                              "latent pixels, 16x16 video pixels; 1 gives 4x the tokens)")
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
     shift: float = _opt(3.0, "flow shift applied to the sampled sigma, as the sampler shifts its schedule")
     sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
@@ -702,6 +704,10 @@ def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Gene
     return F.mse_loss(velocity.float(), noise - x0)
 
 
+def dit_config(family: TinyFamily, settings: DiTSettings) -> dit_mod.HunyuanVideoDiTConfig:
+    return dataclasses.replace(family.dit, patch_size=(1, settings.patch_size, settings.patch_size))
+
+
 def dit_checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / "dit" / "ckpt.pt"
 
@@ -712,6 +718,7 @@ def train_dit(run_dir: Path, settings: DiTSettings, *, resume: bool = False, bud
     encoder, family = prepare_text_encoders(run_dir, settings.seed, DTYPES[settings.dtype])
     cache = build_cache(run_dir, settings, vae, encoder)
     torch.manual_seed(settings.seed)
+    family.dit = dit_config(family, settings)
     dit = trainable_dit(family.dit)
     optimizer = torch.optim.AdamW(dit.parameters(), lr=settings.lr, weight_decay=0.0)
     n = len(cache["latents"])
@@ -734,6 +741,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     dit_settings = DiTSettings(**dit_ckpt["settings"])
     vae, vae_meta = load_trained_vae(run_dir)
     encoder, family = prepare_text_encoders(run_dir, dit_settings.seed, DTYPES[dit_settings.dtype])
+    family.dit = dit_config(family, dit_settings)
     dit = trainable_dit(family.dit)
     dit.load_state_dict(dit_ckpt["model"])
     vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine")
