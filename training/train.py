@@ -749,7 +749,11 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     vae_steps = {phase: ckpt["step"] for phase, ckpt in vae_ckpts.items()}
     # Phases run with 0 steps leave no checkpoint (e.g. the decoder trained by `vae-refine` instead); every
     # checkpoint of the `vae` stage stores the same settings, so the last one present stands for them.
-    vae_settings = [vae_ckpts[phase]["settings"] for phase in VAE_PHASES if phase in vae_ckpts][-1]
+    vae_settings = [vae_ckpts[phase]["settings"] for phase in VAE_PHASES if phase in vae_ckpts]
+    if not vae_settings:
+        raise KineFlowError(f"no VAE training checkpoint in {run_dir} ({', '.join(VAE_PHASES)}/ckpt.pt); the model "
+                            "card needs the VAE's training record")
+    vae_settings = vae_settings[-1]
     dit_meta = {"kineflow.latent_rgb_factors": vae_meta["kineflow.latent_rgb_factors"],
                 "kineflow.training": json.dumps({"dit_steps": dit_ckpt["step"], "vae_steps": vae_steps,
                                                  "dit": dit_ckpt["settings"], "vae": vae_settings})}
