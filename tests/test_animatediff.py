@@ -89,6 +89,7 @@ def test_too_many_frames_for_the_positional_table(tiny_video_model):
 
 
 def test_v1_shares_resnet_norm_statistics_across_frames():
+    torch.manual_seed(0)
     unet = su.SD15UNet(su.SD15UNetConfig.tiny()).eval()
     motion = ad.MotionModule(ad.MotionModuleConfig.tiny("v1")).eval()
     motion.scale = 0.0
@@ -97,9 +98,12 @@ def test_v1_shares_resnet_norm_statistics_across_frames():
         shared = ad.attach(unet, motion)(x, t, ctx, video_frames=3)
         per_frame = unet(x, t, ctx)
         single = ad.attach(unet, motion)(x[:1], t[:1], ctx[:1], video_frames=1)
+        single_per_frame = unet(x[:1], t[:1], ctx[:1])
     assert motion.norm_across_frames and not ad.MotionModuleConfig.tiny("v3").norm_across_frames
     assert not torch.allclose(shared, per_frame, atol=1e-4)
-    assert torch.allclose(single, per_frame[:1], atol=1e-6)
+    # A one-frame video has nothing to share. Compared at the same batch size: a batch of 3 and a batch of 1
+    # take different matmul blockings, which alone differ by ~1e-6.
+    assert torch.allclose(single, single_per_frame, atol=1e-6)
 
 
 class _PerFrameGroupNorm(nn.GroupNorm):
