@@ -274,3 +274,16 @@ def test_export_of_a_run_whose_decoder_was_trained_by_refine(tmp_path, monkeypat
     monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
     host.configure(models_dir=tmp_path / "weights")
     assert load_video_model("kineflow_tiny_dit.safetensors").net.config.patch_size == (1, 1, 1)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(_fresh_vae_run(tmp_path), run_dir)
+    train.train_dit(run_dir, dataclasses.replace(DIT, steps=2))
+    path = train.dit_checkpoint_path(run_dir)
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["settings"]["patch_size"]  # as written before --patch-size existed
+    torch.save(ckpt, path)
+    assert train.train_dit(run_dir, DIT, resume=True).finished
+    with pytest.raises(KineFlowError, match="patch_size"):
+        train.train_dit(run_dir, dataclasses.replace(DIT, steps=6, patch_size=1), resume=True)

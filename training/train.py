@@ -246,6 +246,8 @@ def run_loop(stage: str, run_dir: Path, model: torch.nn.Module, optimizer: torch
         if not resume:
             raise KineFlowError(f"{ckpt_path} already exists; pass --resume to continue it or use another --run-dir")
         ckpt = load_checkpoint(ckpt_path)
+        # A setting added to the code after the checkpoint was written stands at its default there.
+        ckpt["settings"] = {**dataclasses.asdict(type(settings)()), **ckpt["settings"]}
         check_resumable(ckpt, as_dict, _resume_keys(settings), ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
