@@ -256,10 +256,9 @@ def _fresh_vae_run(tmp_path):
     """The encoder alone trained by the `vae` stage (0 decoder and end-to-end steps), its decoder by `vae-refine`:
     the latents are final once the encoder is, so the transformer's cache can be built while the decoder trains."""
     run_dir = tmp_path / "vae_only"
-    if not train.vae_path(run_dir).exists():
-        assert train.train_vae(run_dir, dataclasses.replace(VAE, decoder_steps=0, steps=0)).finished
-        refine = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
-        assert train.refine_vae(run_dir, refine).finished
+    assert train.train_vae(run_dir, dataclasses.replace(VAE, decoder_steps=0, steps=0)).finished
+    refine = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
+    assert train.refine_vae(run_dir, refine).finished
     return run_dir
 
 

@@ -235,10 +235,11 @@ def run_loop(stage: str, run_dir: Path, model: torch.nn.Module, optimizer: torch
     """Step `model` with `loss_fn(step) -> scalar loss` up to `steps` (default settings.steps) at peak rate `lr`
     (default settings.lr), checkpointing and logging.
 
-    Warm-up (and the optional final decay) set the learning rate from the step alone and the loss function draws its randomness from
-    `step_rngs`, so a resumed run is the uninterrupted run."""
+    Warm-up (and the optional final decay) set the learning rate from the step alone and the loss function draws
+    its randomness from `step_rngs`, so a resumed run is the uninterrupted run."""
     total = settings.steps if steps is None else steps
     peak_lr = settings.lr if lr is None else lr
+    decay_steps = getattr(settings, "decay_steps", 0)  # only some stages' settings have a final decay
     ckpt_path = run_dir / stage / "ckpt.pt"
     as_dict = dataclasses.asdict(settings)
     step, seconds, loss_ema = 0, 0.0, None
@@ -266,7 +267,6 @@ def run_loop(stage: str, run_dir: Path, model: torch.nn.Module, optimizer: torch
         while step < total and not budget.exhausted():
             t0 = time.monotonic()
             rate = peak_lr * min(1.0, (step + 1) / max(settings.warmup, 1))
-            decay_steps = getattr(settings, "decay_steps", 0)
             if decay_steps:
                 rate *= min(1.0, (total - step) / decay_steps)
             for group in optimizer.param_groups:
