@@ -57,14 +57,31 @@ def test_shapes_stay_in_frame_and_apart():
     for spec in _specs("train", 400, seed=2, two_shape_prob=0.5) + _specs("train", 50, seed=3, height=40, width=96):
         for shape in spec.shapes:
             assert D.fits_in_frame(shape, spec.frames, spec.height, spec.width)
+            travel_range = D.TRAVEL_RANGE if len(spec.shapes) == 1 else D.TWO_SHAPE_TRAVEL_RANGE
             if shape.direction != "still":
-                assert shape.travel >= D.TRAVEL_RANGE[0] * 0.999
+                assert shape.travel >= travel_range[0] * 0.999
         if len(spec.shapes) == 2:
             assert D.shapes_apart(*spec.shapes, spec.frames, spec.height, spec.width)
             assert all(s.scale_change == "none" for s in spec.shapes)
+            first, second = (D._boxes(s, spec.frames, spec.height, spec.width) for s in spec.shapes)
+            assert first[:, 1].max() <= spec.width / 2 and second[:, 0].min() >= spec.width / 2
         clip = D.render(spec)
         border = np.concatenate([clip[:, [0, -1]].reshape(-1, 3), clip[:, :, [0, -1]].reshape(-1, 3)])
         assert (border == np.array(D.COLOURS[spec.background], dtype=np.uint8)).all()
+
+
+def test_trajectories_are_centred_so_the_caption_fixes_where_a_shape_goes():
+    """A shape moving left starts right of its region's centre and ends left of it, whatever the seed."""
+    for spec in _specs("train", 300, seed=4, two_shape_prob=0.5):
+        for i, shape in enumerate(spec.shapes):
+            cx, cy, _ = D._trajectory(shape, spec.frames, spec.height, spec.width)
+            region_mid = 0.5 if len(spec.shapes) == 1 else (0.25, 0.75)[i]
+            slack = D.CENTRE_JITTER + shape.size * 2 / 3  # the triangle's centroid sits off its box centre
+            assert abs((cx[0] + cx[-1]) / 2 / spec.width - region_mid) <= slack + 1e-6
+            assert abs((cy[0] + cy[-1]) / 2 / spec.height - 0.5) <= slack + 1e-6
+            ux, uy = D.DIRECTIONS[shape.direction]
+            if ux:
+                assert np.sign(cx[0] - region_mid * spec.width) == -np.sign(ux)
 
 
 def test_render_draws_the_spec():

@@ -183,11 +183,12 @@ def test_foreground_weights_mark_the_shape_not_the_background():
 def test_vae_refine_trains_the_decoder_and_keeps_the_latents(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
-    before, _ = train.load_trained_vae(run_dir)
-    settings = train.RefineSettings(steps=2, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
+    before, meta_before = train.load_trained_vae(run_dir)
+    # other clips than the vae stage saw (seed 7): the latent statistics still belong to the unchanged encoder
+    settings = train.RefineSettings(steps=2, batch_size=1, crop=16, clips=4, seed=7, save_every=1, log_every=1)
     assert train.refine_vae(run_dir, settings).finished
-    after, _ = train.load_trained_vae(run_dir)
-    assert train.encoder_digest(after) == train.encoder_digest(before)
+    after, meta_after = train.load_trained_vae(run_dir)
+    assert train.encoder_digest(after) == train.encoder_digest(before) and meta_after == meta_before
     assert not torch.equal(after.decoder.conv_out.conv.weight, before.decoder.conv_out.conv.weight)
     # the transformer's cache is keyed by the encoder, so it stays valid: resuming 'dit' does not rebuild it
     cache = run_dir / "dit" / "cache.pt"

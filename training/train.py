@@ -99,6 +99,8 @@ class RefineSettings:
     steps: int = _opt(2000, "decoder steps (a resumed run continues up to this)")
     lr: float = _opt(5e-4, "Adam learning rate (after a linear warm-up)")
     warmup: int = _opt(50, "warm-up steps")
+    decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
+                               "change on --resume before the decay has begun")
     batch_size: int = _opt(8, "clips per step")
     crop: int = _opt(32, "side of the random square crop trained on (multiple of 8, <= 64)")
     foreground_weight: float = _opt(4.0, "extra L1 weight of pixels that differ from the clip's background")
@@ -422,7 +424,7 @@ def refine_vae(run_dir: Path, settings: RefineSettings, *, resume: bool = False,
     The latents (and so the transformer's cache and training) do not change, so this can run on the second
     core while the `dit` stage trains; `export` takes whichever decoder `vae/vae.safetensors` holds then."""
     run_dir = Path(run_dir)
-    vae, _ = load_trained_vae(run_dir)
+    vae, metadata = load_trained_vae(run_dir)
     start = run_dir / "vae_refine" / "start.safetensors"  # the decoder refining starts from, kept for resumes
     if not start.exists():
         save_safetensors(vae.state_dict(), start)
@@ -444,14 +446,18 @@ def refine_vae(run_dir: Path, settings: RefineSettings, *, resume: bool = False,
     result = run_loop("vae_refine", run_dir, trained, optimizer, loss_fn, settings, resume=resume,
                       budget=budget or Budget())
     if result.finished and result.steps_run:
-        finalize_vae(run_dir, vae, data, settings)
+        round_to(vae, DTYPES[settings.dtype]).eval()
+        save_safetensors(vae.state_dict(), vae_path(run_dir), metadata)
         if encoder_digest(vae) != before:
             raise KineFlowError("vae-refine changed the encoder's latents; this is a bug")
     return result
 
 
 def finalize_vae(run_dir: Path, vae: HunyuanVideoVAE, data: shapes.ShapesVideoDataset, settings) -> Path:
-    """Round to the export dtype, set scaling_factor = 1/std of full-size latents, fit preview factors, save."""
+    """Round to the export dtype, set scaling_factor = 1/std of full-size latents, fit preview factors, save.
+
+    Only the `vae` stage does this: the statistics belong to the encoder, which `vae-refine` keeps (and so
+    keeps its file's metadata, even when the dataset changed in between)."""
     round_to(vae, DTYPES[settings.dtype]).eval()
     rng, _ = step_rngs(settings.seed, "fit", 0)
     indices = rng.choice(settings.clips, size=min(FIT_CLIPS, settings.clips), replace=False)
