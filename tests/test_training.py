@@ -197,6 +197,17 @@ def test_vae_refine_trains_the_decoder_and_keeps_the_latents(trained_run, tmp_pa
     assert cache.stat().st_mtime_ns == stamp
 
 
+def test_a_new_dataset_version_rebuilds_the_transformer_cache(trained_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    cache = run_dir / "dit" / "cache.pt"
+    stamp = cache.stat().st_mtime_ns
+    monkeypatch.setattr(train.shapes, "DATASET_VERSION", train.shapes.DATASET_VERSION + 1)
+    train.train_dit(run_dir, dataclasses.replace(DIT, steps=DIT.steps + 1), resume=True)
+    assert cache.stat().st_mtime_ns != stamp
+    assert torch.load(cache, weights_only=True)["key"]["dataset"] == train.shapes.DATASET_VERSION
+
+
 def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "weights"
     paths = train.export(trained_run, out)

@@ -145,6 +145,23 @@ def test_motion_module_starts_as_the_image_model_and_its_loss_falls():
     assert all(p.grad is None for p in unet.parameters())
 
 
+def test_high_noise_weight_counts_clips_by_their_x0_error_up_to_the_cap():
+    t = torch.tensor([0, 300, 500, 999])
+    weights = ta.high_noise_weights(t, 25.0)
+    a = ta.ALPHAS_CUMPROD[t]
+    assert weights[0] == 1.0 and weights[-1] == 25.0  # floored at 1, capped
+    assert weights[1:3].tolist() == pytest.approx(((1 - a[1:3]) / a[1:3]).tolist())
+    assert ta.high_noise_weights(t, 1.0).tolist() == [1.0] * 4
+    # cap 1 is AnimateDiff's plain epsilon MSE; a larger cap changes the loss of a mixed-timestep batch
+    torch.manual_seed(0)
+    unet = SD15UNet(TINY_UNET).requires_grad_(False)
+    motion = MotionModule(tiny_motion_config(MOTION.version))
+    cache = _random_cache(clips=4)
+    loss = lambda cap: ta.motion_loss(unet, motion, cache, [0, 1, 2, 3], torch.Generator().manual_seed(3),
+                                      dataclasses.replace(MOTION, high_noise_weight=cap)).item()
+    assert loss(1.0) != pytest.approx(loss(25.0), rel=1e-3)
+
+
 def test_resume_continues_exactly(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     for name in ("vae", "text", "cache"):  # reuse the finished VAE, CLIP and cache

@@ -57,6 +57,10 @@ SCALE_CHANGES: tuple[str, ...] = ("none", "grows", "shrinks")
 GROWTH_FACTOR = 1.6
 HELDOUT_FRACTION = 0.15
 
+# Bumped whenever the clips a (seed, index) pair renders change, so the trainers' latent caches rebuild.
+# 2: trajectories centred in their region, larger shapes (2026-12-02).
+DATASET_VERSION = 2
+
 # Ranges for sampled geometry (fractions of the shorter image side).
 TRAVEL_RANGE = (0.22, 0.40)
 SIZE_RANGES = {  # half-extent at the first frame, per scale change

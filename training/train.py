@@ -653,7 +653,8 @@ def build_cache(run_dir: Path, settings: DiTSettings, vae: HunyuanVideoVAE, enco
                 batch: int = 16) -> dict:
     """Scaled latents (posterior means) and text conditioning of the training clips, plus the empty prompt."""
     path = Path(run_dir) / "dit" / "cache.pt"
-    key = {"clips": settings.clips, "seed": settings.seed, "vae_encoder": encoder_digest(vae),
+    key = {"clips": settings.clips, "seed": settings.seed, "dataset": shapes.DATASET_VERSION,
+           "vae_encoder": encoder_digest(vae),
            "llama": hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in
                                             encoder.llama.state_dict().values())).hexdigest()}
     if path.exists():

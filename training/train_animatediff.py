@@ -138,6 +138,9 @@ class MotionSettings:
                                           "never sees the prompt; a UNet trained on single frames has no reason to "
                                           "pass motion words on, so this is how they reach it",
                                 choices=("frozen", "trained"))
+    high_noise_weight: float = _opt(1.0, "cap of the per-clip loss weight 1/SNR(t), floored at 1 (1 = AnimateDiff's "
+                                         "plain epsilon loss). The high-noise steps decide where each frame's shape "
+                                         "is, and the plain loss hardly rewards them (training/README.md)")
     base_checkpoint: str = _opt("", "path of an SD1.5 LDM checkpoint to animate instead of this run's vae, text and "
                                     "unet stages (its UNet, VAE and CLIP)")
     save_every: int = _opt(250, "checkpoint every N steps")
@@ -335,7 +338,7 @@ def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTex
     for fewer (clip i depends only on the seed and i). `sources` (digests of the files the VAE and CLIP came
     from) is part of the cache's key."""
     path = cache_path(run_dir)
-    key = {"seed": seed, "frames": CLIP_FRAMES, **sources}
+    key = {"seed": seed, "frames": CLIP_FRAMES, "dataset": shapes.DATASET_VERSION, **sources}
     if path.exists():
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache["key"] == key and len(cache["latents"]) >= clips:
@@ -406,7 +409,16 @@ def motion_loss(unet: SD15UNet, motion: MotionModule, cache: dict, clips, gen: t
     x_t = noised(x0, timesteps, noise).transpose(1, 2).reshape(b * f, c, h, w)
     pred = unet(x_t, timesteps.float().repeat_interleave(f), context.repeat_interleave(f, dim=0), video_frames=f,
                 temporal=motion)
-    return F.mse_loss(pred.float(), noise.transpose(1, 2).reshape(b * f, c, h, w))
+    per_clip = (pred.float() - noise.transpose(1, 2).reshape(b * f, c, h, w)).square().view(b, -1).mean(dim=1)
+    weights = high_noise_weights(timesteps, settings.high_noise_weight)
+    return (weights * per_clip).sum() / weights.sum()
+
+
+def high_noise_weights(timesteps: torch.Tensor, cap: float) -> torch.Tensor:
+    """clamp(1/SNR(t), 1, cap): an epsilon error at timestep t is a 1/SNR(t) times larger x0 error, so this
+    counts high-noise errors closer to what they cost the clip (cap 1: all equal)."""
+    a = ALPHAS_CUMPROD[timesteps]
+    return ((1.0 - a) / a).clamp(1.0, max(cap, 1.0))
 
 
 def checkpoint_path(run_dir: Path, stage: str) -> Path:
