@@ -11,7 +11,7 @@ class KineFlowShapesVideo:
     DESCRIPTION = (
         "Renders a short clip of a flat shape moving over a flat background, exactly like the clips the tiny "
         "KineFlow models were trained on. Use it as a test pattern for video-to-video or to check a workflow "
-        "without a model. The seed chooses the size, start position and travel distance."
+        "without a model. The path is centred in the frame; the seed chooses the size, the travel distance and a small offset of the path."
     )
     CATEGORY = "KineFlow/video"
     RETURN_TYPES = ("IMAGE",)
@@ -63,7 +63,7 @@ class KineFlowShapesVideo:
                         "min": 0,
                         "max": 0xFFFFFFFFFFFFFFFF,
                         "step": 1,
-                        "tooltip": "Chooses the size, start position and travel distance of the shape.",
+                        "tooltip": "Chooses the size, the travel distance and a small offset of the centred path.",
                     },
                 ),
             }
