@@ -3,7 +3,8 @@
 Each clip is described by a `ClipSpec` (background colour + one or two `ShapeSpec`s) and rendered with
 analytic anti-aliasing (pixel coverage from a signed distance, no supersampling), so thousands of clips render
 in seconds. Geometry is stored resolution-independently: centres as fractions of width/height, sizes and
-travel distances as fractions of the shorter image side.
+travel distances as fractions of the shorter image side. Paths are centred (see CENTRE_JITTER), so a caption
+says where its shapes start and end, not only which way they go.
 
 Train / held-out split: a stable hash of the attribute combination (colour, shape, direction, background)
 puts about `HELDOUT_FRACTION` of all combinations in the held-out set. Training clips only use training
