@@ -115,6 +115,9 @@ class UNetSettings:
     warmup: int = _opt(100, "warm-up steps")
     clips: int = _opt(2000, "16-frame training clips encoded once into the latent + text cache")
     caption_dropout: float = _opt(0.1, "probability of training a frame with the empty prompt (for CFG)")
+    high_noise_weight: float = _opt(1.0, "cap of the per-frame loss weight 1/SNR(t), floored at 1 (1 = the plain "
+                                         "epsilon loss SD was trained with). With the plain loss the tiny UNet's x0 "
+                                         "guess at high noise is worse than the mean latent (training/README.md)")
     seed: int = _opt(0, "seed of data order, noise and initialisation")
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
@@ -393,7 +396,8 @@ def unet_loss(unet: SD15UNet, cache: dict, clips, frames, gen: torch.Generator, 
     timesteps = torch.randint(0, len(ALPHAS_CUMPROD), (len(idx),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     context = _contexts(cache, idx, gen, settings.caption_dropout)
-    return F.mse_loss(unet(noised(x0, timesteps, noise), timesteps.float(), context).float(), noise)
+    pred = unet(noised(x0, timesteps, noise), timesteps.float(), context)
+    return weighted_mse(pred, noise, timesteps, settings.high_noise_weight)
 
 
 def motion_loss(unet: SD15UNet, motion: MotionModule, cache: dict, clips, gen: torch.Generator,
@@ -409,9 +413,15 @@ def motion_loss(unet: SD15UNet, motion: MotionModule, cache: dict, clips, gen: t
     x_t = noised(x0, timesteps, noise).transpose(1, 2).reshape(b * f, c, h, w)
     pred = unet(x_t, timesteps.float().repeat_interleave(f), context.repeat_interleave(f, dim=0), video_frames=f,
                 temporal=motion)
-    per_clip = (pred.float() - noise.transpose(1, 2).reshape(b * f, c, h, w)).square().view(b, -1).mean(dim=1)
-    weights = high_noise_weights(timesteps, settings.high_noise_weight)
-    return (weights * per_clip).sum() / weights.sum()
+    target = noise.transpose(1, 2).reshape(b * f, c, h, w)
+    return weighted_mse(pred.reshape(b, -1), target.reshape(b, -1), timesteps, settings.high_noise_weight)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, cap: float) -> torch.Tensor:
+    """MSE of each sample (dim 0) weighted by `high_noise_weights`, normalised by the weights' sum."""
+    per_sample = (pred.float() - target).square().flatten(1).mean(dim=1)
+    weights = high_noise_weights(timesteps, cap)
+    return (weights * per_sample).sum() / weights.sum()
 
 
 def high_noise_weights(timesteps: torch.Tensor, cap: float) -> torch.Tensor:
