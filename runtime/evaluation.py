@@ -82,6 +82,18 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
+def generate_clip(models: EvalModels, prompt: str, settings: EvalSettings, seed: int) -> torch.Tensor:
+    """One video [frames, H, W, 3] in 0..1 for `prompt` (empty negative prompt), through the nodes' pipeline."""
+    net = models.net
+    cond = generation.encode_prompts(models.text, prompt, "")
+    latent = generation.empty_latent(net.latent_format.name, settings.width, settings.height, settings.frames, 1)
+    with host.quiet():
+        sampled = generation.sample_video(net, cond, latent, seed=seed, steps=settings.steps, cfg=settings.cfg,
+                                          shift=settings.shift, embedded_guidance=1.0,
+                                          sampler_name=settings.sampler_name, scheduler=settings.scheduler)
+        return generation.decode_video(models.vae, sampled, tiling=None)
+
+
 def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: int = 60,
              settings: EvalSettings = EvalSettings(), save_dir: str | Path | None = None) -> dict:
     """Generate and judge; returns {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}."""
@@ -90,17 +102,10 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: i
         prompts, expected = [p for p, _ in pairs], [expected_from_spec(s) for _, s in pairs]
     else:
         expected = [parse_prompt(p) for p in prompts]
-    net, decoder, text = models.net, models.vae, models.text
     verdicts, unknown = [], sorted({w for e in expected for w in e.unknown_words})
     bar = host.progress(len(prompts), "evaluating")
     for i, prompt in enumerate(prompts):
-        cond = generation.encode_prompts(text, prompt, "")
-        latent = generation.empty_latent(net.latent_format.name, settings.width, settings.height, settings.frames, 1)
-        with host.quiet():
-            sampled = generation.sample_video(net, cond, latent, seed=settings.seed + i, steps=settings.steps,
-                                              cfg=settings.cfg, shift=settings.shift, embedded_guidance=1.0,
-                                              sampler_name=settings.sampler_name, scheduler=settings.scheduler)
-            frames = generation.decode_video(decoder, sampled, tiling=None)
+        frames = generate_clip(models, prompt, settings, seed=settings.seed + i)
         verdicts.append(judge(frames))
         if save_dir is not None:
             write_video(frames, Path(save_dir) / f"eval_{i:03d}.mp4", fps=8.0, format="mp4")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import kineflow
-from kineflow.runtime import generation, host
+from kineflow.runtime import host
 from kineflow.runtime.cli import main as cli_main
-from kineflow.runtime.evaluation import EvalSettings, evaluate, load_hunyuan_video
+from kineflow.runtime.evaluation import EvalSettings, evaluate, generate_clip, load_hunyuan_video
 from kineflow.runtime.executor import OutputCache, run_workflow
 from kineflow.training.judge import judge, score
 from kineflow.training.prompts import parse_prompt
@@ -29,7 +29,7 @@ NODES = json.loads(WORKFLOW.read_text())
 PROMPT = NODES["4"]["inputs"]["prompt"]
 SAMPLER = NODES["6"]["inputs"]
 SETTINGS = EvalSettings(steps=SAMPLER["steps"], cfg=SAMPLER["cfg"], shift=SAMPLER["shift"],
-                        frames=NODES["5"]["inputs"]["frames"])
+                        sampler_name=SAMPLER["sampler_name"], frames=NODES["5"]["inputs"]["frames"])
 FOLDERS = {"dit": "diffusion_models", "vae": "vae", "llm": "text_encoders", "clip": "text_encoders"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,16 +52,6 @@ def _obeys(frames: torch.Tensor, prompt: str) -> dict[str, float]:
     return {name: s.accuracy for name, s in scores.items() if s.scored}
 
 
-def _generate(models, prompt: str, seed: int) -> torch.Tensor:
-    cond = generation.encode_prompts(models.text, prompt, "")
-    latent = generation.empty_latent("hunyuan_video", 64, 64, SETTINGS.frames, 1)
-    with host.quiet():
-        sampled = generation.sample_video(models.net, cond, latent, seed=seed, steps=SETTINGS.steps, cfg=SETTINGS.cfg,
-                                          shift=SETTINGS.shift, embedded_guidance=1.0,
-                                          sampler_name=SAMPLER["sampler_name"])
-        return generation.decode_video(models.vae, sampled, tiling=None)
-
-
 def test_default_workflow_writes_an_mp4_that_follows_the_prompt(models_dir, tmp_path):
     results = run_workflow(str(WORKFLOW), models_dir=models_dir, output_dir=tmp_path, cache=OutputCache())
     frames = results["7"]["outputs"][0]
@@ -79,9 +69,9 @@ def test_default_workflow_writes_an_mp4_that_follows_the_prompt(models_dir, tmp_
 
 def test_same_seed_same_frames_other_seeds_other_videos_that_still_obey(models):
     prompt = "a yellow square moves down on a black background"
-    first, again = _generate(models, prompt, seed=3), _generate(models, prompt, seed=3)
+    first, again = generate_clip(models, prompt, SETTINGS, seed=3), generate_clip(models, prompt, SETTINGS, seed=3)
     assert torch.equal(first, again)
-    others = [_generate(models, prompt, seed=seed) for seed in (4, 5)]
+    others = [generate_clip(models, prompt, SETTINGS, seed=seed) for seed in (4, 5)]
     for video in others:
         assert (video - first).abs().mean() > 0.01
         assert _obeys(video, prompt)["colour"] == 1.0 and _obeys(video, prompt)["direction"] == 1.0

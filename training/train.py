@@ -713,8 +713,11 @@ def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Gene
     return F.mse_loss(velocity.float(), noise - x0)
 
 
-def dit_config(family: TinyFamily, settings: DiTSettings) -> dit_mod.HunyuanVideoDiTConfig:
-    return dataclasses.replace(family.dit, patch_size=(1, settings.patch_size, settings.patch_size))
+def dit_text_and_family(run_dir: Path, settings: DiTSettings) -> tuple[HunyuanTextEncoder, TinyFamily]:
+    """The frozen text encoders the transformer reads, and the family with the transformer config of `settings`."""
+    encoder, family = prepare_text_encoders(run_dir, settings.seed, DTYPES[settings.dtype])
+    family.dit = dataclasses.replace(family.dit, patch_size=(1, settings.patch_size, settings.patch_size))
+    return encoder, family
 
 
 def dit_checkpoint_path(run_dir: Path) -> Path:
@@ -724,10 +727,9 @@ def dit_checkpoint_path(run_dir: Path) -> Path:
 def train_dit(run_dir: Path, settings: DiTSettings, *, resume: bool = False, budget: Budget | None = None) -> StageResult:
     run_dir = Path(run_dir)
     vae, _ = load_trained_vae(run_dir)
-    encoder, family = prepare_text_encoders(run_dir, settings.seed, DTYPES[settings.dtype])
+    encoder, family = dit_text_and_family(run_dir, settings)
     cache = build_cache(run_dir, settings, vae, encoder)
     torch.manual_seed(settings.seed)
-    family.dit = dit_config(family, settings)
     dit = trainable_dit(family.dit)
     optimizer = torch.optim.AdamW(dit.parameters(), lr=settings.lr, weight_decay=0.0)
     n = len(cache["latents"])
@@ -749,8 +751,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     dit_ckpt = load_checkpoint(ckpt_path)
     dit_settings = DiTSettings(**dit_ckpt["settings"])
     vae, vae_meta = load_trained_vae(run_dir)
-    encoder, family = prepare_text_encoders(run_dir, dit_settings.seed, DTYPES[dit_settings.dtype])
-    family.dit = dit_config(family, dit_settings)
+    encoder, family = dit_text_and_family(run_dir, dit_settings)
     dit = trainable_dit(family.dit)
     dit.load_state_dict(dit_ckpt["model"])
     vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine")
