@@ -221,6 +221,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                     help="motion module in animatediff_models/; 'none' denoises every frame on its own")
     ad.add_argument("--motion-scale", type=float, default=1.0, help="motion module strength")
     parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="judge the VAE alone: encode and decode the held-out clips themselves (what any "
+                             "generator on this VAE can reach at best); loads only the VAE")
     parser.add_argument("--save-dir", help="also write each generated video here as mp4")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -233,12 +236,15 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
     settings = evaluation.EvalSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
                                       scheduler=args.scheduler, seed=args.seed,
                                       frames=args.frames or evaluation.DEFAULT_FRAMES[args.family])
-    if args.family == "animatediff":
+    if args.reconstruct:
+        models = evaluation.load_vae_only(args.family, args.checkpoint if args.family == "animatediff" else args.vae)
+    elif args.family == "animatediff":
         motion = None if args.motion_module.lower() == "none" else args.motion_module
         models = evaluation.load_animatediff(args.checkpoint, motion, args.motion_scale)
     else:
         models = evaluation.load_hunyuan_video(args.model, args.vae, args.llm, args.clip)
-    result = evaluation.evaluate(models, prompts, heldout=args.count, settings=settings, save_dir=args.save_dir)
+    result = evaluation.evaluate(models, prompts, heldout=args.count, settings=settings, save_dir=args.save_dir,
+                                 reconstruct=args.reconstruct)
     ctx.stdout.write((evaluation.to_json(result) if args.json else evaluation.format_report(result)) + "\n")
     return EXIT_OK
 

@@ -5,6 +5,9 @@ built-in held-out set (colour x shape x direction x background combinations neve
 half of them in sentence templates never used in training). Generation goes through the same loaders and
 sampler as the nodes, for either family: a HunyuanVideo-style transformer + video VAE + text encoders, or an
 SD1.5 checkpoint with (or, to measure what the motion module adds, without) an AnimateDiff motion module.
+
+`reconstruct` instead renders the held-out clips themselves and judges the VAE's encode -> decode of them:
+the ceiling a generator on that VAE can reach (a shape the VAE loses, no transformer can draw).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from ..training.dataset import clip_tensor
 from ..training.judge import ATTRIBUTES, judge, score
 from ..training.prompts import expected_from_spec, heldout_prompts, parse_prompt
 from ..training.tiny_models import SHIPPED_NAMES
 from . import generation, host
-from .errors import InputFileError
+from .errors import InputFileError, KineFlowError
 from .media import write_video
 from .video_models import load_text_encoders, load_video_model, load_video_vae
 
@@ -45,12 +49,22 @@ class EvalSettings:
 
 @dataclass
 class EvalModels:
-    """A loaded (video model, VAE, text encoder) triple of one family and a label for reports."""
+    """A loaded (video model, VAE, text encoder) triple of one family and a label for reports (net and text are
+    None when only the VAE is judged)."""
 
     net: object
     vae: object
     text: object
     label: str
+
+
+def load_vae_only(family: str, name: str) -> EvalModels:
+    """The VAE of a family for `reconstruct`: a video VAE file, or the VAE inside an SD1.5 checkpoint."""
+    if family == "animatediff":
+        from .animatediff import load_sd_checkpoint
+
+        return EvalModels(None, load_sd_checkpoint(name)[1], None, label=f"VAE of {name}")
+    return EvalModels(None, load_video_vae(name), None, label=name)
 
 
 def load_hunyuan_video(model: str = SHIPPED_NAMES["dit"], vae: str = SHIPPED_NAMES["vae"],
@@ -94,18 +108,36 @@ def generate_clip(models: EvalModels, prompt: str, settings: EvalSettings, seed:
         return generation.decode_video(models.vae, sampled, tiling=None)
 
 
+def reconstruct_clip(models: EvalModels, clip: torch.Tensor) -> torch.Tensor:
+    """The VAE's encode -> decode of `clip` [frames, H, W, 3] in 0..1, through the nodes' VAE path."""
+    with host.quiet():
+        return generation.decode_video(models.vae, generation.encode_video(models.vae, clip, None), None)
+
+
 def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: int = 60,
-             settings: EvalSettings = EvalSettings(), save_dir: str | Path | None = None) -> dict:
-    """Generate and judge; returns {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}."""
+             settings: EvalSettings = EvalSettings(), save_dir: str | Path | None = None,
+             reconstruct: bool = False) -> dict:
+    """Generate (or, with `reconstruct`, round-trip the held-out clips through the VAE) and judge; returns
+    {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}."""
+    specs = None
+    if reconstruct and prompts is not None:
+        raise KineFlowError("reconstruction judges the built-in held-out clips, which a prompt file cannot "
+                            "describe; leave out the prompt file")
     if prompts is None:
-        pairs = heldout_prompts(heldout, settings.seed)
-        prompts, expected = [p for p, _ in pairs], [expected_from_spec(s) for _, s in pairs]
+        # The dataset renders 1 + 4k frames; AnimateDiff's 16 are the first 16 of 17, as in its trainer.
+        rendered = settings.frames + (1 - settings.frames) % 4
+        pairs = heldout_prompts(heldout, settings.seed, frames=rendered, height=settings.height, width=settings.width)
+        prompts, specs = [p for p, _ in pairs], [s for _, s in pairs]
+        expected = [expected_from_spec(s) for s in specs]
     else:
         expected = [parse_prompt(p) for p in prompts]
     verdicts, unknown = [], sorted({w for e in expected for w in e.unknown_words})
-    bar = host.progress(len(prompts), "evaluating")
+    bar = host.progress(len(prompts), "reconstructing" if reconstruct else "evaluating")
     for i, prompt in enumerate(prompts):
-        frames = generate_clip(models, prompt, settings, seed=settings.seed + i)
+        if reconstruct:
+            frames = reconstruct_clip(models, clip_tensor(specs[i])[:settings.frames])
+        else:
+            frames = generate_clip(models, prompt, settings, seed=settings.seed + i)
         verdicts.append(judge(frames))
         if save_dir is not None:
             write_video(frames, Path(save_dir) / f"eval_{i:03d}.mp4", fps=8.0, format="mp4")
@@ -114,6 +146,7 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: i
     consistency = [v.temporal_consistency for v in verdicts if v.primary is not None]
     return {
         "models": models.label,
+        "mode": "reconstruct" if reconstruct else "generate",
         "prompts": len(prompts),
         "settings": settings.__dict__,
         "accuracy": {a: scores[a].accuracy for a in ATTRIBUTES},
@@ -126,8 +159,12 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: i
 
 def format_report(result: dict) -> str:
     run = result["settings"]
-    lines = [f"{result['models']}: {result['prompts']} prompts, {run['frames']} frames, {run['steps']} steps, "
-             f"cfg {run['cfg']}"]
+    if result["mode"] == "reconstruct":
+        lines = [f"{result['models']}: VAE reconstructions of {result['prompts']} held-out clips, "
+                 f"{run['frames']} frames"]
+    else:
+        lines = [f"{result['models']}: {result['prompts']} prompts, {run['frames']} frames, {run['steps']} steps, "
+                 f"cfg {run['cfg']}"]
     lines.append(f"{'attribute':<14}{'accuracy':>9}{'correct':>9}{'scored':>8}")
     for attribute, acc in result["accuracy"].items():
         c = result["counts"][attribute]
