@@ -173,6 +173,17 @@ def test_patch_decoder_places_each_latent_voxels_pixels():
     assert out[0, 2, 8, 9, 15] == ((2 * 4 + 3) * 8 + 1) * 8 + 7
 
 
+def test_mlp_patch_head_starts_as_the_linear_head_and_learns_a_nonlinear_part():
+    vae = train.HunyuanVideoVAE(train.build_family(1).vae)
+    torch.manual_seed(0)
+    linear, mlp = train.PatchDecoder(vae), train.PatchDecoder(vae, hidden=32)
+    mlp.proj.load_state_dict(linear.proj.state_dict())
+    z = torch.randn(2, 16, 3, 2, 2)
+    assert torch.equal(mlp(z), linear(z))
+    mlp(z).square().mean().backward()
+    assert mlp.mlp[2].weight.grad.abs().sum() > 0  # the zero-initialised output layer gets a gradient
+
+
 def test_foreground_weights_mark_the_shape_not_the_background():
     video = torch.full((1, 3, 1, 8, 8), -0.8)
     video[:, 0, :, 2:4, 2:4] = 0.9
