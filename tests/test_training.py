@@ -219,6 +219,18 @@ def test_a_new_dataset_version_rebuilds_the_transformer_cache(trained_run, tmp_p
     assert torch.load(cache, weights_only=True)["key"]["dataset"] == train.shapes.DATASET_VERSION
 
 
+def test_the_transformer_cache_holds_the_requested_share_of_two_shape_clips(trained_run, tmp_path):
+    from kineflow.training.prompts import parse_prompt
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    settings = dataclasses.replace(DIT, two_shape_prob=1.0)
+    vae, _ = train.load_trained_vae(run_dir)
+    cache = train.build_cache(run_dir, settings, vae, train.dit_text_and_family(run_dir, settings)[0])
+    assert cache["key"]["two_shape_prob"] == 1.0
+    assert [len(parse_prompt(c).objects) for c in cache["captions"]] == [2] * DIT.clips
+
+
 def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "weights"
     paths = train.export(trained_run, out)

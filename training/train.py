@@ -137,6 +137,7 @@ class DiTSettings:
     lr: float = _opt(5e-4, "AdamW learning rate (after a linear warm-up)")
     warmup: int = _opt(100, "warm-up steps")
     clips: int = _opt(4000, "training clips encoded once into the latent + text cache")
+    two_shape_prob: float = _opt(0.25, "fraction of the cached clips with two shapes (the dataset's default is 0.25)")
     decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
                                "change on --resume before the decay has begun")
     patch_size: int = _opt(2, "spatial patch of the transformer's tokens (HunyuanVideo's is 2: one token per 2x2 "
@@ -673,6 +674,7 @@ def build_cache(run_dir: Path, settings: DiTSettings, vae: HunyuanVideoVAE, enco
     """Scaled latents (posterior means) and text conditioning of the training clips, plus the empty prompt."""
     path = Path(run_dir) / "dit" / "cache.pt"
     key = {"clips": settings.clips, "seed": settings.seed, "dataset": shapes.DATASET_VERSION,
+           "two_shape_prob": settings.two_shape_prob,
            "vae_encoder": encoder_digest(vae),
            "llama": hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in
                                             encoder.llama.state_dict().values())).hexdigest()}
@@ -680,7 +682,8 @@ def build_cache(run_dir: Path, settings: DiTSettings, vae: HunyuanVideoVAE, enco
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache["key"] == key:
             return cache
-    data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train")
+    data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train",
+                                     two_shape_prob=settings.two_shape_prob)
     latents, states, masks, pooled, captions = [], [], [], [], []
     bar = TrainProgress("dit cache", 0, settings.clips)
     with torch.no_grad():
