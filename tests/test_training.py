@@ -263,6 +263,25 @@ def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, mo
     assert velocity.shape == cache["latents"][:2].shape and torch.isfinite(velocity).all()
 
 
+def test_export_quotes_eval_reports_in_the_model_card(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
+    out = tmp_path / "weights"
+    train.export(trained_run, out)
+    stdout = io.StringIO()
+    assert cli.main(["eval", "-n", "2", "--steps", "1", "--models-dir", str(out), "--json"], stdout=stdout,
+                    stderr=io.StringIO()) == 0
+    report = tmp_path / "report.json"
+    report.write_text(stdout.getvalue())
+    measured = json.loads(stdout.getvalue())["accuracy"]
+    assert train.main(["export", "--run-dir", str(trained_run), "--out", str(out), "--scores", str(report)]) == 0
+    card = (out / "MODEL_CARD.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| kineflow_tiny_dit.safetensors | 1 steps"))
+    assert row.split(" | ")[2:8] == ["2", *(f"{measured[c]:.0%}" if measured[c] is not None else "-"
+                                           for c in ("colour", "shape", "direction", "scale_change", "background"))]
+    report.write_text("[1, 2]")
+    assert train.main(["export", "--run-dir", str(trained_run), "--out", str(out), "--scores", str(report)]) == 2
+
+
 def cli_inspect(path) -> str:
     stdout = io.StringIO()
     assert cli.main(["inspect", str(path), "--json"], stdout=stdout, stderr=io.StringIO()) == 0

@@ -143,3 +143,41 @@ def set_threads(threads: int) -> None:
     if threads < 1:
         raise KineFlowError(f"--threads must be >= 1; got {threads}")
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- measured scores for model cards
+SCORE_COLUMNS = ("colour", "shape", "direction", "scale_change", "background")
+
+
+def read_eval_reports(paths: list[str | Path]) -> list[dict]:
+    """`kineflow eval --json` reports, checked to be ones (a model card quotes them as measured)."""
+    reports = []
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise KineFlowError(f"cannot read the eval report {path}: {exc}") from None
+        if not isinstance(report, dict) or not {"accuracy", "settings", "prompts", "models"} <= set(report):
+            raise KineFlowError(f"{path} is not a `kineflow eval --json` report (expected an object with "
+                                f"accuracy, settings, prompts and models; found {type(report).__name__})")
+        reports.append(report)
+    return reports
+
+
+def scores_section(reports: list[dict]) -> str:
+    """The model card's "Measured scores" table, one row per eval report, with the command that reproduces it."""
+    if not reports:
+        return ""
+    percent = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    rows = []
+    for r in reports:
+        run, mode = r["settings"], r.get("mode", "generate")
+        what = "VAE reconstruction" if mode == "reconstruct" else f"{run['steps']} steps, cfg {run['cfg']:g}"
+        tc = r.get("temporal_consistency")
+        rows.append(f"| {r['models']} | {what} | {r['prompts']} | "
+                    + " | ".join(percent(r["accuracy"].get(c)) for c in SCORE_COLUMNS)
+                    + f" | {'-' if tc is None else f'{tc:.2f}'} |")
+    header = "| models | run | prompts | " + " | ".join(c.replace("_", " ") for c in SCORE_COLUMNS) + \
+             " | temporal consistency |"
+    return ("\nMeasured scores (`kineflow eval --json` reports given to `export --scores`; held-out prompts, seeds "
+            "0..n-1):\n\n" + header + "\n" + "|---" * (len(SCORE_COLUMNS) + 4) + "|\n" + "\n".join(rows) + "\n")

@@ -55,8 +55,8 @@ from ..models.tokenization import clip_l_tokenizer, load_tokenizer
 from ..runtime.errors import InterruptedRun, KineFlowError
 from ..runtime.media import atomic_write
 from . import dataset as shapes
-from .common import (Budget, LossLog, TrainProgress, check_resumable, ema_update, load_checkpoint, save_checkpoint,
-                     set_threads, step_rngs)
+from .common import (Budget, LossLog, TrainProgress, check_resumable, ema_update, load_checkpoint,
+                     read_eval_reports, save_checkpoint, scores_section, set_threads, step_rngs)
 from .tiny_models import TinyFamily, save_family, save_safetensors, tiny_family, write_word_tokenizer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -764,8 +764,9 @@ def train_dit(run_dir: Path, settings: DiTSettings, *, resume: bool = False, bud
 
 
 # --------------------------------------------------------------------------- stage 3: export
-def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path]:
-    """Write the trained parts with `save_family` (+ tokenizer, MODEL_CARD.md) under `out`; returns the paths."""
+def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict] = ()) -> dict[str, Path]:
+    """Write the trained parts with `save_family` (+ tokenizer, MODEL_CARD.md, quoting the eval reports
+    `scores`) under `out`; returns the paths."""
     run_dir, out = Path(run_dir), Path(out)
     ckpt_path = dit_checkpoint_path(run_dir)
     if not ckpt_path.exists():
@@ -797,6 +798,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     commands_file = run_dir / COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
     card = model_card(family, vae_ckpts, vae_settings, dit_ckpt, vae_meta, sizes, dtype_name, commands)
+    card += scores_section(list(scores))
     with atomic_write(out / "MODEL_CARD.md") as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
@@ -888,6 +890,8 @@ def build_stage_parser(prog: str, description: str, run_dir: str, stages: tuple[
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--out", default="weights", help="models folder to export into (ComfyUI sub-folder names)")
     out.add_argument("--export-dtype", default="fp16", choices=tuple(DTYPES), help="dtype of the exported files")
+    out.add_argument("--scores", nargs="+", default=[], metavar="REPORT",
+                     help="`kineflow eval --json` reports of these weights, quoted as a table in the model card")
     for stage in stages:
         _add_settings(sub.add_parser(stage.name, parents=[common], help=stage.help), stage.settings)
     sub.add_parser("export", parents=[common, out], help=export_help)
@@ -920,7 +924,7 @@ def run_stage_cli(parser: argparse.ArgumentParser, stages: tuple[Stage, ...], ex
                 settings = _settings(args, stage.settings, stage.prefix.replace("-", "_"))
                 if not stage.run(run_dir, settings, resume=args.resume, budget=budget).finished:
                     return 0
-        _print_paths(export_fn(run_dir, Path(args.out), args.export_dtype))
+        _print_paths(export_fn(run_dir, Path(args.out), args.export_dtype, read_eval_reports(args.scores)))
     except KineFlowError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

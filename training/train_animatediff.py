@@ -65,7 +65,7 @@ from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
 from . import dataset as shapes
 from . import train
-from .common import Budget, TrainProgress, file_digest, load_checkpoint, step_rngs
+from .common import Budget, TrainProgress, file_digest, load_checkpoint, scores_section, step_rngs
 from .tiny_models import save_safetensors
 from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
 
@@ -524,8 +524,9 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
 
 
 # --------------------------------------------------------------------------- stage 5: export
-def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path]:
-    """Write the LDM checkpoint, the motion module and the model card under `out`; returns their paths."""
+def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict] = ()) -> dict[str, Path]:
+    """Write the LDM checkpoint, the motion module and the model card (quoting the eval reports `scores`) under
+    `out`; returns their paths."""
     run_dir, out = Path(run_dir), Path(out)
     motion_ckpt_path = checkpoint_path(run_dir, "motion")
     if not motion_ckpt_path.exists():
@@ -558,7 +559,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16") -> dict[str, Path
     commands_file = run_dir / train.COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
     card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, image_notes, motion_ckpt, sizes,
-                      dtype_name, commands)
+                      dtype_name, commands) + scores_section(list(scores))
     with atomic_write(out / CARD_NAME) as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
