@@ -165,14 +165,15 @@ def read_eval_reports(paths: list[str | Path]) -> list[dict]:
 
 
 def scores_section(reports: list[dict]) -> str:
-    """The model card's "Measured scores" table, one row per eval report, with the command that reproduces it."""
+    """The model card's "Measured scores" table, one row per eval report (steps, sampler and cfg from its
+    settings; `kineflow eval -n PROMPTS --steps S --sampler X --cfg C` reproduces a row)."""
     if not reports:
         return ""
     percent = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
     rows = []
     for r in reports:
         run, mode = r["settings"], r.get("mode", "generate")
-        what = "VAE reconstruction" if mode == "reconstruct" else f"{run['steps']} steps, cfg {run['cfg']:g}"
+        what = "VAE reconstruction" if mode == "reconstruct" else f"{run['steps']} steps {run['sampler_name']}, cfg {run['cfg']:g}"
         tc = r.get("temporal_consistency")
         rows.append(f"| {r['models']} | {what} | {r['prompts']} | "
                     + " | ".join(percent(r["accuracy"].get(c)) for c in SCORE_COLUMNS)
