@@ -147,6 +147,7 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: i
     return {
         "models": models.label,
         "mode": "reconstruct" if reconstruct else "generate",
+        "latent_format": models.vae.latent_format.name,
         "prompts": len(prompts),
         "settings": settings.__dict__,
         "accuracy": {a: scores[a].accuracy for a in ATTRIBUTES},

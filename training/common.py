@@ -166,14 +166,19 @@ def read_eval_reports(paths: list[str | Path]) -> list[dict]:
 
 def scores_section(reports: list[dict]) -> str:
     """The model card's "Measured scores" table, one row per eval report (steps, sampler and cfg from its
-    settings; `kineflow eval -n PROMPTS --steps S --sampler X --cfg C` reproduces a row)."""
+    settings; `kineflow eval -n PROMPTS --steps S --sampler X --cfg C [--shift F]` reproduces a row)."""
     if not reports:
         return ""
     percent = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
     rows = []
     for r in reports:
         run, mode = r["settings"], r.get("mode", "generate")
-        what = "VAE reconstruction" if mode == "reconstruct" else f"{run['steps']} steps {run['sampler_name']}, cfg {run['cfg']:g}"
+        if mode == "reconstruct":
+            what = "VAE reconstruction"
+        else:
+            what = f"{run['steps']} steps {run['sampler_name']}, cfg {run['cfg']:g}"
+            if r.get("latent_format") == "hunyuan_video":  # the flow shift applies to this family only
+                what += f", shift {run['shift']:g}"
         tc = r.get("temporal_consistency")
         rows.append(f"| {r['models']} | {what} | {r['prompts']} | "
                     + " | ".join(percent(r["accuracy"].get(c)) for c in SCORE_COLUMNS)
