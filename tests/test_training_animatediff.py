@@ -172,6 +172,12 @@ def test_high_noise_weight_counts_clips_by_their_x0_error_up_to_the_cap():
     assert frames(1.0) == pytest.approx(expected, rel=1e-5) and frames(25.0) != pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.parametrize("settings", [ta.UNetSettings, ta.MotionSettings])
+def test_a_high_noise_weight_below_one_is_refused(settings):
+    with pytest.raises(KineFlowError, match="must be >= 1"):
+        settings(high_noise_weight=0.5)
+
+
 def test_resume_continues_exactly(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     for name in ("vae", "text", "cache"):  # reuse the finished VAE, CLIP and cache

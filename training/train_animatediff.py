@@ -107,6 +107,12 @@ class TextSettings(train.TextSettings):
     steps: int = _opt(3000, "optimizer steps (a resumed run continues up to this)")
 
 
+def _check_high_noise_weight(cap: float) -> None:
+    if not cap >= 1.0:
+        raise KineFlowError(f"--high-noise-weight is a cap on clamp(1/SNR(t), 1, cap) and must be >= 1 (1 = the "
+                            f"plain loss); got {cap}")
+
+
 @dataclass
 class UNetSettings:
     steps: int = _opt(6000, "optimizer steps in total (a resumed run continues up to this)")
@@ -121,6 +127,9 @@ class UNetSettings:
     seed: int = _opt(0, "seed of data order, noise and initialisation")
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
+
+    def __post_init__(self):
+        _check_high_noise_weight(self.high_noise_weight)
 
 
 @dataclass
@@ -148,6 +157,9 @@ class MotionSettings:
                                     "unet stages (its UNet, VAE and CLIP)")
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
+
+    def __post_init__(self):
+        _check_high_noise_weight(self.high_noise_weight)
 
 
 # --------------------------------------------------------------------------- stage 1: VAE
@@ -428,7 +440,7 @@ def high_noise_weights(timesteps: torch.Tensor, cap: float) -> torch.Tensor:
     """clamp(1/SNR(t), 1, cap): an epsilon error at timestep t is a 1/SNR(t) times larger x0 error, so this
     counts high-noise errors closer to what they cost the clip (cap 1: all equal)."""
     a = ALPHAS_CUMPROD[timesteps]
-    return ((1.0 - a) / a).clamp(1.0, max(cap, 1.0))
+    return ((1.0 - a) / a).clamp(1.0, cap)
 
 
 def checkpoint_path(run_dir: Path, stage: str) -> Path:
