@@ -201,7 +201,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--family", choices=("hunyuan_video", "animatediff"), default="hunyuan_video",
                         help="model family to generate with (default hunyuan_video)")
-    parser.add_argument("--prompts", help="file with one prompt per line (default: the built-in held-out set)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompts", help="file with one prompt per line (default: the built-in held-out set)")
     parser.add_argument("-n", "--count", type=int, default=60, help="held-out prompts to generate (default 60)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cfg", type=float, default=1.0)
@@ -221,7 +222,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                     help="motion module in animatediff_models/; 'none' denoises every frame on its own")
     ad.add_argument("--motion-scale", type=float, default=1.0, help="motion module strength")
     parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
-    parser.add_argument("--reconstruct", action="store_true",
+    source.add_argument("--reconstruct", action="store_true",
                         help="judge the VAE alone: encode and decode the held-out clips themselves (what any "
                              "generator on this VAE can reach at best); loads only the VAE")
     parser.add_argument("--save-dir", help="also write each generated video here as mp4")

@@ -90,5 +90,5 @@ def test_eval_reconstruct_round_trips_heldout_clips_through_the_vae(family, mode
 def test_eval_reconstruct_refuses_a_prompt_file(models_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moves to the left on a blue background\n")
-    assert cli.main(["eval", "--reconstruct", "--prompts", str(prompts), "--models-dir", str(models_dir)]) == 1
-    assert "held-out clips" in capsys.readouterr().err
+    assert cli.main(["eval", "--reconstruct", "--prompts", str(prompts), "--models-dir", str(models_dir)]) == 2
+    assert "argument --prompts: not allowed with argument --reconstruct" in capsys.readouterr().err
