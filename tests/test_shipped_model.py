@@ -61,8 +61,8 @@ def test_default_workflow_writes_an_mp4_that_follows_the_prompt(models_dir, tmp_
         stream = container.streams.video[0]
         assert (len(list(container.decode(stream))), stream.width, stream.height) == (SETTINGS.frames, 64, 64)
     accuracy = _obeys(frames, PROMPT)
-    # Shape is left out: the tiny VAE draws every shape as a rounded blob (README, "The shipped tiny
-    # text-to-video model"), so the judge's shape class is right only about a third of the time.
+    # Shape is left out: the transformer draws shapes as irregular blobs (README, "The shipped tiny
+    # text-to-video model"), so the judge's shape class is right only about half of the time.
     assert {name: accuracy[name] for name in ("colour", "direction", "background")} == \
         {"colour": 1.0, "direction": 1.0, "background": 1.0}, (PROMPT, judge(frames))
 
@@ -73,7 +73,10 @@ def test_same_seed_same_frames_other_seeds_other_videos_that_still_obey(models):
     assert torch.equal(first, again)
     others = [generate_clip(models, prompt, SETTINGS, seed=seed) for seed in (4, 5)]
     for video in others:
-        assert (video - first).abs().mean() > 0.01
+        # Visibly different: the shape is drawn differently, so some pixels change by a tenth of the range or
+        # more (the shipped model: 4% of the pixels for seeds 4 and 5, the background stays the same).
+        visibly_changed = ((video - first).abs().amax(dim=-1) > 0.1).float().mean()
+        assert visibly_changed > 0.01, visibly_changed
         assert _obeys(video, prompt)["colour"] == 1.0 and _obeys(video, prompt)["direction"] == 1.0
 
 
