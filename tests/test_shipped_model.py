@@ -85,8 +85,9 @@ def test_held_out_prompts_are_followed(models):
     together in training, half of them in sentence templates training never used."""
     report = evaluate(models, heldout=24, settings=SETTINGS)
     accuracy = report["accuracy"]
-    assert accuracy["colour"] >= 0.9 and accuracy["background"] >= 0.9, report
-    assert accuracy["direction"] >= 0.5 and accuracy["shape"] >= 0.25, report
+    # measured on this slice: colour and background 100%, shape 64%, direction 71% (28 shapes)
+    assert accuracy["colour"] >= 0.95 and accuracy["background"] >= 0.95, report
+    assert accuracy["direction"] >= 0.6 and accuracy["shape"] >= 0.5, report
 
 
 @pytest.mark.parametrize("part, family", [("dit", "hunyuan_video_dit"), ("vae", "hunyuan_video_vae"),
