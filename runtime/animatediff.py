@@ -237,6 +237,14 @@ def load_sd_checkpoint_file(path: Path, prediction: str = "eps", dtype_name: str
     return model, _build_vae(header, det, dtype, device), _build_text_encoder(path, dtype, device)
 
 
+def load_sd_checkpoint_vae(name: str, dtype_name: str = "auto") -> SDVideoVAE:
+    """Only the VAE of an SD1.5 LDM checkpoint in the `checkpoints` folder (its UNet and CLIP stay on disk)."""
+    path = host.model_path("checkpoints", name)
+    header, det = checkpoints.require_family(path, "sd15_checkpoint")
+    device = host.compute_device()
+    return _build_vae(header, det, resolve_dtype(dtype_name, device), device)
+
+
 def load_sd_components(unet_name: str, vae_name: str, clip_name: str, prediction: str = "eps",
                        dtype_name: str = "auto") -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """The three parts from separate files: UNet in diffusion_models, VAE in vae, CLIP-L in text_encoders

@@ -61,9 +61,9 @@ class EvalModels:
 def load_vae_only(family: str, name: str) -> EvalModels:
     """The VAE of a family for `reconstruct`: a video VAE file, or the VAE inside an SD1.5 checkpoint."""
     if family == "animatediff":
-        from .animatediff import load_sd_checkpoint
+        from .animatediff import load_sd_checkpoint_vae
 
-        return EvalModels(None, load_sd_checkpoint(name)[1], None, label=f"VAE of {name}")
+        return EvalModels(None, load_sd_checkpoint_vae(name), None, label=f"VAE of {name}")
     return EvalModels(None, load_video_vae(name), None, label=name)
 
 

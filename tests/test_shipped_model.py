@@ -106,7 +106,7 @@ def test_shipped_files_fit_the_size_budget():
 
 def test_vae_reconstructions_keep_colour_motion_and_background(models_dir):
     """`kineflow eval --reconstruct`: the shipped VAE's own encode -> decode of held-out clips, judged against
-    the clips' specs (the ceiling of any generator on it; shape is its known weakness)."""
+    the clips' specs (the ceiling of any generator on it)."""
     report = evaluate(load_vae_only("hunyuan_video", SHIPPED_NAMES["vae"]), heldout=8, settings=SETTINGS,
                       reconstruct=True)
     assert report["mode"] == "reconstruct" and report["prompts"] == 8
