@@ -190,3 +190,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shipped_only_models_dir(tmp_path_factory):
+    """An empty models folder, configured for the module: only the pack's shipped weights/ are visible, as on a
+    fresh clone."""
+    from kineflow.runtime import host
+
+    empty = tmp_path_factory.mktemp("no_models")
+    with host.configured(models_dir=empty):
+        yield empty

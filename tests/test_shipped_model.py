@@ -9,58 +9,35 @@ text-to-video model"); every run is seeded, so they are deterministic.
 import json
 from pathlib import Path
 
-import av
 import pytest
 import torch
 
 import kineflow
-from kineflow.runtime import host
 from kineflow.runtime.cli import main as cli_main
-from kineflow.runtime.evaluation import EvalSettings, evaluate, generate_clip, load_hunyuan_video, load_vae_only
-from kineflow.runtime.executor import OutputCache, run_workflow
-from kineflow.training.judge import judge, score
-from kineflow.training.prompts import parse_prompt
+from kineflow.runtime.evaluation import evaluate, generate_clip, load_hunyuan_video, load_vae_only
+from kineflow.training.judge import judge
 from kineflow.training.tiny_models import SHIPPED_NAMES
+from shipped_checks import obeys, run_to_mp4, workflow_settings
 
 PACK = Path(kineflow.__file__).resolve().parent
 WORKFLOW = PACK / "workflows" / "api" / "text_to_video.json"
 WEIGHTS = PACK / "weights"
 NODES = json.loads(WORKFLOW.read_text())
 PROMPT = NODES["4"]["inputs"]["prompt"]
-SAMPLER = NODES["6"]["inputs"]
-SETTINGS = EvalSettings(steps=SAMPLER["steps"], cfg=SAMPLER["cfg"], shift=SAMPLER["shift"],
-                        sampler_name=SAMPLER["sampler_name"], frames=NODES["5"]["inputs"]["frames"])
+SETTINGS = workflow_settings(WORKFLOW)
 FOLDERS = {"dit": "diffusion_models", "vae": "vae", "llm": "text_encoders", "clip": "text_encoders"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    empty = tmp_path_factory.mktemp("no_models")
-    with host.configured(models_dir=empty):
-        yield empty
-
-
-@pytest.fixture(scope="module")
-def models(models_dir):
+def models(shipped_only_models_dir):
     return load_hunyuan_video()
 
 
-def _obeys(frames: torch.Tensor, prompt: str) -> dict[str, float]:
-    scores = score([judge(frames)], [parse_prompt(prompt)])
-    return {name: s.accuracy for name, s in scores.items() if s.scored}
-
-
-def test_default_workflow_writes_an_mp4_that_follows_the_prompt(models_dir, tmp_path):
-    results = run_workflow(str(WORKFLOW), models_dir=models_dir, output_dir=tmp_path, cache=OutputCache())
-    frames = results["7"]["outputs"][0]
-    assert frames.shape == (SETTINGS.frames, 64, 64, 3)
-    (saved,) = results["8"]["ui"]["images"]
-    with av.open(str(tmp_path / saved["subfolder"] / saved["filename"])) as container:
-        stream = container.streams.video[0]
-        assert (len(list(container.decode(stream))), stream.width, stream.height) == (SETTINGS.frames, 64, 64)
-    accuracy = _obeys(frames, PROMPT)
+def test_default_workflow_writes_an_mp4_that_follows_the_prompt(shipped_only_models_dir, tmp_path):
+    frames = run_to_mp4(WORKFLOW, shipped_only_models_dir, tmp_path)
+    accuracy = obeys(frames, PROMPT)
     # Shape is left out: the transformer draws shapes as irregular blobs (README, "The shipped tiny
     # text-to-video model"), so the judge's shape class is right only about half of the time.
     assert {name: accuracy[name] for name in ("colour", "direction", "background")} == \
@@ -77,7 +54,7 @@ def test_same_seed_same_frames_other_seeds_other_videos_that_still_obey(models):
         # more (the shipped model: 4% of the pixels for seeds 4 and 5, the background stays the same).
         visibly_changed = ((video - first).abs().amax(dim=-1) > 0.1).float().mean()
         assert visibly_changed > 0.01, visibly_changed
-        assert _obeys(video, prompt)["colour"] == 1.0 and _obeys(video, prompt)["direction"] == 1.0
+        assert obeys(video, prompt)["colour"] == 1.0 and obeys(video, prompt)["direction"] == 1.0
 
 
 def test_held_out_prompts_are_followed(models):
@@ -104,7 +81,7 @@ def test_shipped_files_fit_the_size_budget():
     assert total <= 25 * 1024 * 1024, f"{total / 2**20:.1f} MB"
 
 
-def test_vae_reconstructions_keep_colour_motion_and_background(models_dir):
+def test_vae_reconstructions_keep_colour_motion_and_background(shipped_only_models_dir):
     """`kineflow eval --reconstruct`: the shipped VAE's own encode -> decode of held-out clips, judged against
     the clips' specs (the ceiling of any generator on it)."""
     report = evaluate(load_vae_only("hunyuan_video", SHIPPED_NAMES["vae"]), heldout=8, settings=SETTINGS,
