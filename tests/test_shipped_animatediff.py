@@ -24,7 +24,7 @@ PACK = Path(kineflow.__file__).resolve().parent
 WORKFLOW = PACK / "workflows" / "api" / "animatediff_tiny.json"
 WEIGHTS = PACK / "weights"
 NODES = json.loads(WORKFLOW.read_text())
-SETTINGS = workflow_settings(WORKFLOW)
+SETTINGS = workflow_settings(NODES)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

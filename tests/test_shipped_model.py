@@ -24,7 +24,7 @@ WORKFLOW = PACK / "workflows" / "api" / "text_to_video.json"
 WEIGHTS = PACK / "weights"
 NODES = json.loads(WORKFLOW.read_text())
 PROMPT = NODES["4"]["inputs"]["prompt"]
-SETTINGS = workflow_settings(WORKFLOW)
+SETTINGS = workflow_settings(NODES)
 FOLDERS = {"dit": "diffusion_models", "vae": "vae", "llm": "text_encoders", "clip": "text_encoders"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,6 +37,7 @@ def models(shipped_only_models_dir):
 
 def test_default_workflow_writes_an_mp4_that_follows_the_prompt(shipped_only_models_dir, tmp_path):
     frames = run_to_mp4(WORKFLOW, shipped_only_models_dir, tmp_path)
+    assert len(frames) == SETTINGS.frames
     accuracy = obeys(frames, PROMPT)
     # Shape is left out: the transformer draws shapes as irregular blobs (README, "The shipped tiny
     # text-to-video model"), so the judge's shape class is right only about half of the time.
