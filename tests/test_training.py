@@ -340,3 +340,37 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
     assert train.train_dit(run_dir, DIT, resume=True).finished
     with pytest.raises(KineFlowError, match="patch_size"):
         train.train_dit(run_dir, dataclasses.replace(DIT, steps=6, patch_size=1), resume=True)
+
+
+def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_record(trained_run, tmp_path):
+    base = tmp_path / "base"
+    train.export(trained_run, base)
+    (base / "MODEL_CARD.md").write_text("...\nCommands of this run (time, command):\n\n    python -m base-run\n")
+    run_dir = tmp_path / "fine"
+    frozen = dataclasses.replace(DIT, init_from=str(base), lr=0.0, steps=2)  # lr 0: the weights stay the base's
+    assert train.train_dit(run_dir, frozen).finished
+
+    # The fine-tune trains on the base's latents and conditioning, and its base's statistics are kept.
+    ours, theirs = (torch.load(r / "dit" / "cache.pt", weights_only=True) for r in (run_dir, trained_run))
+    for key in ("latents", "text_states", "text_states_2"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-3, atol=1e-3)
+    base_vae, run_vae = train.load_trained_vae(trained_run)[1], train.load_trained_vae(run_dir)[1]
+    for key in ("scaling_factor", "kineflow.latent_rgb_factors"):
+        assert run_vae[key] == base_vae[key]
+    assert float(run_vae["kineflow.latent_mean"]) == pytest.approx(float(base_vae["kineflow.latent_mean"]), abs=1e-3)
+
+    paths = train.export(run_dir, tmp_path / "weights")
+    from safetensors.torch import load_file
+
+    exported, started = load_file(str(paths["dit"])), load_file(str(base / "diffusion_models" / paths["dit"].name))
+    assert exported.keys() == started.keys() and all(torch.equal(exported[k], started[k]) for k in exported)
+    card = paths["card"].read_text()
+    assert f"fine-tuned from the base's {DIT.steps}-step transformer" in card
+    assert "(base run) python -m base-run" in card and "vae_encoder 1 steps" in card
+
+    with pytest.raises(KineFlowError, match="already has its own VAE"):
+        train.train_dit(trained_run, dataclasses.replace(frozen, steps=DIT.steps + 1), resume=True)
+    with pytest.raises(KineFlowError, match="patch-size 2, this run asks for 1"):
+        train.train_dit(tmp_path / "other", dataclasses.replace(frozen, patch_size=1))
+    with pytest.raises(KineFlowError, match="expected an exported tiny model"):
+        train.train_dit(tmp_path / "third", dataclasses.replace(frozen, init_from=str(tmp_path / "missing")))

@@ -15,6 +15,8 @@ Stages (each resumable, each writing into one run folder, default `runs/tiny_hv/
                   latents and text conditioning computed once and cached (`dit/cache.pt`). The model is not
                   guidance-distilled (`guidance_embed=False`); classifier-free guidance comes from dropping the
                   caption (the empty prompt "" is the unconditional) 10% of the time.
+                  With `--init-from FOLDER` it fine-tunes an exported model instead, adopting its VAE and text
+                  encoders.
 5. `export`     - `save_family` into a ComfyUI-style models folder (diffusion_models/, vae/, text_encoders/) in
                   fp16, with the preview factors in the DiT's metadata and a generated MODEL_CARD.md.
 
@@ -147,6 +149,8 @@ class DiTSettings:
     sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
                                choices=("logit_normal", "uniform"))
     seed: int = _opt(0, "seed of data order, noise, text encoders and initialisation")
+    init_from: str = _opt("", "fine-tune: an exported models folder (e.g. weights) whose transformer this run starts "
+                              "from and whose VAE and text encoders it adopts; '' = train from scratch")
     dtype: str = _opt("fp16", "export dtype; the frozen text encoders are rounded to it before caching",
                       choices=tuple(DTYPES))
     save_every: int = _opt(250, "checkpoint every N steps")
@@ -479,11 +483,7 @@ def finalize_vae(run_dir: Path, vae: HunyuanVideoVAE, data: shapes.ShapesVideoDa
     Only the `vae` stage does this: the statistics belong to the encoder, which `vae-refine` keeps (and so
     keeps its file's metadata, even when the dataset changed in between)."""
     round_to(vae, DTYPES[settings.dtype]).eval()
-    rng, _ = step_rngs(settings.seed, "fit", 0)
-    indices = rng.choice(settings.clips, size=min(FIT_CLIPS, settings.clips), replace=False)
-    videos = [video_batch(data, indices[i:i + 8])[0] for i in range(0, len(indices), 8)]
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(v).mean for v in videos])
+    videos, latents = fit_latents(vae, data, settings.seed, settings.clips)
     std, mean = latents.std().item(), latents.mean().item()
     vae.config = dataclasses.replace(vae.config, scaling_factor=1.0 / std)
     factors, bias = fit_latent_rgb_factors(vae, videos)
@@ -492,6 +492,16 @@ def finalize_vae(run_dir: Path, vae: HunyuanVideoVAE, data: shapes.ShapesVideoDa
         "scaling_factor": vae.config.scaling_factor, "norm_num_groups": vae.config.norm_num_groups,
         "kineflow.latent_rgb_factors": preview,
         "kineflow.latent_mean": mean, "kineflow.latent_std": std})
+
+
+def fit_latents(vae: HunyuanVideoVAE, data: shapes.ShapesVideoDataset, seed: int,
+                clips: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """FIT_CLIPS full-size clips (in batches of 8) and their unscaled posterior means."""
+    rng, _ = step_rngs(seed, "fit", 0)
+    indices = rng.choice(clips, size=min(FIT_CLIPS, clips), replace=False)
+    videos = [video_batch(data, indices[i:i + 8])[0] for i in range(0, len(indices), 8)]
+    with torch.no_grad():
+        return videos, torch.cat([vae.encode(v).mean for v in videos])
 
 
 def load_trained_vae(run_dir: Path) -> tuple[HunyuanVideoVAE, dict]:
@@ -748,11 +758,18 @@ def dit_checkpoint_path(run_dir: Path) -> Path:
 
 def train_dit(run_dir: Path, settings: DiTSettings, *, resume: bool = False, budget: Budget | None = None) -> StageResult:
     run_dir = Path(run_dir)
+    if settings.init_from:
+        base_patch = adopt_base(run_dir, Path(settings.init_from))["training"]["dit"]["patch_size"]
+        if base_patch != settings.patch_size:
+            raise KineFlowError(f"--init-from {settings.init_from}: its transformer has --patch-size {base_patch}, "
+                                f"this run asks for {settings.patch_size}; a fine-tune keeps the base's patch")
     vae, _ = load_trained_vae(run_dir)
     encoder, family = dit_text_and_family(run_dir, settings)
     cache = build_cache(run_dir, settings, vae, encoder)
     torch.manual_seed(settings.seed)
     dit = trainable_dit(family.dit)
+    if settings.init_from:  # a resumed run then loads its checkpoint over these
+        dit.load_state_dict(load_file(str(base_file(Path(settings.init_from), "dit"))))
     optimizer = torch.optim.AdamW(dit.parameters(), lr=settings.lr, weight_decay=0.0)
     n = len(cache["latents"])
 
@@ -761,6 +778,71 @@ def train_dit(run_dir: Path, settings: DiTSettings, *, resume: bool = False, bud
         return dit_loss(dit, cache, rng.integers(0, n, settings.batch_size), gen, settings)
 
     return run_loop("dit", run_dir, dit, optimizer, loss_fn, settings, resume=resume, budget=budget or Budget())
+
+
+# --------------------------------------------------------------------------- fine-tuning an exported model
+BASE_FILE = "base.json"  # in the run folder: the record of the exported model a fine-tune started from
+
+
+def base_file(models_dir: Path, part: str) -> Path:
+    """The shipped-name file (or LLaMA folder) of `part` in an exported models folder; a clear error if absent."""
+    sub = "diffusion_models" if part == "dit" else "vae" if part == "vae" else "text_encoders"
+    path = models_dir / sub / tiny_family(1).names[part]
+    if not path.exists():
+        raise KineFlowError(f"--init-from {models_dir}: expected an exported tiny model there (as `export` writes), "
+                            f"but {path} does not exist")
+    return path
+
+
+def adopt_base(run_dir: Path, models_dir: Path) -> dict:
+    """Make `run_dir` hold the VAE (`vae/`) and frozen text encoders (`text/`) of the exported model in
+    `models_dir`, and record its training history in `base.json` (the model card quotes it). Done once; a run
+    folder that already adopted another model, or has its own VAE, is refused rather than mixed."""
+    record_path = run_dir / BASE_FILE
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if Path(record["from"]).resolve() != models_dir.resolve():
+            raise KineFlowError(f"{run_dir} was started from {record['from']}, not {models_dir}; use a new --run-dir")
+        return record
+    if vae_path(run_dir).exists() or (run_dir / "text").exists():
+        raise KineFlowError(f"{run_dir} already has its own VAE or text encoders; --init-from needs a new --run-dir")
+    from safetensors import safe_open
+
+    with safe_open(str(base_file(models_dir, "dit")), "pt") as f:
+        dit_meta = f.metadata() or {}
+    if "kineflow.training" not in dit_meta:
+        raise KineFlowError(f"{base_file(models_dir, 'dit')} has no kineflow.training metadata: --init-from takes "
+                            "a folder written by this trainer's `export`")
+    llm = base_file(models_dir, "llm")
+    text_dir = run_dir / "text"
+    (text_dir / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(llm / name, text_dir / "tokenizer" / name)
+    for name in ("llama.safetensors", trained_llama_path(run_dir).name):
+        shutil.copyfile(llm / "model.safetensors", text_dir / name)
+    shutil.copyfile(base_file(models_dir, "clip"), text_dir / "clip.safetensors")
+
+    with safe_open(str(base_file(models_dir, "vae")), "pt") as f:
+        vae_meta = f.metadata()
+    config = dataclasses.replace(build_family(1).vae, scaling_factor=float(vae_meta["scaling_factor"]),
+                                 norm_num_groups=int(vae_meta["norm_num_groups"]))
+    vae = HunyuanVideoVAE(config)
+    vae.load_state_dict(load_file(str(base_file(models_dir, "vae"))))
+    # The exported file keeps only what loaders need; the run's VAE file also carries the latent statistics,
+    # measured again on the base run's clips.
+    training = json.loads(dit_meta["kineflow.training"])
+    seed, clips = training["vae"]["seed"], training["vae"]["clips"]
+    _, latents = fit_latents(vae.eval(), shapes.ShapesVideoDataset(length=clips, seed=seed, split="train"), seed, clips)
+    save_safetensors(vae.state_dict(), vae_path(run_dir), {
+        **vae_meta, "kineflow.latent_rgb_factors": dit_meta["kineflow.latent_rgb_factors"],
+        "kineflow.latent_mean": latents.mean().item(), "kineflow.latent_std": 1.0 / config.scaling_factor})
+    card = models_dir / "MODEL_CARD.md"
+    commands = [line.strip() for line in card.read_text().split("Commands of this run", 1)[-1].splitlines()
+                if line.startswith("    ")] if card.exists() else []
+    record = {"from": str(models_dir), "training": training, "commands": commands}
+    with atomic_write(record_path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return record
 
 
 # --------------------------------------------------------------------------- stage 3: export
@@ -779,17 +861,24 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     dit.load_state_dict(dit_ckpt["model"])
     vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine")
                  if (run_dir / phase / "ckpt.pt").exists()}
-    vae_steps = {phase: ckpt["step"] for phase, ckpt in vae_ckpts.items()}
+    base = json.loads((run_dir / BASE_FILE).read_text()) if (run_dir / BASE_FILE).exists() else None
+    vae_steps = {**(base["training"]["vae_steps"] if base else {}),
+                 **{phase: ckpt["step"] for phase, ckpt in vae_ckpts.items()}}
     # Phases run with 0 steps leave no checkpoint (e.g. the decoder trained by `vae-refine` instead); every
-    # checkpoint of the `vae` stage stores the same settings, so the last one present stands for them.
+    # checkpoint of the `vae` stage stores the same settings, so the last one present stands for them. A
+    # fine-tune's VAE was trained in its base's run.
     vae_settings = [vae_ckpts[phase]["settings"] for phase in VAE_PHASES if phase in vae_ckpts]
+    if not vae_settings and base:
+        vae_settings = [base["training"]["vae"]]
     if not vae_settings:
         raise KineFlowError(f"no VAE training checkpoint in {run_dir} ({', '.join(VAE_PHASES)}/ckpt.pt); the model "
                             "card needs the VAE's training record")
     vae_settings = vae_settings[-1]
+    training = {"dit_steps": dit_ckpt["step"], "vae_steps": vae_steps, "dit": dit_ckpt["settings"], "vae": vae_settings}
+    if base:
+        training["fine_tuned_from"] = base["training"]
     dit_meta = {"kineflow.latent_rgb_factors": vae_meta["kineflow.latent_rgb_factors"],
-                "kineflow.training": json.dumps({"dit_steps": dit_ckpt["step"], "vae_steps": vae_steps,
-                                                 "dit": dit_ckpt["settings"], "vae": vae_settings})}
+                "kineflow.training": json.dumps(training)}
     paths = save_family(out, family, dit, vae, encoder.llama, encoder.clip, dtype=DTYPES[dtype_name],
                         dit_metadata=dit_meta)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -797,7 +886,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     sizes = {part: _size_mb(path) for part, path in paths.items()}
     commands_file = run_dir / COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
-    card = model_card(family, vae_ckpts, vae_settings, dit_ckpt, vae_meta, sizes, dtype_name, commands)
+    card = model_card(family, vae_ckpts, vae_settings, dit_ckpt, vae_meta, sizes, dtype_name, commands, base)
     card += scores_section(list(scores))
     with atomic_write(out / "MODEL_CARD.md") as tmp:
         tmp.write_text(card)
@@ -813,7 +902,7 @@ def _size_mb(path: Path) -> float:
 
 
 def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt: dict, vae_meta: dict,
-               sizes: dict, dtype_name: str, commands: list[str]) -> str:
+               sizes: dict, dtype_name: str, commands: list[str], base: dict | None = None) -> str:
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     with torch.device("meta"):
         counts = {"dit": params(dit_mod.HunyuanVideoDiT(family.dit)), "vae": params(HunyuanVideoVAE(family.vae)),
@@ -823,6 +912,13 @@ def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt
                f"{torch.get_num_threads()} threads"
     minutes = lambda ck: ck["train_seconds"] / 60.0  # noqa: E731
     vae_phases = ", ".join(f"{phase} {ck['step']} steps / {minutes(ck):.1f} min" for phase, ck in vae_ckpts.items())
+    transformer = f"{dit_ckpt['step']} steps, {minutes(dit_ckpt):.1f} min"
+    if base:  # a fine-tune: the base's record first, then this run's
+        vae_phases = ", ".join(f"{phase} {n} steps" for phase, n in base["training"]["vae_steps"].items()) + \
+            f" in the base run{', then ' + vae_phases if vae_phases else ''}"
+        transformer = f"fine-tuned from the base's {base['training']['dit_steps']}-step transformer " \
+                      f"(`{base['from']}`) for {transformer}"
+        commands = [f"(base run) {line}" for line in base["commands"]] + commands
     return f"""# KineFlow tiny HunyuanVideo-family model
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
@@ -837,7 +933,7 @@ end; it knows nothing beyond that dataset's vocabulary.
   settings `{json.dumps(vae_settings)}`;
   scaling_factor {float(vae_meta['scaling_factor']):.5f} (1 / latent std {float(vae_meta['kineflow.latent_std']):.4f},
   latent mean {float(vae_meta['kineflow.latent_mean']):.4f}).
-- Transformer: {dit_ckpt['step']} steps, {minutes(dit_ckpt):.1f} min; settings `{json.dumps(dit_ckpt['settings'])}`.
+- Transformer: {transformer}; settings `{json.dumps(dit_ckpt['settings'])}`.
   Flow matching (velocity ε − x0, timestep σ·1000), trained sigma shift {dit_ckpt['settings']['shift']}; no
   guidance embedding (use cfg > 1 with the empty prompt as negative; embedded guidance is ignored).
 - Text encoders: LLaMA ({family.llama.num_hidden_layers} layers, width {family.llama.hidden_size}, word-level
