@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.dataset import clip_tensor
+from ..training.dataset import clip_tensor, frames_to_render
 from ..training.judge import ATTRIBUTES, judge, score
 from ..training.prompts import expected_from_spec, heldout_prompts, parse_prompt
 from ..training.tiny_models import SHIPPED_NAMES
@@ -124,9 +124,8 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: i
         raise KineFlowError("reconstruction judges the built-in held-out clips, which a prompt file cannot "
                             "describe; leave out the prompt file")
     if prompts is None:
-        # The dataset renders 1 + 4k frames; AnimateDiff's 16 are the first 16 of 17, as in its trainer.
-        rendered = settings.frames + (1 - settings.frames) % 4
-        pairs = heldout_prompts(heldout, settings.seed, frames=rendered, height=settings.height, width=settings.width)
+        # AnimateDiff's 16 frames are the first 16 of 17, as in its trainer.
+        pairs = heldout_prompts(heldout, settings.seed, frames=frames_to_render(settings.frames), height=settings.height, width=settings.width)
         prompts, specs = [p for p, _ in pairs], [s for _, s in pairs]
         expected = [expected_from_spec(s) for s in specs]
     else:

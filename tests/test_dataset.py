@@ -51,6 +51,8 @@ def test_frame_count_must_be_one_plus_four_k():
         with pytest.raises(KineFlowError, match="1 \\+ 4k"):
             D.ShapesVideoDataset(frames=bad)
     assert D.render(_specs("train", 1, frames=13)[0]).shape[0] == 13
+    # clips of other lengths (AnimateDiff's 16) are the start of the shortest renderable clip holding them
+    assert [D.frames_to_render(n) for n in (1, 2, 9, 12, 16, 17)] == [1, 5, 9, 13, 17, 17]
 
 
 def test_shapes_stay_in_frame_and_apart():

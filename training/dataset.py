@@ -88,6 +88,11 @@ def validate_frames(frames: int) -> None:
         )
 
 
+def frames_to_render(frames: int) -> int:
+    """The fewest frames the dataset can render (1 + 4k) that hold `frames`; a clip of `frames` is their start."""
+    return frames + (1 - frames) % 4
+
+
 @dataclass(frozen=True)
 class ShapeSpec:
     kind: str  # one of SHAPES

@@ -70,7 +70,7 @@ from .tiny_models import save_safetensors
 from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
 
 CLIP_FRAMES = 16  # AnimateDiff's training clip length
-RENDER_FRAMES = 17  # the dataset renders 1 + 4k frames (made for a 4x temporal VAE); the last one is dropped
+RENDER_FRAMES = shapes.frames_to_render(CLIP_FRAMES)  # 17: made for a 4x temporal VAE; the last one is dropped
 SD15_SCALING_FACTOR = SDVAEConfig().scaling_factor  # 0.18215, fixed by every SD1.5 loader
 NAMES = {"checkpoint": "checkpoints/kineflow_tiny_sd15.safetensors",
          "motion": "animatediff_models/kineflow_tiny_mm.safetensors"}
