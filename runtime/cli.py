@@ -226,7 +226,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="judge the VAE alone: encode and decode the held-out clips themselves (what any "
                              "generator on this VAE can reach at best); loads only the VAE")
     parser.add_argument("--save-dir", help="also write each generated video here as mp4")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of a table (with each prompt's expected and judged scene "
+                             "under per_prompt)")
 
 
 def _eval(args: argparse.Namespace, ctx: Context) -> int:

@@ -154,7 +154,17 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: i
                    for a in ATTRIBUTES},
         "temporal_consistency": float(torch.tensor(consistency).mean()) if consistency else None,
         "unknown_words": unknown,
+        "per_prompt": [{"prompt": prompt, "seed": None if reconstruct else settings.seed + i,
+                        "expected": _scene(e.background, e.objects), "judged": _scene(v.background, v.objects)}
+                       for i, (prompt, e, v) in enumerate(zip(prompts, expected, verdicts))],
     }
+
+
+def _scene(background: str, objects) -> dict:
+    """What a prompt asks for or what the judge saw, in the same words (objects largest first when judged)."""
+    return {"background": background,
+            "objects": [{"colour": o.colour, "shape": o.shape, "direction": o.direction,
+                         "scale_change": o.scale_change} for o in objects]}
 
 
 def format_report(result: dict) -> str:

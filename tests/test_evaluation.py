@@ -26,6 +26,13 @@ def test_eval_on_a_prompt_file_prints_json_scores(models_dir, tmp_path, capsys):
     assert result["prompts"] == 2
     assert set(result["accuracy"]) == {"colour", "shape", "direction", "scale_change", "background"}
     assert result["counts"]["colour"]["scored"] == 2 and result["counts"]["direction"]["scored"] == 2
+    # each prompt's scene, as asked and as judged, shows which prompts failed
+    first = result["per_prompt"][0]
+    assert first["prompt"].startswith("a red circle") and first["seed"] == 0
+    assert first["expected"] == {"background": "blue", "objects": [
+        {"colour": "red", "shape": "circle", "direction": "left", "scale_change": "none"}]}
+    assert set(first["judged"]) == {"background", "objects"}
+    assert [p["seed"] for p in result["per_prompt"]] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["eval_000.mp4", "eval_001.mp4"]
 
 
