@@ -359,7 +359,12 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
         assert run_vae[key] == base_vae[key]
     assert float(run_vae["kineflow.latent_mean"]) == pytest.approx(float(base_vae["kineflow.latent_mean"]), abs=1e-3)
 
+    # the decoder refined in the fine-tune run continues the base's: the record counts the steps of both
+    refine = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, seed=7, save_every=1, log_every=1)
+    assert train.refine_vae(run_dir, refine).finished
+    base_refine = json.loads((run_dir / train.BASE_FILE).read_text())["training"]["vae_steps"].get("vae_refine", 0)
     paths = train.export(run_dir, tmp_path / "weights")
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     exported, started = load_file(str(paths["dit"])), load_file(str(base / "diffusion_models" / paths["dit"].name))
@@ -367,6 +372,9 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
     card = paths["card"].read_text()
     assert f"fine-tuned from the base's {DIT.steps}-step transformer" in card
     assert "(base run) python -m base-run" in card and "vae_encoder 1 steps" in card
+    with safe_open(str(paths["dit"]), "pt") as f:
+        record = json.loads(f.metadata()["kineflow.training"])
+    assert record["vae_steps"]["vae_refine"] == base_refine + 1
 
     with pytest.raises(KineFlowError, match="already has its own VAE"):
         train.train_dit(trained_run, dataclasses.replace(frozen, steps=DIT.steps + 1), resume=True)

@@ -862,8 +862,11 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine")
                  if (run_dir / phase / "ckpt.pt").exists()}
     base = json.loads((run_dir / BASE_FILE).read_text()) if (run_dir / BASE_FILE).exists() else None
-    vae_steps = {**(base["training"]["vae_steps"] if base else {}),
-                 **{phase: ckpt["step"] for phase, ckpt in vae_ckpts.items()}}
+    # A fine-tune's `vae-refine` continues the adopted decoder, so its steps add to the base's (a fine-tune run
+    # cannot train the other phases: `--init-from` refuses a run folder with a VAE of its own).
+    vae_steps = dict(base["training"]["vae_steps"]) if base else {}
+    for phase, ckpt in vae_ckpts.items():
+        vae_steps[phase] = vae_steps.get(phase, 0) + ckpt["step"]
     # Phases run with 0 steps leave no checkpoint (e.g. the decoder trained by `vae-refine` instead); every
     # checkpoint of the `vae` stage stores the same settings, so the last one present stands for them. A
     # fine-tune's VAE was trained in its base's run.
