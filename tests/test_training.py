@@ -343,8 +343,11 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
 
 
 def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_record(trained_run, tmp_path):
-    base = tmp_path / "base"
-    train.export(trained_run, base)
+    base_run, base = tmp_path / "base_run", tmp_path / "base"
+    shutil.copytree(trained_run, base_run)
+    refine = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, seed=7, save_every=1, log_every=1)
+    assert train.refine_vae(base_run, refine).finished  # a base whose decoder was refined
+    train.export(base_run, base)
     (base / "MODEL_CARD.md").write_text("...\nCommands of this run (time, command):\n\n    python -m base-run\n")
     run_dir = tmp_path / "fine"
     frozen = dataclasses.replace(DIT, init_from=str(base), lr=0.0, steps=2)  # lr 0: the weights stay the base's
@@ -359,10 +362,8 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
         assert run_vae[key] == base_vae[key]
     assert float(run_vae["kineflow.latent_mean"]) == pytest.approx(float(base_vae["kineflow.latent_mean"]), abs=1e-3)
 
-    # the decoder refined in the fine-tune run continues the base's: the record counts the steps of both
-    refine = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, seed=7, save_every=1, log_every=1)
+    # the decoder refined again in the fine-tune run continues the base's: the record counts the steps of both
     assert train.refine_vae(run_dir, refine).finished
-    base_refine = json.loads((run_dir / train.BASE_FILE).read_text())["training"]["vae_steps"].get("vae_refine", 0)
     paths = train.export(run_dir, tmp_path / "weights")
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -374,7 +375,7 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
     assert "(base run) python -m base-run" in card and "vae_encoder 1 steps" in card
     with safe_open(str(paths["dit"]), "pt") as f:
         record = json.loads(f.metadata()["kineflow.training"])
-    assert record["vae_steps"]["vae_refine"] == base_refine + 1
+    assert record["vae_steps"]["vae_refine"] == 2
 
     with pytest.raises(KineFlowError, match="already has its own VAE"):
         train.train_dit(trained_run, dataclasses.replace(frozen, steps=DIT.steps + 1), resume=True)
