@@ -11,6 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from kineflow.models.checkpoints import read_header
 from kineflow.runtime import cli, host
 from kineflow.runtime.errors import KineFlowError
 from kineflow.runtime.video_models import load_text_encoders, load_video_model, load_video_vae
@@ -365,7 +366,6 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
     # the decoder refined again in the fine-tune run continues the base's: the record counts the steps of both
     assert train.refine_vae(run_dir, refine).finished
     paths = train.export(run_dir, tmp_path / "weights")
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     exported, started = load_file(str(paths["dit"])), load_file(str(base / "diffusion_models" / paths["dit"].name))
@@ -373,8 +373,7 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
     card = paths["card"].read_text()
     assert f"fine-tuned from the base's {DIT.steps}-step transformer" in card
     assert "(base run) python -m base-run" in card and "vae_encoder 1 steps" in card
-    with safe_open(str(paths["dit"]), "pt") as f:
-        record = json.loads(f.metadata()["kineflow.training"])
+    record = json.loads(read_header(paths["dit"]).metadata["kineflow.training"])
     assert record["vae_steps"]["vae_refine"] == 2
 
     with pytest.raises(KineFlowError, match="already has its own VAE"):
