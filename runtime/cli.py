@@ -210,6 +210,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--scheduler", default="default", help="sigma spacing: default or karras (animatediff)")
     parser.add_argument("--frames", type=int, help="frames per video (default 9 for hunyuan_video, 16 for animatediff)")
+    parser.add_argument("--width", type=int, help="video width in pixels (default: the shipped model's training "
+                                                   "size, 64 for both families)")
+    parser.add_argument("--height", type=int, help="video height in pixels (default as --width)")
     parser.add_argument("--seed", type=int, default=0)
     hv = parser.add_argument_group("hunyuan_video models")
     hv.add_argument("--model", default=SHIPPED_NAMES["dit"], help="transformer in diffusion_models/")
@@ -238,7 +241,9 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
     prompts = evaluation.read_prompt_file(args.prompts) if args.prompts else None
     settings = evaluation.EvalSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
                                       scheduler=args.scheduler, seed=args.seed,
-                                      frames=args.frames or evaluation.DEFAULT_FRAMES[args.family])
+                                      frames=args.frames or evaluation.DEFAULT_FRAMES[args.family],
+                                      width=args.width or evaluation.DEFAULT_SIZE[args.family],
+                                      height=args.height or evaluation.DEFAULT_SIZE[args.family])
     if args.reconstruct:
         models = evaluation.load_vae_only(args.family, args.checkpoint if args.family == "animatediff" else args.vae)
     elif args.family == "animatediff":

@@ -32,6 +32,8 @@ ANIMATEDIFF_CHECKPOINT = "kineflow_tiny_sd15.safetensors"
 ANIMATEDIFF_MOTION_MODULE = "kineflow_tiny_mm.safetensors"
 # Frames per family by default: 9 (1 + 4k for the 4x temporal VAE) and AnimateDiff's 16-frame clips.
 DEFAULT_FRAMES = {"hunyuan_video": 9, "animatediff": 16}
+# The size each shipped tiny model was trained at (the dataset draws shapes in fractions of the frame).
+DEFAULT_SIZE = {"hunyuan_video": 64, "animatediff": 64}
 
 
 @dataclass

@@ -42,6 +42,18 @@ def test_eval_heldout_set_table(models_dir, capsys):
     assert "2 prompts" in out and "colour" in out and "temporal consistency" in out
 
 
+def test_eval_generates_at_the_size_asked_for(models_dir, tmp_path, capsys):
+    import av
+
+    assert cli.main(["eval", "-n", "1", "--steps", "1", "--width", "48", "--height", "32", "--models-dir",
+                     str(models_dir), "--json", "--save-dir", str(tmp_path)]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert (settings["width"], settings["height"]) == (48, 32)
+    with av.open(str(tmp_path / "eval_000.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (48, 32)
+
+
 def test_eval_with_missing_prompt_file_exits_2(capsys):
     assert cli.main(["eval", "--prompts", "/nonexistent/prompts.txt"]) == 2
     assert "cannot read prompt file" in capsys.readouterr().err

@@ -232,6 +232,17 @@ def test_the_transformer_cache_holds_the_requested_share_of_two_shape_clips(trai
     assert [len(parse_prompt(c).objects) for c in cache["captions"]] == [2] * DIT.clips
 
 
+def test_the_transformer_cache_is_encoded_at_the_requested_size(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    settings = dataclasses.replace(DIT, size=32)
+    vae, _ = train.load_trained_vae(run_dir)
+    cache = train.build_cache(run_dir, settings, vae, train.dit_text_and_family(run_dir, settings)[0])
+    assert cache["key"]["size"] == 32 and cache["latents"].shape[-2:] == (4, 4)  # 32 px / the VAE's 8
+    with pytest.raises(KineFlowError, match="multiple of 16"):
+        train.DiTSettings(size=40)
+
+
 def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "weights"
     paths = train.export(trained_run, out)

@@ -142,6 +142,8 @@ class DiTSettings:
     two_shape_prob: float = _opt(0.25, "fraction of the cached clips with two shapes (the dataset's default is 0.25)")
     decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
                                "change on --resume before the decay has begun")
+    size: int = _opt(64, "width and height of the training clips in pixels (a multiple of 8 x --patch-size); the shapes scale with "
+                        "it, so a larger size gives the transformer more tokens per shape")
     patch_size: int = _opt(2, "spatial patch of the transformer's tokens (HunyuanVideo's is 2: one token per 2x2 "
                               "latent pixels, 16x16 video pixels; 1 gives 4x the tokens)")
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
@@ -155,6 +157,11 @@ class DiTSettings:
                       choices=tuple(DTYPES))
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
+
+    def __post_init__(self):
+        unit = 8 * self.patch_size  # VAE downscale x token patch
+        if self.size < unit or self.size % unit:
+            raise KineFlowError(f"--size must be a positive multiple of {unit} (8 x --patch-size); got {self.size}")
 
 
 # Settings that may change between a run and its resumption (everything else must match the checkpoint).
@@ -684,7 +691,7 @@ def build_cache(run_dir: Path, settings: DiTSettings, vae: HunyuanVideoVAE, enco
     """Scaled latents (posterior means) and text conditioning of the training clips, plus the empty prompt."""
     path = Path(run_dir) / "dit" / "cache.pt"
     key = {"clips": settings.clips, "seed": settings.seed, "dataset": shapes.DATASET_VERSION,
-           "two_shape_prob": settings.two_shape_prob,
+           "two_shape_prob": settings.two_shape_prob, "size": settings.size,
            "vae_encoder": encoder_digest(vae),
            "llama": hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in
                                             encoder.llama.state_dict().values())).hexdigest()}
@@ -693,7 +700,8 @@ def build_cache(run_dir: Path, settings: DiTSettings, vae: HunyuanVideoVAE, enco
         if cache["key"] == key:
             return cache
     data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train",
-                                     two_shape_prob=settings.two_shape_prob)
+                                     two_shape_prob=settings.two_shape_prob, height=settings.size,
+                                     width=settings.size)
     latents, states, masks, pooled, captions = [], [], [], [], []
     bar = TrainProgress("dit cache", 0, settings.clips)
     with torch.no_grad():
