@@ -304,3 +304,16 @@ def test_motion_for_an_existing_checkpoint_with_its_cross_attention_trained(trai
         record = json.loads(f.metadata()["kineflow.training"])
     assert record["image_model"] == base.name and record["unet_steps"] == UNET.steps
 
+
+
+def test_motion_with_the_whole_unet_trained_changes_unet_weights_beyond_attn2(trained_run, tmp_path):
+    """`--unet trained` fine-tunes every UNet layer with the motion module; the VAE and CLIP stay the base's."""
+    base = ta.export(trained_run, tmp_path / "base")["checkpoint"]
+    run_dir = tmp_path / "run"
+    assert ta.train_motion(run_dir, dataclasses.replace(MOTION, base_checkpoint=str(base), unet="trained")).finished
+    paths = ta.export(run_dir, tmp_path / "weights")
+    assert "the whole UNet training with it" in paths["card"].read_text()
+    before, after = (load_file(str(p)) for p in (base, paths["checkpoint"]))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".attn2." not in k and k.startswith(ta.UNET_PREFIX) for k in changed)
+    assert all(k.startswith(ta.UNET_PREFIX) for k in changed), sorted(changed)[:5]

@@ -150,6 +150,10 @@ class MotionSettings:
                                           "never sees the prompt; a UNet trained on single frames has no reason to "
                                           "pass motion words on, so this is how they reach it",
                                 choices=("frozen", "trained"))
+    unet: str = _opt("frozen", "'trained': every layer of the UNet trains with the motion module and is exported into "
+                               "the checkpoint (AnimateDiff keeps the image model frozen; a frozen UNet's convolutions "
+                               "cannot learn to displace what they draw). Implies --cross-attention trained",
+                     choices=("frozen", "trained"))
     high_noise_weight: float = _opt(1.0, "cap of the per-clip loss weight 1/SNR(t), floored at 1 (1 = AnimateDiff's "
                                          "plain epsilon loss). The high-noise steps decide where each frame's shape "
                                          "is, and the plain loss hardly rewards them (training/README.md)")
@@ -499,14 +503,17 @@ def motion_parts(trained: torch.nn.Module) -> tuple[MotionModule, SD15UNet | Non
 
 
 def motion_stage_model(settings: MotionSettings, unet: SD15UNet) -> torch.nn.Module:
-    """What the motion stage optimises and checkpoints: the motion module alone, or with `cross_attention`
-    trained, {"motion": module, "unet": UNet whose attn2 layers alone require grad}."""
+    """What the motion stage optimises and checkpoints: the motion module alone, or with `cross_attention` or
+    `unet` trained, {"motion": module, "unet": UNet whose attn2 layers (or all layers) require grad}."""
     motion = MotionModule(tiny_motion_config(settings.version))  # proj_out zero-initialised
-    if settings.cross_attention == "frozen":
+    if settings.unet == "trained":
+        unet.requires_grad_(True)
+    elif settings.cross_attention == "trained":
+        for name, module in unet.named_modules():
+            if name.endswith(".attn2"):
+                module.requires_grad_(True)
+    else:
         return motion
-    for name, module in unet.named_modules():
-        if name.endswith(".attn2"):
-            module.requires_grad_(True)
     return torch.nn.ModuleDict({"motion": motion, "unet": unet})
 
 
@@ -633,9 +640,13 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
     rows = (f"| `{NAMES['checkpoint']}` | UNet / VAE / CLIP text | {sd_params} | {sizes['checkpoint']:.2f} MB |\n"
             f"| `{NAMES['motion']}` | AnimateDiff {version} motion module | {params['motion']:,} | "
             f"{sizes['motion']:.2f} MB |")
-    frozen = ("the UNet frozen" if settings.get("cross_attention", "frozen") == "frozen" else
-              "the UNet frozen except its text cross-attention layers (attn2), which trained with it and are saved "
-              "in the checkpoint")
+    if settings.get("unet", "frozen") == "trained":
+        frozen = "the whole UNet training with it (saved in the checkpoint), unlike AnimateDiff's frozen image model"
+    elif settings.get("cross_attention", "frozen") == "trained":
+        frozen = ("the UNet frozen except its text cross-attention layers (attn2), which trained with it and are "
+                  "saved in the checkpoint")
+    else:
+        frozen = "the UNet frozen"
     return f"""# KineFlow tiny AnimateDiff-family model
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
