@@ -393,3 +393,20 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
         train.train_dit(tmp_path / "other", dataclasses.replace(frozen, patch_size=1))
     with pytest.raises(KineFlowError, match="expected an exported tiny model"):
         train.train_dit(tmp_path / "third", dataclasses.replace(frozen, init_from=str(tmp_path / "missing")))
+
+
+def test_saved_weights_are_byte_identical_across_processes(tmp_path):
+    """safetensors writes metadata in a random order per process; exports sort it so unchanged weights leave
+    git nothing to see."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from pathlib import Path; from kineflow.training.tiny_models import save_safetensors; "
+              "save_safetensors({'w': torch.arange(6.0)}, Path(sys.argv[1]), "
+              "{k: i for i, k in enumerate(['scaling_factor', 'norm_num_groups', 'kineflow.training', 'b', 'é', 'z'])})")
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
+    assert read_header(paths[0]).metadata == {"scaling_factor": "0", "norm_num_groups": "1", "kineflow.training": "2",
+                                              "b": "3", "é": "4", "z": "5"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 
@@ -96,11 +96,24 @@ def write_word_tokenizer(folder: Path, texts: list[str]) -> Path:
 
 # --------------------------------------------------------------------------- saving in real layouts
 def save_safetensors(state_dict: dict, path: Path, metadata: dict | None = None) -> Path:
+    """Write a safetensors file whose bytes depend only on its content (so re-exporting unchanged weights leaves
+    git nothing to see): safetensors orders the header's metadata at random, so it is re-serialised sorted."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    data = save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
     with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        tmp.write_bytes(_with_sorted_metadata(data))
     return path
+
+
+def _with_sorted_metadata(data: bytes) -> bytes:
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    # Same content, so the same length as the original (which pads with spaces to align the data).
+    return data[:8] + text.ljust(length, b" ") + data[8 + length:]
 
 
 def save_family(models_dir: Path, family: TinyFamily, dit: HunyuanVideoDiT, vae: HunyuanVideoVAE,
