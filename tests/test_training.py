@@ -360,7 +360,8 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
     refine = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, seed=7, save_every=1, log_every=1)
     assert train.refine_vae(base_run, refine).finished  # a base whose decoder was refined
     train.export(base_run, base)
-    (base / "MODEL_CARD.md").write_text("...\nCommands of this run (time, command):\n\n    python -m base-run\n")
+    (base / "MODEL_CARD.md").write_text("...\nCommands of this run (time, command):\n\n"
+                                        "    (base run) (base run) python -m oldest-run\n    python -m base-run\n")
     run_dir = tmp_path / "fine"
     frozen = dataclasses.replace(DIT, init_from=str(base), lr=0.0, steps=2)  # lr 0: the weights stay the base's
     assert train.train_dit(run_dir, frozen).finished
@@ -384,6 +385,7 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
     card = paths["card"].read_text()
     assert f"fine-tuned from the base's {DIT.steps}-step transformer" in card
     assert "(base run) python -m base-run" in card and "vae_encoder 1 steps" in card
+    assert "    (base run) python -m oldest-run" in card  # one marker for all earlier runs, not one per generation
     record = json.loads(read_header(paths["dit"]).metadata["kineflow.training"])
     assert record["vae_steps"]["vae_refine"] == 2
 

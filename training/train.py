@@ -912,6 +912,9 @@ def _size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
+BASE_RUN_MARKERS = re.compile(r"^(\(base run\) )+")
+
+
 def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt: dict, vae_meta: dict,
                sizes: dict, dtype_name: str, commands: list[str], base: dict | None = None) -> str:
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -929,7 +932,8 @@ def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt
             f" in the base run{', then ' + vae_phases if vae_phases else ''}"
         transformer = f"fine-tuned from the base's {base['training']['dit_steps']}-step transformer " \
                       f"(`{base['from']}`) for {transformer}"
-        commands = [f"(base run) {line}" for line in base["commands"]] + commands
+        # One marker for every earlier generation: each command's --run-dir tells them apart.
+        commands = ["(base run) " + BASE_RUN_MARKERS.sub("", line) for line in base["commands"]] + commands
     return f"""# KineFlow tiny HunyuanVideo-family model
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
