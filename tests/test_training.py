@@ -209,6 +209,23 @@ def test_vae_refine_trains_the_decoder_and_keeps_the_latents(trained_run, tmp_pa
     assert cache.stat().st_mtime_ns == stamp
 
 
+def test_vae_refine_latent_noise_and_clip_size_reach_the_decoder_training(trained_run, tmp_path):
+    settings = train.RefineSettings(steps=1, batch_size=1, crop=16, clips=4, seed=7, save_every=1, log_every=1)
+
+    def refined(name: str, **changes) -> torch.Tensor:
+        run_dir = tmp_path / name
+        shutil.copytree(trained_run, run_dir)
+        assert train.refine_vae(run_dir, dataclasses.replace(settings, **changes)).finished
+        return train.load_trained_vae(run_dir)[0].decoder.conv_out.conv.weight
+
+    plain = refined("plain")
+    assert torch.equal(plain, refined("again"))  # deterministic, so a difference below is the option's
+    assert not torch.equal(plain, refined("noisy", latent_noise=1.0))
+    assert not torch.equal(plain, refined("larger", size=32))
+    with pytest.raises(KineFlowError, match="--crop must be a multiple of 8 between 8 and 8"):
+        refined("small", size=8)
+
+
 def test_a_new_dataset_version_rebuilds_the_transformer_cache(trained_run, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)

@@ -109,7 +109,12 @@ class RefineSettings:
     decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
                                "change on --resume before the decay has begun")
     batch_size: int = _opt(8, "clips per step")
-    crop: int = _opt(32, "side of the random square crop trained on (multiple of 8, <= 64)")
+    crop: int = _opt(32, "side of the random square crop trained on (multiple of 8, <= --size)")
+    size: int = _opt(64, "width and height of the rendered clips the crops are cut from (shapes scale with it; "
+                         "match the transformer's --size)")
+    latent_noise: float = _opt(0.0, "Gaussian noise of std up to this (uniform per clip, in units of the scaled "
+                                    "latent the transformer generates) added to the decoder's input, so that it "
+                                    "draws clean outlines from a generated latent's small errors (0 = none)")
     foreground_weight: float = _opt(4.0, "extra L1 weight of pixels that differ from the clip's background")
     edge_weight: float = _opt(0.1, "weight of the L1 loss on x/y/t differences")
     clips: int = _opt(10_000, "size of the training clip index space")
@@ -461,7 +466,8 @@ def refine_vae(run_dir: Path, settings: RefineSettings, *, resume: bool = False,
         save_safetensors(vae.state_dict(), start)
     vae.load_state_dict(load_file(str(start)))
     before = encoder_digest(vae)
-    data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train")
+    data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train",
+                                     height=settings.size, width=settings.size)
     trained = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
     trained.requires_grad_(True)
 
@@ -471,6 +477,9 @@ def refine_vae(run_dir: Path, settings: RefineSettings, *, resume: bool = False,
         video = random_crops(video, settings.crop, rng)
         with torch.no_grad():
             z = posterior_sample(vae.encode(video), gen)
+            if settings.latent_noise:
+                std = settings.latent_noise * torch.rand(len(z), generator=gen).view(-1, 1, 1, 1, 1)
+                z = z + std / vae.config.scaling_factor * torch.randn(z.shape, generator=gen)
         return recon_loss(vae.decode(z), video, settings, edges=True)
 
     optimizer = torch.optim.Adam(trained.parameters(), lr=settings.lr)
