@@ -266,6 +266,7 @@ def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, mo
     sizes = sum(train._size_mb(p) for p in paths.values())
     assert sizes < train.SIZE_LIMIT_MB
     assert "KineFlow tiny" in paths["card"].read_text()
+    assert "Generate 9 frames of 64x64, the size its transformer last" in paths["card"].read_text()
 
     monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
     host.configure(models_dir=out)

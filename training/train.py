@@ -943,11 +943,13 @@ def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt
                       f"(`{base['from']}`) for {transformer}"
         # One marker for every earlier generation: each command's --run-dir tells them apart.
         commands = ["(base run) " + BASE_RUN_MARKERS.sub("", line) for line in base["commands"]] + commands
+    size = dit_ckpt["settings"].get("size", 64)
     return f"""# KineFlow tiny HunyuanVideo-family model
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
-moving over flat backgrounds, 9 frames of 64x64, plain-English captions). It shows the pipeline working end to
-end; it knows nothing beyond that dataset's vocabulary.
+moving over flat backgrounds, plain-English captions). It shows the pipeline working end to end; it knows
+nothing beyond that dataset's vocabulary. Generate 9 frames of {size}x{size}, the size its transformer last
+trained at.
 
 | part | file | parameters | size ({dtype_name}) |
 |---|---|---|---|
