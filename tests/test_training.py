@@ -92,6 +92,27 @@ def test_dit_loss_falls_on_a_fixed_batch():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
 
+    # --foreground-weight: on clips of a flat background and a shape, the shape's cells weigh more
+    shapes = torch.zeros(n, 16, 2, 8, 8)
+    shapes[:, :, :, 2:4, 2:4] = 2.0
+    cache = {**cache, "latents": shapes}
+    plain = train.dit_loss(dit, cache, range(n), torch.Generator().manual_seed(0), DIT)
+    weighted = train.dit_loss(dit, cache, range(n), torch.Generator().manual_seed(0),
+                              dataclasses.replace(DIT, foreground_weight=3.0))
+    assert torch.isfinite(weighted) and weighted.item() != plain.item()
+
+
+def test_foreground_cells_are_the_shape_and_its_border():
+    background = torch.tensor([0.3, -1.0, 2.0, 0.0]).view(1, 4, 1, 1, 1)
+    latents = background.expand(2, 4, 3, 8, 8).clone()
+    latents[0, :, :, 2:4, 3:5] += 1.5  # a 2x2-cell shape in clip 0; clip 1 is all background
+    cells = train.foreground_cells(latents)
+    assert cells.shape == (2, 1, 3, 8, 8)
+    expected = torch.zeros(8, 8)
+    expected[1:5, 2:6] = 1.0  # grown by one cell
+    assert all(torch.equal(cells[0, 0, t], expected) for t in range(3))
+    assert cells[1].sum() == 0
+
 
 def test_step_randomness_depends_only_on_seed_stage_and_step():
     a_np, a_torch = step_rngs(0, "dit", 7)
