@@ -258,24 +258,25 @@ def test_a_new_dataset_version_rebuilds_the_transformer_cache(trained_run, tmp_p
     assert torch.load(cache, weights_only=True)["key"]["dataset"] == train.shapes.DATASET_VERSION
 
 
+def _transformer_cache(trained_run, tmp_path, **changes) -> dict:
+    """The `dit` cache of a copy of the trained run, built with DIT changed by `changes`."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    settings = dataclasses.replace(DIT, **changes)
+    vae, _ = train.load_trained_vae(run_dir)
+    return train.build_cache(run_dir, settings, vae, train.dit_text_and_family(run_dir, settings)[0])
+
+
 def test_the_transformer_cache_holds_the_requested_share_of_two_shape_clips(trained_run, tmp_path):
     from kineflow.training.prompts import parse_prompt
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(trained_run, run_dir)
-    settings = dataclasses.replace(DIT, two_shape_prob=1.0)
-    vae, _ = train.load_trained_vae(run_dir)
-    cache = train.build_cache(run_dir, settings, vae, train.dit_text_and_family(run_dir, settings)[0])
+    cache = _transformer_cache(trained_run, tmp_path, two_shape_prob=1.0)
     assert cache["key"]["two_shape_prob"] == 1.0
     assert [len(parse_prompt(c).objects) for c in cache["captions"]] == [2] * DIT.clips
 
 
 def test_the_transformer_cache_is_encoded_at_the_requested_size(trained_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(trained_run, run_dir)
-    settings = dataclasses.replace(DIT, size=32)
-    vae, _ = train.load_trained_vae(run_dir)
-    cache = train.build_cache(run_dir, settings, vae, train.dit_text_and_family(run_dir, settings)[0])
+    cache = _transformer_cache(trained_run, tmp_path, size=32)
     assert cache["key"]["size"] == 32 and cache["latents"].shape[-2:] == (4, 4)  # 32 px / the VAE's 8
     with pytest.raises(KineFlowError, match="multiple of 16"):
         train.DiTSettings(size=40)
