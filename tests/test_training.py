@@ -443,9 +443,10 @@ def test_saved_weights_are_byte_identical_across_processes(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys, torch; from pathlib import Path; from kineflow.training.tiny_models import save_safetensors; "
-              "save_safetensors({'w': torch.arange(6.0)}, Path(sys.argv[1]), "
-              "{k: i for i, k in enumerate(['scaling_factor', 'norm_num_groups', 'kineflow.training', 'b', 'é', 'z'])})")
+    keys = ["scaling_factor", "norm_num_groups", "kineflow.training", "b", "é", "z"]
+    script = ("import sys, torch; from pathlib import Path; from kineflow.training.tiny_models import "
+              "save_safetensors; save_safetensors({'w': torch.arange(6.0)}, Path(sys.argv[1]), "
+              f"{{k: i for i, k in enumerate({keys!r})}})")
     paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
     for path in paths:
         subprocess.run([sys.executable, "-c", script, str(path)], check=True)

@@ -147,8 +147,8 @@ class DiTSettings:
     two_shape_prob: float = _opt(0.25, "fraction of the cached clips with two shapes (the dataset's default is 0.25)")
     decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
                                "change on --resume before the decay has begun")
-    size: int = _opt(64, "width and height of the training clips in pixels (a multiple of 8 x --patch-size); the shapes scale with "
-                        "it, so a larger size gives the transformer more tokens per shape")
+    size: int = _opt(64, "width and height of the training clips in pixels (a multiple of 8 x --patch-size); the "
+                         "shapes scale with it, so a larger size gives the transformer more tokens per shape")
     patch_size: int = _opt(2, "spatial patch of the transformer's tokens (HunyuanVideo's is 2: one token per 2x2 "
                               "latent pixels, 16x16 video pixels; 1 gives 4x the tokens)")
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")

@@ -151,8 +151,9 @@ class MotionSettings:
                                           "pass motion words on, so this is how they reach it",
                                 choices=("frozen", "trained"))
     unet: str = _opt("frozen", "'trained': every layer of the UNet trains with the motion module and is exported into "
-                               "the checkpoint (AnimateDiff keeps the image model frozen; a frozen UNet's convolutions "
-                               "cannot learn to displace what they draw). Implies --cross-attention trained",
+                               "the checkpoint, as if its convolutions had to learn to displace what they draw "
+                               "(AnimateDiff keeps the image model frozen; training/README.md has what this measured). "
+                               "Implies --cross-attention trained",
                      choices=("frozen", "trained"))
     high_noise_weight: float = _opt(1.0, "cap of the per-clip loss weight 1/SNR(t), floored at 1 (1 = AnimateDiff's "
                                          "plain epsilon loss). The high-noise steps decide where each frame's shape "
