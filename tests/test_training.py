@@ -100,6 +100,9 @@ def test_dit_loss_falls_on_a_fixed_batch():
     weighted = train.dit_loss(dit, cache, range(n), torch.Generator().manual_seed(0),
                               dataclasses.replace(DIT, foreground_weight=3.0))
     assert torch.isfinite(weighted) and weighted.item() != plain.item()
+    later = train.dit_loss(dit, cache, range(n), torch.Generator().manual_seed(0),
+                           dataclasses.replace(DIT, later_frame_weight=4.0))
+    assert torch.isfinite(later) and later.item() != plain.item()
 
 
 def test_foreground_cells_are_the_shape_and_its_border():

@@ -155,6 +155,8 @@ class DiTSettings:
     foreground_weight: float = _opt(0.0, "extra loss weight of the latent cells a shape covers or borders (the flat "
                                          "background fills most of the latent and is easy, so outlines count for "
                                          "little in a plain MSE); 0 = plain MSE")
+    later_frame_weight: float = _opt(1.0, "loss weight of the latent frames after the first (each codes four video "
+                                          "frames of motion, the first one frame alone); 1 = all equal")
     shift: float = _opt(3.0, "flow shift applied to the sampled sigma, as the sampler shifts its schedule")
     sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
                                choices=("logit_normal", "uniform"))
@@ -762,9 +764,10 @@ def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Gene
                                          cache[ukey].expand_as(cache[key][idx]), cache[key][idx])
     velocity = dit(x_t, sigma * 1000.0, pick("text_states", "uncond_states"), pick("text_mask", "uncond_mask"),
                    pick("text_states_2", "uncond_states_2"))
-    if not settings.foreground_weight:
+    if not settings.foreground_weight and settings.later_frame_weight == 1.0:
         return F.mse_loss(velocity.float(), noise - x0)
     weight = 1.0 + settings.foreground_weight * foreground_cells(x0)
+    weight[:, :, 1:] *= settings.later_frame_weight
     return ((velocity.float() - (noise - x0)).square() * weight).mean() / weight.mean()
 
 
