@@ -239,11 +239,11 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
 
     host.configure(models_dir=args.models_dir)
     prompts = evaluation.read_prompt_file(args.prompts) if args.prompts else None
+    width = args.width or evaluation.DEFAULT_SIZE[args.family]
     settings = evaluation.EvalSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
                                       scheduler=args.scheduler, seed=args.seed,
                                       frames=args.frames or evaluation.DEFAULT_FRAMES[args.family],
-                                      width=args.width or evaluation.DEFAULT_SIZE[args.family],
-                                      height=args.height or evaluation.DEFAULT_SIZE[args.family])
+                                      width=width, height=args.height or width)
     if args.reconstruct:
         models = evaluation.load_vae_only(args.family, args.checkpoint if args.family == "animatediff" else args.vae)
     elif args.family == "animatediff":

@@ -52,6 +52,9 @@ def test_eval_generates_at_the_size_asked_for(models_dir, tmp_path, capsys):
     with av.open(str(tmp_path / "eval_000.mp4")) as container:
         stream = container.streams.video[0]
         assert (stream.width, stream.height) == (48, 32)
+    # --height defaults to --width, as its help says
+    assert cli.main(["eval", "-n", "1", "--steps", "1", "--width", "48", "--models-dir", str(models_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["height"] == 48
 
 
 def test_eval_with_missing_prompt_file_exits_2(capsys):
