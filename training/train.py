@@ -766,7 +766,9 @@ def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Gene
                    pick("text_states_2", "uncond_states_2"))
     if not settings.foreground_weight and settings.later_frame_weight == 1.0:
         return F.mse_loss(velocity.float(), noise - x0)
-    weight = 1.0 + settings.foreground_weight * foreground_cells(x0)
+    weight = torch.ones_like(x0[:, :1])
+    if settings.foreground_weight:
+        weight = weight + settings.foreground_weight * foreground_cells(x0)
     weight[:, :, 1:] *= settings.later_frame_weight
     return ((velocity.float() - (noise - x0)).square() * weight).mean() / weight.mean()
 
