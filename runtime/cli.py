@@ -197,7 +197,7 @@ def _convert(args: argparse.Namespace, ctx: Context) -> int:
 # --------------------------------------------------------------------------- eval
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training.tiny_models import SHIPPED_NAMES
-    from .evaluation import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
+    from .evaluation import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, DEFAULT_SIZE
 
     parser.add_argument("--family", choices=("hunyuan_video", "animatediff"), default="hunyuan_video",
                         help="model family to generate with (default hunyuan_video)")
@@ -210,8 +210,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--scheduler", default="default", help="sigma spacing: default or karras (animatediff)")
     parser.add_argument("--frames", type=int, help="frames per video (default 9 for hunyuan_video, 16 for animatediff)")
-    parser.add_argument("--width", type=int, help="video width in pixels (default: the shipped model's training "
-                                                   "size, 64 for both families)")
+    sizes = ", ".join(f"{size} for {family}" for family, size in DEFAULT_SIZE.items())
+    parser.add_argument("--width", type=int, help=f"video width in pixels (default: the shipped model's training "
+                                                   f"size, {sizes})")
     parser.add_argument("--height", type=int, help="video height in pixels (default as --width)")
     parser.add_argument("--seed", type=int, default=0)
     hv = parser.add_argument_group("hunyuan_video models")

@@ -33,7 +33,7 @@ ANIMATEDIFF_MOTION_MODULE = "kineflow_tiny_mm.safetensors"
 # Frames per family by default: 9 (1 + 4k for the 4x temporal VAE) and AnimateDiff's 16-frame clips.
 DEFAULT_FRAMES = {"hunyuan_video": 9, "animatediff": 16}
 # The size each shipped tiny model was trained at (the dataset draws shapes in fractions of the frame).
-DEFAULT_SIZE = {"hunyuan_video": 64, "animatediff": 64}
+DEFAULT_SIZE = {"hunyuan_video": 128, "animatediff": 64}
 
 
 @dataclass

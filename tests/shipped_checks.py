@@ -12,22 +12,25 @@ from kineflow.training.prompts import parse_prompt
 
 
 def workflow_settings(nodes: dict) -> EvalSettings:
-    """The sampler settings of a shipped API workflow's nodes (node 5 the empty latent, node 6 the sampler)."""
-    sampler = nodes["6"]["inputs"]
+    """The sampler settings and video size of a shipped API workflow's nodes (node 5 the empty latent, node 6
+    the sampler)."""
+    sampler, latent = nodes["6"]["inputs"], nodes["5"]["inputs"]
     return EvalSettings(steps=sampler["steps"], cfg=sampler["cfg"], shift=sampler["shift"],
-                        sampler_name=sampler["sampler_name"], frames=nodes["5"]["inputs"]["frames"])
+                        sampler_name=sampler["sampler_name"], frames=latent["frames"], width=latent["width"],
+                        height=latent["height"])
 
 
-def run_to_mp4(workflow: Path, models_dir: Path, output_dir: Path) -> torch.Tensor:
-    """Run a shipped workflow; check it saved a 64x64 mp4 with every decoded frame (node 7 decodes, node 8
-    saves) and return those frames [F, 64, 64, 3]."""
+def run_to_mp4(workflow: Path, models_dir: Path, output_dir: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Run a shipped workflow; check it saved an mp4 of `size` (width, height) with every decoded frame (node 7
+    decodes, node 8 saves) and return those frames [F, H, W, 3]."""
+    width, height = size
     results = run_workflow(str(workflow), models_dir=models_dir, output_dir=output_dir, cache=OutputCache())
     frames = results["7"]["outputs"][0]
-    assert frames.shape[1:] == (64, 64, 3)
+    assert frames.shape[1:] == (height, width, 3)
     (saved,) = results["8"]["ui"]["images"]
     with av.open(str(output_dir / saved["subfolder"] / saved["filename"])) as container:
         stream = container.streams.video[0]
-        assert (len(list(container.decode(stream))), stream.width, stream.height) == (len(frames), 64, 64)
+        assert (len(list(container.decode(stream))), stream.width, stream.height) == (len(frames), width, height)
     return frames
 
 

@@ -323,14 +323,14 @@ def test_export_quotes_eval_reports_in_the_model_card(trained_run, tmp_path, mon
     out = tmp_path / "weights"
     train.export(trained_run, out)
     stdout = io.StringIO()
-    assert cli.main(["eval", "-n", "2", "--steps", "1", "--models-dir", str(out), "--json"], stdout=stdout,
+    assert cli.main(["eval", "-n", "2", "--steps", "1", "--width", "64", "--models-dir", str(out), "--json"], stdout=stdout,
                     stderr=io.StringIO()) == 0
     report = tmp_path / "report.json"
     report.write_text(stdout.getvalue())
     measured = json.loads(stdout.getvalue())["accuracy"]
     assert train.main(["export", "--run-dir", str(trained_run), "--out", str(out), "--scores", str(report)]) == 0
     card = (out / "MODEL_CARD.md").read_text()
-    row = next(line for line in card.splitlines() if line.startswith("| kineflow_tiny_dit.safetensors | 1 steps euler, cfg 1, shift 7 |"))
+    row = next(line for line in card.splitlines() if line.startswith("| kineflow_tiny_dit.safetensors | 64x64, 1 steps euler, cfg 1, shift 7 |"))
     assert row.split(" | ")[2:8] == ["2", *(f"{measured[c]:.0%}" if measured[c] is not None else "-"
                                            for c in ("colour", "shape", "direction", "scale_change", "background"))]
     report.write_text("[1, 2]")

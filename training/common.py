@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,6 +141,13 @@ def ema_update(ema: float | None, value: float, decay: float = 0.98) -> float:
     return value if ema is None else decay * ema + (1.0 - decay) * value
 
 
+def hardware_line() -> str:
+    """The machine for a model card. Threads are not listed: each training command sets its own (`--threads`,
+    shown in the card's command list), and the exporting process's count says nothing about them."""
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}; threads per " \
+           "job as each command's --threads (default 2)"
+
+
 def set_threads(threads: int) -> None:
     if threads < 1:
         raise KineFlowError(f"--threads must be >= 1; got {threads}")
@@ -165,18 +174,20 @@ def read_eval_reports(paths: list[str | Path]) -> list[dict]:
 
 
 def scores_section(reports: list[dict]) -> str:
-    """The model card's "Measured scores" table, one row per eval report (steps, sampler and cfg from its
-    settings; `kineflow eval -n PROMPTS --steps S --sampler X --cfg C [--shift F]` reproduces a row)."""
+    """The model card's "Measured scores" table, one row per eval report (size, steps, sampler and cfg from its
+    settings; `kineflow eval -n PROMPTS --width W --height H --steps S --sampler X --cfg C [--shift F]`
+    reproduces a row)."""
     if not reports:
         return ""
     percent = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
     rows = []
     for r in reports:
         run, mode = r["settings"], r.get("mode", "generate")
+        what = f"{run['width']}x{run['height']}, "
         if mode == "reconstruct":
-            what = "VAE reconstruction"
+            what += "VAE reconstruction"
         else:
-            what = f"{run['steps']} steps {run['sampler_name']}, cfg {run['cfg']:g}"
+            what += f"{run['steps']} steps {run['sampler_name']}, cfg {run['cfg']:g}"
             if r.get("latent_format") == "hunyuan_video":  # the flow shift applies to this family only
                 what += f", shift {run['shift']:g}"
         tc = r.get("temporal_consistency")

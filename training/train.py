@@ -33,8 +33,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import platform
 import re
 import shutil
 import sys
@@ -57,7 +55,7 @@ from ..models.tokenization import clip_l_tokenizer, load_tokenizer
 from ..runtime.errors import InterruptedRun, KineFlowError
 from ..runtime.media import atomic_write
 from . import dataset as shapes
-from .common import (Budget, LossLog, TrainProgress, check_resumable, ema_update, load_checkpoint,
+from .common import (Budget, LossLog, TrainProgress, check_resumable, ema_update, hardware_line, load_checkpoint,
                      read_eval_reports, save_checkpoint, scores_section, set_threads, step_rngs)
 from .tiny_models import TinyFamily, save_family, save_safetensors, tiny_family, write_word_tokenizer
 
@@ -957,8 +955,7 @@ def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt
         counts = {"dit": params(dit_mod.HunyuanVideoDiT(family.dit)), "vae": params(HunyuanVideoVAE(family.vae)),
                   "llm": params(LlamaTextEncoder(family.llama)), "clip": params(CLIPTextModel(family.clip))}
     rows = "\n".join(f"| {part} | {family.names[part]} | {counts[part]:,} | {sizes[part]:.2f} MB |" for part in counts)
-    hardware = f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, " \
-               f"{torch.get_num_threads()} threads"
+    hardware = hardware_line()
     minutes = lambda ck: ck["train_seconds"] / 60.0  # noqa: E731
     vae_phases = ", ".join(f"{phase} {ck['step']} steps / {minutes(ck):.1f} min" for phase, ck in vae_ckpts.items())
     transformer = f"{dit_ckpt['step']} steps, {minutes(dit_ckpt):.1f} min"

@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +63,7 @@ from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
 from . import dataset as shapes
 from . import train
-from .common import Budget, TrainProgress, file_digest, load_checkpoint, scores_section, step_rngs
+from .common import Budget, TrainProgress, file_digest, hardware_line, load_checkpoint, scores_section, step_rngs
 from .tiny_models import save_safetensors
 from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
 
@@ -633,8 +631,7 @@ def _base_image_notes(base: Path) -> tuple[str, dict]:
 def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, dtype_name: str,
                commands: list[str]) -> str:
     params = {part: sum(p.numel() for p in m.parameters()) for part, m in models.items()}
-    hardware = f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, " \
-               f"{torch.get_num_threads()} threads"
+    hardware = hardware_line()
     settings = motion_ckpt["settings"]
     version = settings["version"]
     sd_params = " / ".join(f"{params[part]:,}" for part in ("unet", "vae", "clip"))
