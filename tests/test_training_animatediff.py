@@ -317,3 +317,15 @@ def test_motion_with_the_whole_unet_trained_changes_unet_weights_beyond_attn2(tr
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(".attn2." not in k and k.startswith(ta.UNET_PREFIX) for k in changed)
     assert all(k.startswith(ta.UNET_PREFIX) for k in changed), sorted(changed)[:5]
+
+
+def test_motion_decay_steps_lower_the_learning_rate_to_the_end_and_may_be_set_on_resume(trained_run, tmp_path):
+    """A long motion run is resumed with `--decay-steps` to anneal it: the learning rate of the last N steps falls
+    linearly, and the resumed run accepts the new setting."""
+    base = ta.export(trained_run, tmp_path / "base")["checkpoint"]
+    settings = dataclasses.replace(MOTION, base_checkpoint=str(base), warmup=1, steps=2)
+    run_dir = tmp_path / "run"
+    assert ta.train_motion(run_dir, settings).finished
+    assert ta.train_motion(run_dir, dataclasses.replace(settings, steps=4, decay_steps=2), resume=True).finished
+    rates = [json.loads(line)["lr"] for line in (run_dir / "motion" / "log.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([settings.lr] * 3 + [settings.lr / 2])
