@@ -2,9 +2,8 @@
 what it gets right, seeds, and its files read like released ones.
 
 Only the shipped weights are visible (an empty models folder), so these runs are what a fresh clone gets. Every
-run is seeded, so the checks are deterministic. Direction and temporal consistency are not asserted: the shipped
-motion module does not yet move shapes as the prompt says, nor make frames measurably more alike than the image
-model alone (README, "The shipped tiny AnimateDiff model").
+run is seeded, so the checks are deterministic. The motion module moves shapes the prompt's way about twice as
+often as the image model alone, still far from its 85% target (README, "The shipped tiny AnimateDiff model").
 """
 
 import json
@@ -15,8 +14,8 @@ import torch
 
 import kineflow
 from kineflow.runtime.cli import main as cli_main
-from kineflow.runtime.evaluation import (ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, generate_clip,
-                                         load_animatediff)
+from kineflow.runtime.evaluation import (ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, evaluate,
+                                         generate_clip, load_animatediff)
 from kineflow.training.judge import judge
 from shipped_checks import obeys, run_to_mp4, workflow_settings
 
@@ -50,6 +49,18 @@ def test_same_seed_same_frames_other_seeds_other_videos_in_the_same_colours(anim
         assert ((video - first).abs().amax(dim=-1) > 0.1).float().mean() > 0.01
         accuracy = obeys(video, prompt)
         assert (accuracy["colour"], accuracy["background"]) == (1.0, 1.0), judge(video)
+
+
+def test_the_motion_module_moves_held_out_shapes_the_prompts_way_more_often_than_the_image_model(animated):
+    """A fixed slice of the held-out set, with the motion module and without it (frames denoised one by one).
+    Temporal consistency is not asserted here: on this slice the two are level (0.87 both), on 60 prompts the
+    module is ahead (0.87 against 0.83, README)."""
+    alone = load_animatediff(motion_module=None)
+    with_module, without = (evaluate(models, heldout=20, settings=SETTINGS)["counts"]["direction"]
+                            for models in (animated, alone))
+    # measured on this slice: 13 of 24 shapes with the module, 4 without; the floors leave a margin of two shapes
+    assert with_module["scored"] == without["scored"] == 24
+    assert with_module["correct"] >= 11 and with_module["correct"] >= without["correct"] + 5, (with_module, without)
 
 
 def test_shipped_files_inspect_like_released_ones_and_fit_the_budget(capsys):
