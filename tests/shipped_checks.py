@@ -1,5 +1,6 @@
 """Helpers shared by the tests of the shipped tiny models (test_shipped_model.py, test_shipped_animatediff.py)."""
 
+import json
 from pathlib import Path
 
 import av
@@ -20,10 +21,11 @@ def workflow_settings(nodes: dict) -> EvalSettings:
                         height=latent["height"])
 
 
-def run_to_mp4(workflow: Path, models_dir: Path, output_dir: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Run a shipped workflow; check it saved an mp4 of `size` (width, height) with every decoded frame (node 7
+def run_to_mp4(workflow: Path, models_dir: Path, output_dir: Path) -> torch.Tensor:
+    """Run a shipped workflow; check it saved an mp4 of the workflow's size with every decoded frame (node 7
     decodes, node 8 saves) and return those frames [F, H, W, 3]."""
-    width, height = size
+    settings = workflow_settings(json.loads(workflow.read_text()))
+    width, height = settings.width, settings.height
     results = run_workflow(str(workflow), models_dir=models_dir, output_dir=output_dir, cache=OutputCache())
     frames = results["7"]["outputs"][0]
     assert frames.shape[1:] == (height, width, 3)

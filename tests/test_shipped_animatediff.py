@@ -34,7 +34,7 @@ def animated(shipped_only_models_dir):
 
 
 def test_workflow_writes_a_16_frame_mp4_in_the_prompted_colours(shipped_only_models_dir, tmp_path):
-    frames = run_to_mp4(WORKFLOW, shipped_only_models_dir, tmp_path, (SETTINGS.width, SETTINGS.height))
+    frames = run_to_mp4(WORKFLOW, shipped_only_models_dir, tmp_path)
     assert len(frames) == 16  # the motion module's training clip length
     accuracy = obeys(frames, NODES["4"]["inputs"]["prompt"])
     assert (accuracy["colour"], accuracy["background"]) == (1.0, 1.0), judge(frames)

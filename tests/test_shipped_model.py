@@ -36,7 +36,7 @@ def models(shipped_only_models_dir):
 
 
 def test_default_workflow_writes_an_mp4_that_follows_the_prompt(shipped_only_models_dir, tmp_path):
-    frames = run_to_mp4(WORKFLOW, shipped_only_models_dir, tmp_path, (SETTINGS.width, SETTINGS.height))
+    frames = run_to_mp4(WORKFLOW, shipped_only_models_dir, tmp_path)
     assert len(frames) == SETTINGS.frames
     accuracy = obeys(frames, PROMPT)
     assert {name: accuracy[name] for name in ("colour", "shape", "direction", "background")} == \

@@ -70,6 +70,11 @@ def _opt(default, help_text: str, **kwargs):
     return field(default=default, metadata={"help": help_text, **kwargs})
 
 
+# The `decay_steps` setting of every stage that has one (run_loop applies it).
+DECAY_STEPS_HELP = ("the last N of --steps decay the learning rate linearly to 0 (0 = constant); may change on "
+                    "--resume before the decay has begun")
+
+
 @dataclass
 class VAESettings:
     encoder_steps: int = _opt(1200, "phase 1: steps of the encoder against a linear patch decoder")
@@ -104,8 +109,7 @@ class RefineSettings:
     steps: int = _opt(2000, "decoder steps (a resumed run continues up to this)")
     lr: float = _opt(5e-4, "Adam learning rate (after a linear warm-up)")
     warmup: int = _opt(50, "warm-up steps")
-    decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
-                               "change on --resume before the decay has begun")
+    decay_steps: int = _opt(0, DECAY_STEPS_HELP)
     batch_size: int = _opt(8, "clips per step")
     crop: int = _opt(32, "side of the random square crop trained on (multiple of 8, <= --size)")
     size: int = _opt(64, "width and height of the rendered clips the crops are cut from (shapes scale with it; "
@@ -143,8 +147,7 @@ class DiTSettings:
     warmup: int = _opt(100, "warm-up steps")
     clips: int = _opt(4000, "training clips encoded once into the latent + text cache")
     two_shape_prob: float = _opt(0.25, "fraction of the cached clips with two shapes (the dataset's default is 0.25)")
-    decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
-                               "change on --resume before the decay has begun")
+    decay_steps: int = _opt(0, DECAY_STEPS_HELP)
     size: int = _opt(64, "width and height of the training clips in pixels (a multiple of 8 x --patch-size); the "
                          "shapes scale with it, so a larger size gives the transformer more tokens per shape")
     patch_size: int = _opt(2, "spatial patch of the transformer's tokens (HunyuanVideo's is 2: one token per 2x2 "

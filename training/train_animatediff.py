@@ -138,8 +138,7 @@ class MotionSettings:
     batch_size: int = _opt(4, "16-frame clips per step")
     lr: float = _opt(5e-4, "AdamW learning rate (after a linear warm-up)")
     warmup: int = _opt(100, "warm-up steps")
-    decay_steps: int = _opt(0, "the last N of --steps decay the learning rate linearly to 0 (0 = constant); may "
-                               "change on --resume before the decay has begun")
+    decay_steps: int = _opt(0, train.DECAY_STEPS_HELP)
     clips: int = _opt(2000, "16-frame training clips (the unet stage's cache is reused when it holds as many)")
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
     seed: int = _opt(0, "seed of data order, noise and initialisation")
