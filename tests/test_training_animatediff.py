@@ -329,3 +329,24 @@ def test_motion_decay_steps_lower_the_learning_rate_to_the_end_and_may_be_set_on
     assert ta.train_motion(run_dir, dataclasses.replace(settings, steps=4, decay_steps=2), resume=True).finished
     rates = [json.loads(line)["lr"] for line in (run_dir / "motion" / "log.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([settings.lr] * 3 + [settings.lr / 2])
+
+
+def test_motion_continues_an_exported_module_on_a_new_cache(trained_run, tmp_path):
+    """`--init-module` starts a new motion run (e.g. on more clips) from an exported module and the checkpoint
+    exported beside it: before any step the pair reproduces the exported model; a module of another version is
+    refused with what was expected."""
+    exported = ta.export(trained_run, tmp_path / "first")
+    settings = dataclasses.replace(MOTION, base_checkpoint=str(exported["checkpoint"]), clips=3,
+                                   init_module=str(exported["motion"]), steps=1)
+
+    def motion_of(run_dir: Path, lr: float) -> dict:
+        assert ta.train_motion(run_dir, dataclasses.replace(settings, lr=lr)).finished
+        return load_file(str(ta.export(run_dir, run_dir / "export")["motion"]))
+
+    start = load_file(str(exported["motion"]))
+    assert _states_equal(motion_of(tmp_path / "still", 0.0), start)  # a zero learning rate keeps the start
+    assert not _states_equal(motion_of(tmp_path / "run", settings.lr), start)
+    with pytest.raises(KineFlowError, match="expected the tiny v1 motion module"):
+        ta.train_motion(tmp_path / "v1", dataclasses.replace(settings, version="v1"))
+    with pytest.raises(KineFlowError, match="not a file"):
+        ta.train_motion(tmp_path / "none", dataclasses.replace(settings, init_module=str(tmp_path / "none.safetensors")))

@@ -159,6 +159,9 @@ class MotionSettings:
                                          "is, and the plain loss hardly rewards them (training/README.md)")
     base_checkpoint: str = _opt("", "path of an SD1.5 LDM checkpoint to animate instead of this run's vae, text and "
                                     "unet stages (its UNet, VAE and CLIP)")
+    init_module: str = _opt("", "continue training an exported motion module file (e.g. on a new, larger cache) "
+                                "instead of starting from a zero proj_out; pair it with the --base-checkpoint "
+                                "exported beside it, whose attn2 layers trained with it")
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
 
@@ -517,6 +520,22 @@ def motion_stage_model(settings: MotionSettings, unet: SD15UNet) -> torch.nn.Mod
     return torch.nn.ModuleDict({"motion": motion, "unet": unet})
 
 
+def load_init_module(motion: MotionModule, path: Path, version: str) -> None:
+    """Load an exported motion module file into the stage's fresh module, refusing files of another shape."""
+    if not path.is_file():
+        raise KineFlowError(f"--init-module {str(path)!r} is not a file; expected a motion module exported by this "
+                            f"stage ({NAMES['motion']})")
+    state = load_file(str(path))
+    expected = {k: tuple(v.shape) for k, v in motion.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        differ = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise KineFlowError(f"--init-module {path}: expected the tiny {version} motion module of this stage "
+                            f"({len(expected)} tensors), found {len(found)} tensors that differ from it, "
+                            f"e.g. {differ[:3]}")
+    motion.load_state_dict(state)
+
+
 def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = False,
                  budget: Budget | None = None) -> train.StageResult:
     run_dir = Path(run_dir)
@@ -530,6 +549,8 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
     torch.manual_seed(settings.seed)
     trained = motion_stage_model(settings, unet)
     motion, _ = motion_parts(trained)
+    if settings.init_module:  # a resumed run then loads its checkpoint over these
+        load_init_module(motion, Path(settings.init_module), settings.version)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=0.0)
     n = len(cache["latents"])
