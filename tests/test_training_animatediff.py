@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from kineflow.models.animatediff import MotionModule
 from kineflow.models.sd15_unet import SD15UNet
@@ -333,8 +334,8 @@ def test_motion_decay_steps_lower_the_learning_rate_to_the_end_and_may_be_set_on
 
 def test_motion_continues_an_exported_module_on_a_new_cache(trained_run, tmp_path):
     """`--init-module` starts a new motion run (e.g. on more clips) from an exported module and the checkpoint
-    exported beside it: before any step the pair reproduces the exported model; a module of another version is
-    refused with what was expected."""
+    exported beside it: trained with a zero learning rate it exports the module it started from, trained for real
+    it moves on; a module of another version is refused with what was expected."""
     exported = ta.export(trained_run, tmp_path / "first")
     settings = dataclasses.replace(MOTION, base_checkpoint=str(exported["checkpoint"]), clips=3,
                                    init_module=str(exported["motion"]), steps=1)
@@ -350,3 +351,28 @@ def test_motion_continues_an_exported_module_on_a_new_cache(trained_run, tmp_pat
         ta.train_motion(tmp_path / "v1", dataclasses.replace(settings, version="v1"))
     with pytest.raises(KineFlowError, match="not a file"):
         ta.train_motion(tmp_path / "none", dataclasses.replace(settings, init_module=str(tmp_path / "none.safetensors")))
+
+
+def test_a_checkpoint_whose_unet_trained_further_reuses_the_cache_of_its_vae_and_clip(trained_run, tmp_path,
+                                                                                   monkeypatch):
+    """The motion stage's cache holds VAE latents and CLIP states only, so it is keyed by those weights: the
+    checkpoint a cross-attention-trained motion run exports (new attn2, same VAE and CLIP) reuses a cache made
+    with the checkpoint it started from, while a changed VAE is not served a stale cache."""
+    first = ta.export(trained_run, tmp_path / "first")["checkpoint"]
+    settings = dataclasses.replace(MOTION, base_checkpoint=str(first), cross_attention="trained", clips=3)
+    assert ta.train_motion(tmp_path / "a", settings).finished
+    second = ta.export(tmp_path / "a", tmp_path / "second")
+    before, after = load_file(str(first)), load_file(str(second["checkpoint"]))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # attn2 trained
+    (tmp_path / "b" / "cache").mkdir(parents=True)
+    shutil.copy(ta.cache_path(tmp_path / "a"), ta.cache_path(tmp_path / "b"))
+    (tmp_path / "c").mkdir()
+    shutil.copytree(tmp_path / "b" / "cache", tmp_path / "c" / "cache")
+    monkeypatch.setattr(ta.shapes, "ShapesVideoDataset", lambda *a, **k: pytest.fail("the cache was rebuilt"))
+    assert ta.train_motion(tmp_path / "b", dataclasses.replace(settings, base_checkpoint=str(second["checkpoint"]),
+                                                               init_module=str(second["motion"]))).finished
+    changed_vae = {k: v + 0.01 if k.startswith(ta.VAE_PREFIX) and v.is_floating_point() else v
+                   for k, v in after.items()}
+    save_file(changed_vae, str(tmp_path / "changed.safetensors"))
+    with pytest.raises(pytest.fail.Exception, match="the cache was rebuilt"):
+        ta.train_motion(tmp_path / "c", dataclasses.replace(settings, base_checkpoint=str(tmp_path / "changed.safetensors")))

@@ -32,6 +32,16 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's tensors (names, dtypes, shapes, values): a cache key that changes only when these
+    weights do, whichever file they were read from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def step_rngs(seed: int, stage: str, step: int) -> tuple[np.random.Generator, torch.Generator]:
     """The numpy and torch generators of one training step (a pure function of seed, stage and step)."""
     key = [int(seed), STAGE_IDS[stage], int(step)]

@@ -63,7 +63,8 @@ from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
 from . import dataset as shapes
 from . import train
-from .common import Budget, TrainProgress, file_digest, hardware_line, load_checkpoint, scores_section, step_rngs
+from .common import (Budget, TrainProgress, file_digest, hardware_line, load_checkpoint, scores_section, step_rngs,
+                     weights_digest)
 from .tiny_models import save_safetensors
 from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
 
@@ -541,8 +542,9 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
     run_dir = Path(run_dir)
     if settings.base_checkpoint:
         unet, vae, encoder = load_base_checkpoint(settings.base_checkpoint)
+        # keyed by the VAE and CLIP alone, so a checkpoint whose UNet trained further (--init-module's base) reuses it
         cache = build_cache(run_dir, settings.clips, settings.seed, vae, encoder,
-                            {"checkpoint": file_digest(Path(settings.base_checkpoint))})
+                            {"vae": weights_digest(vae), "clip": weights_digest(encoder.clip)})
     else:
         unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
         cache = _prepare(run_dir, settings)
