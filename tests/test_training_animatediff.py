@@ -376,3 +376,17 @@ def test_a_checkpoint_whose_unet_trained_further_reuses_the_cache_of_its_vae_and
     save_file(changed_vae, str(tmp_path / "changed.safetensors"))
     with pytest.raises(pytest.fail.Exception, match="the cache was rebuilt"):
         ta.train_motion(tmp_path / "c", dataclasses.replace(settings, base_checkpoint=str(tmp_path / "changed.safetensors")))
+
+
+def test_motion_cache_takes_the_share_of_two_shape_clips_asked_for(trained_run, tmp_path):
+    """`--two-shape-prob` sets the share of two-shape clips the motion stage trains on (the AnimateDiff module's
+    weak case); it is part of the cache's key, so a cache of another share is not reused."""
+    base = ta.export(trained_run, tmp_path / "base")["checkpoint"]
+    settings = dataclasses.replace(MOTION, base_checkpoint=str(base), clips=4, two_shape_prob=1.0)
+    assert ta.train_motion(tmp_path / "run", settings).finished
+    cache = torch.load(ta.cache_path(tmp_path / "run"), weights_only=True)
+    data = ShapesVideoDataset(length=4, seed=settings.seed, split="train", frames=ta.RENDER_FRAMES,
+                              two_shape_prob=1.0)
+    specs, captions = zip(*(data.spec_and_caption(i) for i in range(4)))
+    assert cache["captions"] == list(captions) and all(len(spec.shapes) == 2 for spec in specs)
+    assert cache["key"]["two_shape_prob"] == 1.0

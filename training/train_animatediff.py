@@ -74,6 +74,7 @@ SD15_SCALING_FACTOR = SDVAEConfig().scaling_factor  # 0.18215, fixed by every SD
 NAMES = {"checkpoint": "checkpoints/kineflow_tiny_sd15.safetensors",
          "motion": "animatediff_models/kineflow_tiny_mm.safetensors"}
 CARD_NAME = "MODEL_CARD_ANIMATEDIFF.md"
+TWO_SHAPE_HELP = "fraction of the cached clips with two shapes (part of the cache's key)"
 _opt = train._opt  # settings fields with a help text (turned into CLI flags by train._add_settings)
 VAE_PHASES = ("vae_encoder", "vae_decoder", "vae")  # checkpoint folders, in training order
 
@@ -119,6 +120,7 @@ class UNetSettings:
     lr: float = _opt(5e-4, "AdamW learning rate (after a linear warm-up)")
     warmup: int = _opt(100, "warm-up steps")
     clips: int = _opt(2000, "16-frame training clips encoded once into the latent + text cache")
+    two_shape_prob: float = _opt(0.25, TWO_SHAPE_HELP)
     caption_dropout: float = _opt(0.1, "probability of training a frame with the empty prompt (for CFG)")
     high_noise_weight: float = _opt(1.0, "cap of the per-frame loss weight 1/SNR(t), floored at 1 (1 = the plain "
                                          "epsilon loss SD was trained with). With the plain loss the tiny UNet's x0 "
@@ -141,6 +143,7 @@ class MotionSettings:
     warmup: int = _opt(100, "warm-up steps")
     decay_steps: int = _opt(0, train.DECAY_STEPS_HELP)
     clips: int = _opt(2000, "16-frame training clips (the unet stage's cache is reused when it holds as many)")
+    two_shape_prob: float = _opt(0.25, TWO_SHAPE_HELP)
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
     seed: int = _opt(0, "seed of data order, noise and initialisation")
     dtype: str = _opt("fp16", "export dtype; the frozen UNet is rounded to it before the motion module trains",
@@ -354,19 +357,20 @@ def cache_path(run_dir: Path) -> Path:
     return Path(run_dir) / "cache" / "clips.pt"
 
 
-def build_cache(run_dir: Path, clips: int, seed: int, vae: SDVAE, encoder: SDTextEncoder, sources: dict,
-                batch: int = 8) -> dict:
+def build_cache(run_dir: Path, settings, vae: SDVAE, encoder: SDTextEncoder, sources: dict, batch: int = 8) -> dict:
     """Scaled latents [N, 4, 16, 8, 8] (posterior means) and text states [N, 77, D] of the first `clips` training
     clips, plus the empty prompt's. Shared by the unet and motion stages: a cache of more clips serves a request
     for fewer (clip i depends only on the seed and i). `sources` (digests of the files the VAE and CLIP came
     from) is part of the cache's key."""
-    path = cache_path(run_dir)
-    key = {"seed": seed, "frames": CLIP_FRAMES, "dataset": shapes.DATASET_VERSION, **sources}
+    path, clips = cache_path(run_dir), settings.clips
+    key = {"seed": settings.seed, "frames": CLIP_FRAMES, "dataset": shapes.DATASET_VERSION,
+           "two_shape_prob": settings.two_shape_prob, **sources}
     if path.exists():
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache["key"] == key and len(cache["latents"]) >= clips:
             return {k: v[:clips] if k in ("latents", "context", "captions") else v for k, v in cache.items()}
-    data = shapes.ShapesVideoDataset(length=clips, seed=seed, split="train", frames=RENDER_FRAMES)
+    data = shapes.ShapesVideoDataset(length=clips, seed=settings.seed, split="train", frames=RENDER_FRAMES,
+                                     two_shape_prob=settings.two_shape_prob)
     latents, contexts, captions = [], [], []
     bar = TrainProgress("cache", 0, clips)
     with torch.no_grad():
@@ -389,7 +393,7 @@ def _prepare(run_dir: Path, settings) -> dict:
     vae, _ = load_trained_vae(run_dir)
     encoder = prepare_text_encoder(run_dir)
     sources = {"vae": file_digest(vae_path(run_dir)), "clip": file_digest(clip_path(run_dir))}
-    return build_cache(run_dir, settings.clips, settings.seed, vae, encoder, sources)
+    return build_cache(run_dir, settings, vae, encoder, sources)
 
 
 # --------------------------------------------------------------------------- stages 3 + 4: UNet, motion module
@@ -543,7 +547,7 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
     if settings.base_checkpoint:
         unet, vae, encoder = load_base_checkpoint(settings.base_checkpoint)
         # keyed by the VAE and CLIP alone, so a checkpoint whose UNet trained further (--init-module's base) reuses it
-        cache = build_cache(run_dir, settings.clips, settings.seed, vae, encoder,
+        cache = build_cache(run_dir, settings, vae, encoder,
                             {"vae": weights_digest(vae), "clip": weights_digest(encoder.clip)})
     else:
         unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
