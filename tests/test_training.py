@@ -456,3 +456,38 @@ def test_saved_weights_are_byte_identical_across_processes(tmp_path):
     assert len({p.read_bytes() for p in paths}) == 1
     assert read_header(paths[0]).metadata == {"scaling_factor": "0", "norm_num_groups": "1", "kineflow.training": "2",
                                               "b": "3", "é": "4", "z": "5"}
+
+
+ADAPT = train.AdaptSettings(steps=2, warmup=1, decay_steps=0, batch_size=1, crop=4, pairs=2, size=64, sample_steps=2,
+                            save_every=1, log_every=1)
+
+
+def test_vae_adapt_teaches_the_decoder_the_transformers_latents_and_keeps_the_encoder(trained_run, tmp_path):
+    """`vae-adapt` regenerates training clips with an exported model's transformer (each clip's latent re-noised,
+    then sampled back under its caption) and trains the decoder on those latents and the real ones: the decoder
+    changes, the encoder and its latent statistics do not, the export's card records the stage; the pairs are
+    cached and a larger --pairs extends them; a generator with another VAE encoder, or none, is refused."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    generator = train.export(run_dir, tmp_path / "generator")["card"].parent
+    before, meta_before = train.load_trained_vae(run_dir)
+    settings = dataclasses.replace(ADAPT, generator=str(generator))
+    assert train.adapt_vae(run_dir, settings).finished
+    after, meta_after = train.load_trained_vae(run_dir)
+    assert train.encoder_digest(after) == train.encoder_digest(before) and meta_after == meta_before
+    assert not torch.equal(after.decoder.conv_out.conv.weight, before.decoder.conv_out.conv.weight)
+    assert "vae_adapt 2 steps" in train.export(run_dir, tmp_path / "weights")["card"].read_text()
+
+    first = torch.load(run_dir / "vae_adapt" / "pairs.pt", weights_only=True)["latents"]
+    real = before.encode(train.video_batch(ShapesVideoDataset(length=2, seed=ADAPT.seed, height=64, width=64,
+                                                              two_shape_prob=ADAPT.two_shape_prob), [0, 1])[0]).mean
+    assert first.shape == real.shape and not torch.allclose(first.float(), real, atol=1e-2)  # regenerated
+    more = train.adapt_pairs(run_dir, dataclasses.replace(settings, pairs=3), before)
+    assert len(more) == 3 and torch.equal(more[:2], first)
+
+    other = train.VAESettings(**{**dataclasses.asdict(VAE), "seed": 5})
+    train.train_vae(tmp_path / "other", other)
+    with pytest.raises(KineFlowError, match="VAE encoder differs"):
+        train.adapt_pairs(tmp_path / "other", settings, train.load_trained_vae(tmp_path / "other")[0])
+    with pytest.raises(KineFlowError, match="needs --generator"):
+        train.adapt_vae(tmp_path / "none", dataclasses.replace(settings, generator=""))

@@ -24,7 +24,7 @@ from ..runtime.errors import KineFlowError
 from ..runtime.media import atomic_write
 
 STAGE_IDS = {"vae": 1, "dit": 2, "cache": 3, "fit": 4, "vae_encoder": 5, "vae_decoder": 6,
-             "vae_refine": 7, "unet": 8, "motion": 9, "text": 10}
+             "vae_refine": 7, "unet": 8, "motion": 9, "text": 10, "vae_adapt": 11}
 
 
 def file_digest(path: Path) -> str:

@@ -55,8 +55,9 @@ from ..models.tokenization import clip_l_tokenizer, load_tokenizer
 from ..runtime.errors import InterruptedRun, KineFlowError
 from ..runtime.media import atomic_write
 from . import dataset as shapes
-from .common import (Budget, LossLog, TrainProgress, check_resumable, ema_update, hardware_line, load_checkpoint,
-                     read_eval_reports, save_checkpoint, scores_section, set_threads, step_rngs)
+from .common import (STAGE_IDS, Budget, LossLog, TrainProgress, check_resumable, ema_update, file_digest,
+                     hardware_line, load_checkpoint, read_eval_reports, save_checkpoint, scores_section, set_threads,
+                     step_rngs)
 from .tiny_models import TinyFamily, save_family, save_safetensors, tiny_family, write_word_tokenizer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -121,6 +122,31 @@ class RefineSettings:
     edge_weight: float = _opt(0.1, "weight of the L1 loss on x/y/t differences")
     clips: int = _opt(10_000, "size of the training clip index space")
     seed: int = _opt(0, "seed of data order, crops and noise")
+    dtype: str = _opt("fp16", "export dtype", choices=tuple(DTYPES))
+    save_every: int = _opt(100, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+
+@dataclass
+class AdaptSettings:
+    generator: str = _opt("", "exported models folder (e.g. the run's `export --out` folder) whose transformer makes "
+                              "the latents the decoder adapts to; its VAE encoder must be this run's")
+    steps: int = _opt(800, "decoder steps (a resumed run continues up to this)")
+    lr: float = _opt(2e-4, "Adam learning rate (after a linear warm-up)")
+    warmup: int = _opt(50, "warm-up steps")
+    decay_steps: int = _opt(240, DECAY_STEPS_HELP)
+    batch_size: int = _opt(4, "clips per step (each as a generated and a real latent)")
+    crop: int = _opt(6, "side, in latent cells, of the crop trained on, placed over a shape (8 pixels a cell)")
+    pairs: int = _opt(3000, "training clips the transformer regenerates (cached in vae_adapt/pairs.pt)")
+    size: int = _opt(128, "width and height of the clips (the transformer's --size)")
+    two_shape_prob: float = _opt(0.7, "fraction of the clips with two shapes")
+    min_denoise: float = _opt(0.5, "least noise level a clip's latent is re-noised to before the transformer "
+                                   "regenerates it (the layout of the clip survives, the detail is the transformer's)")
+    max_denoise: float = _opt(0.9, "greatest such noise level")
+    sample_steps: int = _opt(12, "Euler steps of each regeneration (shift 3, cfg 1: the workflow's sampler)")
+    foreground_weight: float = _opt(4.0, "extra L1 weight of pixels that differ from the clip's background")
+    edge_weight: float = _opt(0.1, "weight of the L1 loss on x/y/t differences")
+    seed: int = _opt(8, "seed of the clips, noise levels, sampling noise and crops")
     dtype: str = _opt("fp16", "export dtype", choices=tuple(DTYPES))
     save_every: int = _opt(100, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
@@ -496,6 +522,116 @@ def refine_vae(run_dir: Path, settings: RefineSettings, *, resume: bool = False,
         save_safetensors(vae.state_dict(), vae_path(run_dir), metadata)
         if encoder_digest(vae) != before:
             raise KineFlowError("vae-refine changed the encoder's latents; this is a bug")
+    return result
+
+
+def adapt_pairs(run_dir: Path, settings: AdaptSettings, vae: HunyuanVideoVAE) -> torch.Tensor:
+    """Unscaled latents [pairs, C, T, h, w]: training clip i, encoded, re-noised to a random level in
+    [min_denoise, max_denoise] and regenerated from there by the generator's transformer under its own caption
+    (the runtime's video-to-video path). Cached in vae_adapt/pairs.pt, saved every 100 pairs (a stopped build
+    continues where it was, and a larger --pairs extends it), keyed by the generator's transformer and every
+    setting that shapes a pair."""
+    from ..runtime import generation, host  # the runtime's sampling path, exactly as the workflow runs it
+    from ..runtime.evaluation import load_hunyuan_video
+
+    generator = Path(settings.generator)
+    files = {part: str(base_file(generator, part).resolve()) for part in ("dit", "vae", "llm", "clip")}
+    models = load_hunyuan_video(files["dit"], files["vae"], files["llm"], files["clip"])
+    if encoder_digest(models.vae.vae) != encoder_digest(vae):
+        raise KineFlowError(f"--generator {generator}: its VAE encoder differs from this run's; the decoder must adapt "
+                            "to the latents of the encoder it decodes for (export the run, then pass that folder)")
+    key = {"dit": file_digest(Path(files["dit"])), "encoder": encoder_digest(vae),
+           **{k: getattr(settings, k) for k in ("size", "two_shape_prob", "min_denoise", "max_denoise", "sample_steps",
+                                                 "seed")}}  # not `pairs`: pair i depends only on i, so more extend
+    path = run_dir / "vae_adapt" / "pairs.pt"
+    done = torch.load(path, weights_only=True) if path.exists() else None
+    latents = list(done["latents"]) if done is not None and done["key"] == key else []
+    if len(latents) >= settings.pairs:
+        return torch.stack(latents[:settings.pairs])
+    data = shapes.ShapesVideoDataset(length=settings.pairs, seed=settings.seed, split="train", height=settings.size,
+                                     width=settings.size, two_shape_prob=settings.two_shape_prob)
+    bar = TrainProgress("pairs", len(latents), settings.pairs)
+    for i in range(len(latents), settings.pairs):
+        video, captions, _ = data.batch([i])
+        level = np.random.default_rng([settings.seed, STAGE_IDS["vae_adapt"], i]).uniform(settings.min_denoise,
+                                                                                           settings.max_denoise)
+        with host.quiet():
+            start = generation.encode_video(models.vae, video[0], None)
+            sampled = generation.sample_video(models.net, generation.encode_prompts(models.text, captions[0], ""),
+                                              start, seed=i, steps=settings.sample_steps, cfg=1.0, shift=3.0,
+                                              embedded_guidance=1.0, sampler_name="euler", denoise=float(level))
+        latents.append((sampled["samples"][0] / vae.config.scaling_factor).half())
+        bar.update(i + 1, 0.0)
+        if (i + 1) % 100 == 0 or i + 1 == settings.pairs:
+            with atomic_write(path) as tmp:
+                torch.save({"key": key, "latents": torch.stack(latents)}, tmp)
+    bar.close()
+    return torch.stack(latents)
+
+
+def shape_crops(video: torch.Tensor, cells: int, rng: np.random.Generator) -> tuple[list[slice], list[slice]]:
+    """Per clip, the rows and columns (in latent cells) of a `cells`-square crop centred near a random pixel of a
+    shape, give or take one cell (most of a frame is flat background, which every decoder draws well)."""
+    shapes_mask = (foreground_weights(video, 1.0) > 1.0)[:, 0].any(dim=1)  # [B, H, W]
+    cells_high, cells_wide = video.shape[-2] // 8, video.shape[-1] // 8
+    rows, cols = [], []
+    for mask in shapes_mask:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        pick = rng.integers(len(ys)) if len(ys) else None
+        centre = (int(ys[pick]) // 8, int(xs[pick]) // 8) if pick is not None else (cells_high // 2, cells_wide // 2)
+        y0, x0 = (int(np.clip(c - cells // 2 + rng.integers(-1, 2), 0, n - cells))
+                  for c, n in zip(centre, (cells_high, cells_wide)))
+        rows.append(slice(y0, y0 + cells))
+        cols.append(slice(x0, x0 + cells))
+    return rows, cols
+
+
+def adapt_vae(run_dir: Path, settings: AdaptSettings, *, resume: bool = False,
+              budget: Budget | None = None) -> StageResult:
+    """Stage `vae-adapt`: the decoder (encoder frozen) learns to draw each training clip from the latent the
+    transformer regenerates for it, as well as from its real latent.
+
+    The transformer's latents are not noisy copies of real ones: it rounds the corners of squares in the latent
+    frames that code four frames of motion, and a decoder trained on real latents (or on noised real latents,
+    `vae-refine --latent-noise`) draws what it is given. Half of each step's loss is on real latents so that
+    reconstructions keep their quality. `export` then takes the adapted decoder."""
+    if not settings.generator:
+        raise KineFlowError("vae-adapt needs --generator: an exported models folder whose transformer makes the "
+                            "latents the decoder adapts to (e.g. the run's export folder)")
+    run_dir = Path(run_dir)
+    vae, metadata = load_trained_vae(run_dir)
+    start = run_dir / "vae_adapt" / "start.safetensors"  # the decoder adapting starts from, kept for resumes
+    if not start.exists():
+        save_safetensors(vae.state_dict(), start)
+    vae.load_state_dict(load_file(str(start)))
+    before = encoder_digest(vae)
+    generated = adapt_pairs(run_dir, settings, vae)
+    data = shapes.ShapesVideoDataset(length=settings.pairs, seed=settings.seed, split="train", height=settings.size,
+                                     width=settings.size, two_shape_prob=settings.two_shape_prob)
+    vae.requires_grad_(False)
+    trained = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
+    trained.requires_grad_(True)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, _ = step_rngs(settings.seed, "vae_adapt", step)
+        indices = rng.integers(0, settings.pairs, settings.batch_size)
+        video, _ = video_batch(data, indices)
+        rows, cols = shape_crops(video, settings.crop, rng)
+        crops = torch.stack([v[:, :, 8 * r.start:8 * r.stop, 8 * c.start:8 * c.stop] for v, r, c in zip(video, rows, cols)])
+        fake = torch.stack([generated[i][:, :, r, c] for i, r, c in zip(indices, rows, cols)]).float()
+        with torch.no_grad():
+            real = vae.encode(crops).mean
+        return (recon_loss(vae.decode(fake), crops, settings, edges=True)
+                + recon_loss(vae.decode(real), crops, settings, edges=True))
+
+    optimizer = torch.optim.Adam(trained.parameters(), lr=settings.lr)
+    result = run_loop("vae_adapt", run_dir, trained, optimizer, loss_fn, settings, resume=resume,
+                      budget=budget or Budget())
+    if result.finished and result.steps_run:
+        round_to(vae, DTYPES[settings.dtype]).eval()
+        save_safetensors(vae.state_dict(), vae_path(run_dir), metadata)
+        if encoder_digest(vae) != before:
+            raise KineFlowError("vae-adapt changed the encoder's latents; this is a bug")
     return result
 
 
@@ -903,7 +1039,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     encoder, family = dit_text_and_family(run_dir, dit_settings)
     dit = trainable_dit(family.dit)
     dit.load_state_dict(dit_ckpt["model"])
-    vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine")
+    vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine", "vae_adapt")
                  if (run_dir / phase / "ckpt.pt").exists()}
     base = json.loads((run_dir / BASE_FILE).read_text()) if (run_dir / BASE_FILE).exists() else None
     # A fine-tune's `vae-refine` continues the adopted decoder, so its steps add to the base's (a fine-tune run
@@ -1021,6 +1157,7 @@ class Stage:
     settings: type
     run: object  # run(run_dir, settings, *, resume, budget) -> StageResult
     help: str
+    in_all: bool = True  # part of `all` (a stage that needs an exported model of the run is not)
 
 
 def build_stage_parser(prog: str, description: str, run_dir: str, stages: tuple[Stage, ...],
@@ -1043,9 +1180,10 @@ def build_stage_parser(prog: str, description: str, run_dir: str, stages: tuple[
     for stage in stages:
         _add_settings(sub.add_parser(stage.name, parents=[common], help=stage.help), stage.settings)
     sub.add_parser("export", parents=[common, out], help=export_help)
+    in_all = [stage for stage in stages if stage.in_all]
     everything = sub.add_parser("all", parents=[common, out],
-                                help=", ".join(stage.name for stage in stages) + " and export in order")
-    for stage in stages:
+                                help=", ".join(stage.name for stage in in_all) + " and export in order")
+    for stage in in_all:
         _add_settings(everything, stage.settings, stage.prefix)
     return parser
 
@@ -1068,7 +1206,7 @@ def run_stage_cli(parser: argparse.ArgumentParser, stages: tuple[Stage, ...], ex
             stage.run(run_dir, _settings(args, stage.settings), resume=args.resume, budget=budget)
             return 0
         if args.stage == "all":
-            for stage in stages:
+            for stage in (stage for stage in stages if stage.in_all):
                 settings = _settings(args, stage.settings, stage.prefix.replace("-", "_"))
                 if not stage.run(run_dir, settings, resume=args.resume, budget=budget).finished:
                     return 0
@@ -1088,6 +1226,8 @@ STAGES = (
           "more decoder training, encoder frozen (can run beside 'dit')"),
     Stage("text", "text-", TextSettings, train_text, "train the LLaMA text encoder to parse captions"),
     Stage("dit", "dit-", DiTSettings, train_dit, "train the transformer"),
+    Stage("vae-adapt", "adapt-", AdaptSettings, adapt_vae,
+          "adapt the decoder to the transformer's latents (after 'dit' and an export)", in_all=False),
 )
 
 
