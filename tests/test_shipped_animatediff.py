@@ -53,14 +53,14 @@ def test_same_seed_same_frames_other_seeds_other_videos_in_the_same_colours(anim
 
 def test_the_motion_module_moves_held_out_shapes_the_prompts_way_more_often_than_the_image_model(animated):
     """A fixed slice of the held-out set, with the motion module and without it (frames denoised one by one).
-    Temporal consistency is not asserted here: on this slice the two are level (0.87 both), on 60 prompts the
-    module is ahead (0.87 against 0.83, README)."""
+    Temporal consistency is not asserted here: on this slice the two are level (0.85 both), on 60 prompts the
+    module is ahead (0.88 against 0.82, README)."""
     alone = load_animatediff(motion_module=None)
     with_module, without = (evaluate(models, heldout=20, settings=SETTINGS)["counts"]["direction"]
                             for models in (animated, alone))
-    # measured on this slice: 13 of 24 shapes with the module, 4 without; the floors leave a margin of two shapes
+    # measured on this slice: 15-16 of 24 shapes with the module, 3 without; the floors leave a margin of two shapes
     assert with_module["scored"] == without["scored"] == 24
-    assert with_module["correct"] >= 11 and with_module["correct"] >= without["correct"] + 5, (with_module, without)
+    assert with_module["correct"] >= 13 and with_module["correct"] >= without["correct"] + 10, (with_module, without)
 
 
 def test_shipped_files_inspect_like_released_ones_and_fit_the_budget(capsys):
