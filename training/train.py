@@ -485,44 +485,56 @@ def train_vae(run_dir: Path, settings: VAESettings, *, resume: bool = False, bud
     return result
 
 
+def train_decoder(stage: str, run_dir: Path, settings, make_loss, *, resume: bool,
+                  budget: Budget | None) -> StageResult:
+    """The decoder-only stages (`vae-refine`, `vae-adapt`): train the finished VAE's decoder, encoder frozen,
+    with `make_loss(vae)(step)`, starting from the decoder the stage first found (kept in
+    `<stage>/start.safetensors`, so resumes start from it too); then save the VAE with its file's metadata (the
+    latent statistics belong to the unchanged encoder)."""
+    run_dir = Path(run_dir)
+    vae, metadata = load_trained_vae(run_dir)
+    start = run_dir / stage / "start.safetensors"
+    if not start.exists():
+        save_safetensors(vae.state_dict(), start)
+    vae.load_state_dict(load_file(str(start)))
+    before = encoder_digest(vae)
+    vae.requires_grad_(False)
+    trained = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
+    trained.requires_grad_(True)
+    loss_fn = make_loss(vae)
+    optimizer = torch.optim.Adam(trained.parameters(), lr=settings.lr)
+    result = run_loop(stage, run_dir, trained, optimizer, loss_fn, settings, resume=resume, budget=budget or Budget())
+    if result.finished and result.steps_run:
+        round_to(vae, DTYPES[settings.dtype]).eval()
+        save_safetensors(vae.state_dict(), vae_path(run_dir), metadata)
+        if encoder_digest(vae) != before:
+            raise KineFlowError(f"{stage.replace('_', '-')} changed the encoder's latents; this is a bug")
+    return result
+
+
 def refine_vae(run_dir: Path, settings: RefineSettings, *, resume: bool = False,
                budget: Budget | None = None) -> StageResult:
     """Stage `vae-refine`: more decoder training on the finished VAE, the encoder frozen.
 
     The latents (and so the transformer's cache and training) do not change, so this can run on the second
     core while the `dit` stage trains; `export` takes whichever decoder `vae/vae.safetensors` holds then."""
-    run_dir = Path(run_dir)
-    vae, metadata = load_trained_vae(run_dir)
-    start = run_dir / "vae_refine" / "start.safetensors"  # the decoder refining starts from, kept for resumes
-    if not start.exists():
-        save_safetensors(vae.state_dict(), start)
-    vae.load_state_dict(load_file(str(start)))
-    before = encoder_digest(vae)
     data = shapes.ShapesVideoDataset(length=settings.clips, seed=settings.seed, split="train",
                                      height=settings.size, width=settings.size)
-    trained = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
-    trained.requires_grad_(True)
 
-    def loss_fn(step: int) -> torch.Tensor:
-        rng, gen = step_rngs(settings.seed, "vae_refine", step)
-        video, _ = video_batch(data, rng.integers(0, settings.clips, settings.batch_size))
-        video = random_crops(video, settings.crop, rng)
-        with torch.no_grad():
-            z = posterior_sample(vae.encode(video), gen)
-            if settings.latent_noise:
-                std = settings.latent_noise * torch.rand(len(z), generator=gen).view(-1, 1, 1, 1, 1)
-                z = z + std / vae.config.scaling_factor * torch.randn(z.shape, generator=gen)
-        return recon_loss(vae.decode(z), video, settings, edges=True)
+    def make_loss(vae: HunyuanVideoVAE):
+        def loss_fn(step: int) -> torch.Tensor:
+            rng, gen = step_rngs(settings.seed, "vae_refine", step)
+            video, _ = video_batch(data, rng.integers(0, settings.clips, settings.batch_size))
+            video = random_crops(video, settings.crop, rng)
+            with torch.no_grad():
+                z = posterior_sample(vae.encode(video), gen)
+                if settings.latent_noise:
+                    std = settings.latent_noise * torch.rand(len(z), generator=gen).view(-1, 1, 1, 1, 1)
+                    z = z + std / vae.config.scaling_factor * torch.randn(z.shape, generator=gen)
+            return recon_loss(vae.decode(z), video, settings, edges=True)
+        return loss_fn
 
-    optimizer = torch.optim.Adam(trained.parameters(), lr=settings.lr)
-    result = run_loop("vae_refine", run_dir, trained, optimizer, loss_fn, settings, resume=resume,
-                      budget=budget or Budget())
-    if result.finished and result.steps_run:
-        round_to(vae, DTYPES[settings.dtype]).eval()
-        save_safetensors(vae.state_dict(), vae_path(run_dir), metadata)
-        if encoder_digest(vae) != before:
-            raise KineFlowError("vae-refine changed the encoder's latents; this is a bug")
-    return result
+    return train_decoder("vae_refine", run_dir, settings, make_loss, resume=resume, budget=budget)
 
 
 def adapt_pairs(run_dir: Path, settings: AdaptSettings, vae: HunyuanVideoVAE) -> torch.Tensor:
@@ -598,41 +610,27 @@ def adapt_vae(run_dir: Path, settings: AdaptSettings, *, resume: bool = False,
     if not settings.generator:
         raise KineFlowError("vae-adapt needs --generator: an exported models folder whose transformer makes the "
                             "latents the decoder adapts to (e.g. the run's export folder)")
-    run_dir = Path(run_dir)
-    vae, metadata = load_trained_vae(run_dir)
-    start = run_dir / "vae_adapt" / "start.safetensors"  # the decoder adapting starts from, kept for resumes
-    if not start.exists():
-        save_safetensors(vae.state_dict(), start)
-    vae.load_state_dict(load_file(str(start)))
-    before = encoder_digest(vae)
-    generated = adapt_pairs(run_dir, settings, vae)
     data = shapes.ShapesVideoDataset(length=settings.pairs, seed=settings.seed, split="train", height=settings.size,
                                      width=settings.size, two_shape_prob=settings.two_shape_prob)
-    vae.requires_grad_(False)
-    trained = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
-    trained.requires_grad_(True)
 
-    def loss_fn(step: int) -> torch.Tensor:
-        rng, _ = step_rngs(settings.seed, "vae_adapt", step)
-        indices = rng.integers(0, settings.pairs, settings.batch_size)
-        video, _ = video_batch(data, indices)
-        rows, cols = shape_crops(video, settings.crop, rng)
-        crops = torch.stack([v[:, :, 8 * r.start:8 * r.stop, 8 * c.start:8 * c.stop] for v, r, c in zip(video, rows, cols)])
-        fake = torch.stack([generated[i][:, :, r, c] for i, r, c in zip(indices, rows, cols)]).float()
-        with torch.no_grad():
-            real = vae.encode(crops).mean
-        return (recon_loss(vae.decode(fake), crops, settings, edges=True)
-                + recon_loss(vae.decode(real), crops, settings, edges=True))
+    def make_loss(vae: HunyuanVideoVAE):
+        generated = adapt_pairs(Path(run_dir), settings, vae)
 
-    optimizer = torch.optim.Adam(trained.parameters(), lr=settings.lr)
-    result = run_loop("vae_adapt", run_dir, trained, optimizer, loss_fn, settings, resume=resume,
-                      budget=budget or Budget())
-    if result.finished and result.steps_run:
-        round_to(vae, DTYPES[settings.dtype]).eval()
-        save_safetensors(vae.state_dict(), vae_path(run_dir), metadata)
-        if encoder_digest(vae) != before:
-            raise KineFlowError("vae-adapt changed the encoder's latents; this is a bug")
-    return result
+        def loss_fn(step: int) -> torch.Tensor:
+            rng, _ = step_rngs(settings.seed, "vae_adapt", step)
+            indices = rng.integers(0, settings.pairs, settings.batch_size)
+            video, _ = video_batch(data, indices)
+            rows, cols = shape_crops(video, settings.crop, rng)
+            crops = torch.stack([v[:, :, 8 * r.start:8 * r.stop, 8 * c.start:8 * c.stop]
+                                 for v, r, c in zip(video, rows, cols)])
+            fake = torch.stack([generated[i][:, :, r, c] for i, r, c in zip(indices, rows, cols)]).float()
+            with torch.no_grad():
+                real = vae.encode(crops).mean
+            return (recon_loss(vae.decode(fake), crops, settings, edges=True)
+                    + recon_loss(vae.decode(real), crops, settings, edges=True))
+        return loss_fn
+
+    return train_decoder("vae_adapt", run_dir, settings, make_loss, resume=resume, budget=budget)
 
 
 def finalize_vae(run_dir: Path, vae: HunyuanVideoVAE, data: shapes.ShapesVideoDataset, settings) -> Path:
