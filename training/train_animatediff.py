@@ -360,8 +360,8 @@ def cache_path(run_dir: Path) -> Path:
 def build_cache(run_dir: Path, settings, vae: SDVAE, encoder: SDTextEncoder, sources: dict, batch: int = 8) -> dict:
     """Scaled latents [N, 4, 16, 8, 8] (posterior means) and text states [N, 77, D] of the first `clips` training
     clips, plus the empty prompt's. Shared by the unet and motion stages: a cache of more clips serves a request
-    for fewer (clip i depends only on the seed and i). `sources` (digests of the files the VAE and CLIP came
-    from) is part of the cache's key."""
+    for fewer (clip i depends only on the seed and i). `sources` (digests of the VAE and CLIP, of their files or
+    their weights) is part of the cache's key."""
     path, clips = cache_path(run_dir), settings.clips
     key = {"seed": settings.seed, "frames": CLIP_FRAMES, "dataset": shapes.DATASET_VERSION,
            "two_shape_prob": settings.two_shape_prob, **sources}
