@@ -548,18 +548,18 @@ def adapt_pairs(run_dir: Path, settings: AdaptSettings, vae: HunyuanVideoVAE) ->
 
     generator = Path(settings.generator)
     files = {part: str(base_file(generator, part).resolve()) for part in ("dit", "vae", "llm", "clip")}
-    models = load_hunyuan_video(files["dit"], files["vae"], files["llm"], files["clip"])
-    if encoder_digest(models.vae.vae) != encoder_digest(vae):
-        raise KineFlowError(f"--generator {generator}: its VAE encoder differs from this run's; the decoder must adapt "
-                            "to the latents of the encoder it decodes for (export the run, then pass that folder)")
     key = {"dit": file_digest(Path(files["dit"])), "encoder": encoder_digest(vae),
            **{k: getattr(settings, k) for k in ("size", "two_shape_prob", "min_denoise", "max_denoise", "sample_steps",
                                                  "seed")}}  # not `pairs`: pair i depends only on i, so more extend
     path = run_dir / "vae_adapt" / "pairs.pt"
     done = torch.load(path, weights_only=True) if path.exists() else None
     latents = list(done["latents"]) if done is not None and done["key"] == key else []
-    if len(latents) >= settings.pairs:
+    if len(latents) >= settings.pairs:  # cached: the generator's models are not needed
         return torch.stack(latents[:settings.pairs])
+    models = load_hunyuan_video(files["dit"], files["vae"], files["llm"], files["clip"])
+    if encoder_digest(models.vae.vae) != encoder_digest(vae):
+        raise KineFlowError(f"--generator {generator}: its VAE encoder differs from this run's; the decoder must adapt "
+                            "to the latents of the encoder it decodes for (export the run, then pass that folder)")
     data = shapes.ShapesVideoDataset(length=settings.pairs, seed=settings.seed, split="train", height=settings.size,
                                      width=settings.size, two_shape_prob=settings.two_shape_prob)
     bar = TrainProgress("pairs", len(latents), settings.pairs)
@@ -1037,8 +1037,8 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     encoder, family = dit_text_and_family(run_dir, dit_settings)
     dit = trainable_dit(family.dit)
     dit.load_state_dict(dit_ckpt["model"])
-    vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt") for phase in (*VAE_PHASES, "vae_refine", "vae_adapt")
-                 if (run_dir / phase / "ckpt.pt").exists()}
+    vae_ckpts = {phase: load_checkpoint(run_dir / phase / "ckpt.pt")
+                 for phase in (*VAE_PHASES, "vae_refine", "vae_adapt") if (run_dir / phase / "ckpt.pt").exists()}
     base = json.loads((run_dir / BASE_FILE).read_text()) if (run_dir / BASE_FILE).exists() else None
     # A fine-tune's `vae-refine` continues the adopted decoder, so its steps add to the base's (a fine-tune run
     # cannot train the other phases: `--init-from` refuses a run folder with a VAE of its own).

@@ -357,14 +357,15 @@ def cache_path(run_dir: Path) -> Path:
     return Path(run_dir) / "cache" / "clips.pt"
 
 
-def build_cache(run_dir: Path, settings, vae: SDVAE, encoder: SDTextEncoder, sources: dict, batch: int = 8) -> dict:
+def build_cache(run_dir: Path, settings, vae: SDVAE, encoder: SDTextEncoder, batch: int = 8) -> dict:
     """Scaled latents [N, 4, 16, 8, 8] (posterior means) and text states [N, 77, D] of the first `clips` training
     clips, plus the empty prompt's. Shared by the unet and motion stages: a cache of more clips serves a request
-    for fewer (clip i depends only on the seed and i). `sources` (digests of the VAE and CLIP, of their files or
-    their weights) is part of the cache's key."""
+    for fewer (clip i depends only on the seed and i). Keyed by the VAE's and CLIP's weights (not the files they
+    came from), so a checkpoint whose UNet trained further (an --init-module's base) reuses the cache."""
     path, clips = cache_path(run_dir), settings.clips
     key = {"seed": settings.seed, "frames": CLIP_FRAMES, "dataset": shapes.DATASET_VERSION,
-           "two_shape_prob": settings.two_shape_prob, **sources}
+           "two_shape_prob": settings.two_shape_prob,
+           "vae": weights_digest(vae), "clip": weights_digest(encoder.clip)}
     if path.exists():
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache["key"] == key and len(cache["latents"]) >= clips:
@@ -392,8 +393,7 @@ def build_cache(run_dir: Path, settings, vae: SDVAE, encoder: SDTextEncoder, sou
 def _prepare(run_dir: Path, settings) -> dict:
     vae, _ = load_trained_vae(run_dir)
     encoder = prepare_text_encoder(run_dir)
-    sources = {"vae": file_digest(vae_path(run_dir)), "clip": file_digest(clip_path(run_dir))}
-    return build_cache(run_dir, settings, vae, encoder, sources)
+    return build_cache(run_dir, settings, vae, encoder)
 
 
 # --------------------------------------------------------------------------- stages 3 + 4: UNet, motion module
@@ -546,9 +546,7 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
     run_dir = Path(run_dir)
     if settings.base_checkpoint:
         unet, vae, encoder = load_base_checkpoint(settings.base_checkpoint)
-        # keyed by the VAE and CLIP alone, so a checkpoint whose UNet trained further (--init-module's base) reuses it
-        cache = build_cache(run_dir, settings, vae, encoder,
-                            {"vae": weights_digest(vae), "clip": weights_digest(encoder.clip)})
+        cache = build_cache(run_dir, settings, vae, encoder)
     else:
         unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
         cache = _prepare(run_dir, settings)
