@@ -440,6 +440,35 @@ def test_a_fine_tune_starts_from_an_exported_model_and_its_card_keeps_the_base_r
         train.train_dit(tmp_path / "third", dataclasses.replace(frozen, init_from=str(tmp_path / "missing")))
 
 
+def test_a_fine_tune_can_add_blocks_that_start_as_the_identity(trained_run, tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    train.export(trained_run, base)
+    grown = dataclasses.replace(DIT, init_from=str(base), lr=0.0, steps=2, double_blocks=3, single_blocks=4)
+    assert train.train_dit(tmp_path / "grown", grown).finished
+    paths = train.export(tmp_path / "grown", tmp_path / "weights")
+
+    monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
+    models = {}
+    for folder in (base, tmp_path / "weights"):
+        host.configure(models_dir=folder)
+        models[folder] = load_video_model(paths["dit"].name)
+    before, after = models.values()
+    assert (len(after.net.double_blocks), len(after.net.single_blocks)) == (3, 4)  # the loader reads the depth
+    cache = torch.load(trained_run / "dit" / "cache.pt", weights_only=True)
+    cond = {"text_states": cache["text_states"][:2], "text_mask": cache["text_mask"][:2],
+            "text_states_2": cache["text_states_2"][:2]}
+    x, t = cache["latents"][:2], torch.tensor([700.0, 300.0])
+    torch.testing.assert_close(after.net_fn(x, t, **after.net_kwargs(cond, 1.0, 2)),
+                               before.net_fn(x, t, **before.net_kwargs(cond, 1.0, 2)))
+    # the new blocks are copies of the last ones with their gates closed, not zeros
+    new_block = after.net.double_blocks[2]
+    assert new_block.img_attn_qkv.weight.abs().sum() > 0
+    assert new_block.img_mod.linear.weight.unflatten(0, (6, -1))[[2, 5]].abs().sum() == 0
+
+    with pytest.raises(KineFlowError, match="has 3 double-blocks, this run asks for 2"):
+        train.train_dit(tmp_path / "fewer", dataclasses.replace(DIT, init_from=str(tmp_path / "weights"), steps=2))
+
+
 def test_saved_weights_are_byte_identical_across_processes(tmp_path):
     """safetensors writes metadata in a random order per process; exports sort it so unchanged weights leave
     git nothing to see."""

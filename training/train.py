@@ -178,6 +178,9 @@ class DiTSettings:
                          "shapes scale with it, so a larger size gives the transformer more tokens per shape")
     patch_size: int = _opt(2, "spatial patch of the transformer's tokens (HunyuanVideo's is 2: one token per 2x2 "
                               "latent pixels, 16x16 video pixels; 1 gives 4x the tokens)")
+    double_blocks: int = _opt(2, "double-stream blocks of the transformer; with --init-from, more than the base has "
+                                 "appends blocks that start as the identity (see grown_dit_state)")
+    single_blocks: int = _opt(2, "single-stream blocks of the transformer (grown like --double-blocks)")
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
     foreground_weight: float = _opt(0.0, "extra loss weight of the latent cells a shape covers or borders (the flat "
                                          "background fills most of the latent and is easy, so outlines count for "
@@ -926,8 +929,38 @@ def foreground_cells(latents: torch.Tensor) -> torch.Tensor:
 def dit_text_and_family(run_dir: Path, settings: DiTSettings) -> tuple[HunyuanTextEncoder, TinyFamily]:
     """The frozen text encoders the transformer reads, and the family with the transformer config of `settings`."""
     encoder, family = prepare_text_encoders(run_dir, settings.seed, DTYPES[settings.dtype])
-    family.dit = dataclasses.replace(family.dit, patch_size=(1, settings.patch_size, settings.patch_size))
+    family.dit = dataclasses.replace(family.dit, patch_size=(1, settings.patch_size, settings.patch_size),
+                                     mm_double_blocks_depth=settings.double_blocks,
+                                     mm_single_blocks_depth=settings.single_blocks)
     return encoder, family
+
+
+# Modulation chunks that gate a block's residual branches: (shift1, scale1, gate1, shift2, scale2, gate2) in a
+# double-stream block's img_mod / txt_mod, (shift, scale, gate) in a single-stream block's modulation.
+_GATE_CHUNKS = {"img_mod": (6, (2, 5)), "txt_mod": (6, (2, 5)), "modulation": (3, (2,))}
+
+
+def grown_dit_state(base: dict[str, torch.Tensor], dit: dit_mod.HunyuanVideoDiT) -> dict[str, torch.Tensor]:
+    """`base` (a transformer's state dict) for the deeper `dit`: blocks the base lacks are copies of its last block
+    of the same kind with their gates zeroed, so the grown network computes exactly what the base did and
+    training opens the new blocks from there (adaLN-Zero, as DiT initialises every block)."""
+    state = dict(base)
+    for kind, count in (("double_blocks", len(dit.double_blocks)), ("single_blocks", len(dit.single_blocks))):
+        have = len({key.split(".")[1] for key in base if key.startswith(kind + ".")})
+        if have > count:
+            raise KineFlowError(f"--init-from: the base transformer has {have} {kind.replace('_', '-')}, this run asks "
+                                f"for {count}; a fine-tune can add blocks, not remove them")
+        prefix = f"{kind}.{have - 1}."
+        for index in range(have, count):
+            for key, tensor in base.items():
+                if not key.startswith(prefix):
+                    continue
+                tensor = tensor.clone()
+                factor, gates = _GATE_CHUNKS.get(key[len(prefix):].split(".")[0], (1, ()))
+                for chunk in gates:  # the linear's output (weight rows, bias) is `factor` chunks of hidden
+                    tensor.unflatten(0, (factor, -1))[chunk] = 0
+                state[f"{kind}.{index}.{key[len(prefix):]}"] = tensor
+    return state
 
 
 def dit_checkpoint_path(run_dir: Path) -> Path:
@@ -947,7 +980,7 @@ def train_dit(run_dir: Path, settings: DiTSettings, *, resume: bool = False, bud
     torch.manual_seed(settings.seed)
     dit = trainable_dit(family.dit)
     if settings.init_from:  # a resumed run then loads its checkpoint over these
-        dit.load_state_dict(load_file(str(base_file(Path(settings.init_from), "dit"))))
+        dit.load_state_dict(grown_dit_state(load_file(str(base_file(Path(settings.init_from), "dit"))), dit))
     optimizer = torch.optim.AdamW(dit.parameters(), lr=settings.lr, weight_decay=0.0)
     n = len(cache["latents"])
 
