@@ -52,15 +52,15 @@ def test_same_seed_same_frames_other_seeds_other_videos_in_the_same_colours(anim
 
 
 def test_the_motion_module_moves_held_out_shapes_the_prompts_way_more_often_than_the_image_model(animated):
-    """A fixed slice of the held-out set, with the motion module and without it (frames denoised one by one).
-    Temporal consistency is not asserted here: on this slice the two are level (0.85 both), on 60 prompts the
-    module is ahead (0.88 against 0.82, README)."""
+    """A fixed slice of the held-out set, with the motion module and without it (frames denoised one by one)."""
     alone = load_animatediff(motion_module=None)
-    with_module, without = (evaluate(models, heldout=20, settings=SETTINGS)["counts"]["direction"]
-                            for models in (animated, alone))
-    # measured on this slice: 15-16 of 24 shapes with the module, 3 without; the floors leave a margin of two shapes
-    assert with_module["scored"] == without["scored"] == 24
-    assert with_module["correct"] >= 13 and with_module["correct"] >= without["correct"] + 10, (with_module, without)
+    with_module, without = (evaluate(models, heldout=20, settings=SETTINGS) for models in (animated, alone))
+    moved, moved_alone = with_module["counts"]["direction"], without["counts"]["direction"]
+    # measured on this slice: 16 of 24 shapes with the module, 4 without; temporal consistency 0.88 against 0.81.
+    # The floors leave a margin of two shapes and of half the consistency gap.
+    assert moved["scored"] == moved_alone["scored"] == 24
+    assert moved["correct"] >= 14 and moved["correct"] >= moved_alone["correct"] + 10, (moved, moved_alone)
+    assert with_module["temporal_consistency"] >= without["temporal_consistency"] + 0.035
 
 
 def test_shipped_files_inspect_like_released_ones_and_fit_the_budget(capsys):
