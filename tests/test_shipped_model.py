@@ -50,7 +50,7 @@ def test_same_seed_same_frames_other_seeds_other_videos_that_still_obey(models):
     others = [generate_clip(models, prompt, SETTINGS, seed=seed) for seed in (4, 5)]
     for video in others:
         # Visibly different: the shape is drawn differently, so some pixels change by a tenth of the range or
-        # more (the shipped model: 4.6% and 4.1% of the pixels for seeds 4 and 5, the background stays the same).
+        # more (the shipped model: 3.9% and 3.4% of the pixels for seeds 4 and 5, the background stays the same).
         visibly_changed = ((video - first).abs().amax(dim=-1) > 0.1).float().mean()
         assert visibly_changed > 0.01, visibly_changed
         assert obeys(video, prompt)["colour"] == 1.0 and obeys(video, prompt)["direction"] == 1.0
@@ -61,10 +61,10 @@ def test_held_out_prompts_are_followed(models):
     together in training, half of them in sentence templates training never used."""
     report = evaluate(models, heldout=24, settings=SETTINGS)
     accuracy = report["accuracy"]
-    # measured on this slice: colour, shape and direction 27, 26 and 26 of 28 shapes, background 23 of 24; the
+    # measured on this slice: colour, shape and direction 28, 27 and 25 of 28 shapes, background 24 of 24; the
     # floors leave a margin of two shapes (one background)
-    assert accuracy["colour"] >= 25 / 28 and accuracy["background"] >= 22 / 24, report
-    assert accuracy["direction"] >= 24 / 28 and accuracy["shape"] >= 24 / 28, report
+    assert accuracy["colour"] >= 26 / 28 and accuracy["background"] >= 23 / 24, report
+    assert accuracy["direction"] >= 23 / 28 and accuracy["shape"] >= 25 / 28, report
 
 
 @pytest.mark.parametrize("part, family", [("dit", "hunyuan_video_dit"), ("vae", "hunyuan_video_vae"),
