@@ -540,6 +540,12 @@ def refine_vae(run_dir: Path, settings: RefineSettings, *, resume: bool = False,
     return train_decoder("vae_refine", run_dir, settings, make_loss, resume=resume, budget=budget)
 
 
+def adapt_clips(settings: AdaptSettings) -> shapes.ShapesVideoDataset:
+    """The training clips of `vae-adapt`: pair i is clip i of this dataset."""
+    return shapes.ShapesVideoDataset(length=settings.pairs, seed=settings.seed, split="train", height=settings.size,
+                                     width=settings.size, two_shape_prob=settings.two_shape_prob)
+
+
 def adapt_pairs(run_dir: Path, settings: AdaptSettings, vae: HunyuanVideoVAE) -> torch.Tensor:
     """Unscaled latents [pairs, C, T, h, w]: training clip i, encoded, re-noised to a random level in
     [min_denoise, max_denoise] and regenerated from there by the generator's transformer under its own caption
@@ -563,8 +569,7 @@ def adapt_pairs(run_dir: Path, settings: AdaptSettings, vae: HunyuanVideoVAE) ->
     if encoder_digest(models.vae.vae) != encoder_digest(vae):
         raise KineFlowError(f"--generator {generator}: its VAE encoder differs from this run's; the decoder must adapt "
                             "to the latents of the encoder it decodes for (export the run, then pass that folder)")
-    data = shapes.ShapesVideoDataset(length=settings.pairs, seed=settings.seed, split="train", height=settings.size,
-                                     width=settings.size, two_shape_prob=settings.two_shape_prob)
+    data = adapt_clips(settings)
     bar = TrainProgress("pairs", len(latents), settings.pairs)
     for i in range(len(latents), settings.pairs):
         video, captions, _ = data.batch([i])
@@ -613,8 +618,7 @@ def adapt_vae(run_dir: Path, settings: AdaptSettings, *, resume: bool = False,
     if not settings.generator:
         raise KineFlowError("vae-adapt needs --generator: an exported models folder whose transformer makes the "
                             "latents the decoder adapts to (e.g. the run's export folder)")
-    data = shapes.ShapesVideoDataset(length=settings.pairs, seed=settings.seed, split="train", height=settings.size,
-                                     width=settings.size, two_shape_prob=settings.two_shape_prob)
+    data = adapt_clips(settings)
 
     def make_loss(vae: HunyuanVideoVAE):
         generated = adapt_pairs(Path(run_dir), settings, vae)
@@ -1191,6 +1195,11 @@ class Stage:
     in_all: bool = True  # part of `all` (a stage that needs an exported model of the run is not)
 
 
+def stages_of_all(stages: tuple[Stage, ...]) -> list[Stage]:
+    """The stages `all` runs, in order."""
+    return [stage for stage in stages if stage.in_all]
+
+
 def build_stage_parser(prog: str, description: str, run_dir: str, stages: tuple[Stage, ...],
                        export_help: str) -> argparse.ArgumentParser:
     """The trainers' shared command line: one sub-command per stage, `export`, and `all` (every stage, then
@@ -1211,7 +1220,7 @@ def build_stage_parser(prog: str, description: str, run_dir: str, stages: tuple[
     for stage in stages:
         _add_settings(sub.add_parser(stage.name, parents=[common], help=stage.help), stage.settings)
     sub.add_parser("export", parents=[common, out], help=export_help)
-    in_all = [stage for stage in stages if stage.in_all]
+    in_all = stages_of_all(stages)
     everything = sub.add_parser("all", parents=[common, out],
                                 help=", ".join(stage.name for stage in in_all) + " and export in order")
     for stage in in_all:
@@ -1237,7 +1246,7 @@ def run_stage_cli(parser: argparse.ArgumentParser, stages: tuple[Stage, ...], ex
             stage.run(run_dir, _settings(args, stage.settings), resume=args.resume, budget=budget)
             return 0
         if args.stage == "all":
-            for stage in (stage for stage in stages if stage.in_all):
+            for stage in stages_of_all(stages):
                 settings = _settings(args, stage.settings, stage.prefix.replace("-", "_"))
                 if not stage.run(run_dir, settings, resume=args.resume, budget=budget).finished:
                     return 0
