@@ -335,7 +335,8 @@ def test_motion_decay_steps_lower_the_learning_rate_to_the_end_and_may_be_set_on
 def test_motion_continues_an_exported_module_on_a_new_cache(trained_run, tmp_path):
     """`--init-module` starts a new motion run (e.g. on more clips) from an exported module and the checkpoint
     exported beside it: trained with a zero learning rate it exports the module it started from, trained for real
-    it moves on; a module of another version is refused with what was expected."""
+    it moves on, and its export records the runs it continues; a module of another version is refused with what
+    was expected."""
     exported = ta.export(trained_run, tmp_path / "first")
     settings = dataclasses.replace(MOTION, base_checkpoint=str(exported["checkpoint"]), clips=3,
                                    init_module=str(exported["motion"]), steps=1)
@@ -351,6 +352,13 @@ def test_motion_continues_an_exported_module_on_a_new_cache(trained_run, tmp_pat
         ta.train_motion(tmp_path / "v1", dataclasses.replace(settings, version="v1"))
     with pytest.raises(KineFlowError, match="not a file"):
         ta.train_motion(tmp_path / "none", dataclasses.replace(settings, init_module=str(tmp_path / "none.safetensors")))
+    # The continued module carries the runs behind it, even once the files it started from are gone.
+    first_steps = ta.motion_history(exported["motion"])[0]["motion_steps"]
+    shutil.rmtree(tmp_path / "first")
+    continued = tmp_path / "run" / "export" / ta.NAMES["motion"]
+    assert [run["motion_steps"] for run in ta.motion_history(continued)] == [1, first_steps]
+    card = (tmp_path / "run" / "export" / ta.CARD_NAME).read_text()
+    assert f"({1 + first_steps} motion steps in all with this one)" in card and "zero-initialised" not in card
 
 
 def test_a_checkpoint_whose_unet_trained_further_reuses_the_cache_of_its_vae_and_clip(trained_run, tmp_path,

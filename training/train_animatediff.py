@@ -591,19 +591,21 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     dtype = train.DTYPES[dtype_name]
     cast = lambda prefix, m: {prefix + k: v.to(dtype) if v.is_floating_point() else v
                               for k, v in m.state_dict().items()}
+    earlier = motion_history(Path(settings.init_module)) if settings.init_module else []
     training = {**record, "motion_steps": motion_ckpt["step"], "motion": motion_ckpt["settings"]}
     paths = {
         "checkpoint": save_safetensors({**cast(UNET_PREFIX, unet), **cast(VAE_PREFIX, vae), **cast(CLIP_PREFIX, clip)},
                                        out / NAMES["checkpoint"], {"kineflow.training": json.dumps(training)}),
         "motion": save_safetensors(cast("", motion), out / NAMES["motion"],
                                    {"kineflow.training": json.dumps({"motion_steps": motion_ckpt["step"],
-                                                                     "motion": motion_ckpt["settings"]})}),
+                                                                     "motion": motion_ckpt["settings"],
+                                                                     "earlier": earlier})}),
     }
     sizes = {part: train._size_mb(path) for part, path in paths.items()}
     commands_file = run_dir / train.COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
     card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, image_notes, motion_ckpt, sizes,
-                      dtype_name, commands) + scores_section(list(scores))
+                      dtype_name, commands, earlier) + scores_section(list(scores))
     with atomic_write(out / CARD_NAME) as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
@@ -611,6 +613,24 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
         sys.stderr.write(f"warning: the exported weights take {total:.1f} MB, more than the "
                          f"{train.SIZE_LIMIT_MB} MB budget\n")
     return {**paths, "card": out / CARD_NAME}
+
+
+def motion_history(path: Path) -> list[dict]:
+    """The motion runs an exported module embodies, newest first, as `{"motion_steps", "motion"}` records: the
+    module's own, then those of the module its run started from (`--init-module`). Each export embeds the chain
+    (`earlier`), so it outlives the files it came from; an older export without one is followed through its
+    `init_module` path while that file exists. A missing `path` has no history to tell."""
+    if not path.is_file():
+        return []
+    with safe_open(str(path), "pt") as f:
+        record = json.loads((f.metadata() or {}).get("kineflow.training", "{}"))
+    if "motion" not in record:
+        return []
+    own = {"motion_steps": record["motion_steps"], "motion": record["motion"]}
+    if "earlier" in record:
+        return [own, *record["earlier"]]
+    init = record["motion"].get("init_module")
+    return [own, *(motion_history(Path(init)) if init else [])]
 
 
 def _minutes(ckpt: dict) -> float:
@@ -655,7 +675,7 @@ def _base_image_notes(base: Path) -> tuple[str, dict]:
 
 
 def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, dtype_name: str,
-               commands: list[str]) -> str:
+               commands: list[str], earlier: list[dict] = ()) -> str:
     params = {part: sum(p.numel() for p in m.parameters()) for part, m in models.items()}
     hardware = hardware_line()
     settings = motion_ckpt["settings"]
@@ -671,6 +691,15 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
                   "saved in the checkpoint")
     else:
         frozen = "the UNet frozen"
+    if settings.get("init_module"):
+        start = "started from the exported module named in init_module (its runs: below)"
+    else:
+        start = "proj_out zero-initialised"
+    history = "".join(f"  - {run['motion_steps']} steps, settings `{json.dumps(run['motion'])}`\n" for run in earlier)
+    if settings.get("init_module"):
+        total = motion_ckpt["step"] + sum(run["motion_steps"] for run in earlier)
+        history = (f"- Earlier motion runs this module continues, newest first ({total} motion steps in all with "
+                   f"this one):\n" + (history or "  (not recorded: the init module's file was not found)\n"))
     return f"""# KineFlow tiny AnimateDiff-family model
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
@@ -686,8 +715,8 @@ Use: Load SD Checkpoint (prediction eps) -> Load Motion Module -> Apply Motion M
 with the empty prompt as negative.
 
 {image_notes}- Motion module ({version}): {motion_ckpt['step']} steps, {_minutes(motion_ckpt):.1f} min; settings
-  `{json.dumps(settings)}`; trained on {CLIP_FRAMES}-frame clips with {frozen}; proj_out zero-initialised.
-- Hardware: {hardware}. Training time excludes data caching.
+  `{json.dumps(settings)}`; trained on {CLIP_FRAMES}-frame clips with {frozen}; {start}.
+{history}- Hardware: {hardware}. Training time excludes data caching.
 
 Commands of this run (time, command; from `{train.COMMANDS_FILE}` in the run folder):
 
