@@ -691,15 +691,13 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
                   "saved in the checkpoint")
     else:
         frozen = "the UNet frozen"
+    start, history = "proj_out zero-initialised", ""
     if settings.get("init_module"):
         start = "started from the exported module named in init_module (its runs: below)"
-    else:
-        start = "proj_out zero-initialised"
-    history = "".join(f"  - {run['motion_steps']} steps, settings `{json.dumps(run['motion'])}`\n" for run in earlier)
-    if settings.get("init_module"):
         total = motion_ckpt["step"] + sum(run["motion_steps"] for run in earlier)
+        runs = "".join(f"  - {run['motion_steps']} steps, settings `{json.dumps(run['motion'])}`\n" for run in earlier)
         history = (f"- Earlier motion runs this module continues, newest first ({total} motion steps in all with "
-                   f"this one):\n" + (history or "  (not recorded: the init module's file was not found)\n"))
+                   f"this one):\n" + (runs or "  (not recorded: the init module's file was not found)\n"))
     return f"""# KineFlow tiny AnimateDiff-family model
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
