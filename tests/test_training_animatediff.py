@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kineflow.models.animatediff import MotionModule
+from kineflow.models.animatediff import MotionModule, config_from_state_dict
 from kineflow.models.sd15_unet import SD15UNet
 from kineflow.models.sd_vae import SDVAE
 from kineflow.runtime import animatediff as ad_runtime
@@ -359,6 +359,23 @@ def test_motion_continues_an_exported_module_on_a_new_cache(trained_run, tmp_pat
     assert [run["motion_steps"] for run in ta.motion_history(continued)] == [1, first_steps]
     card = (tmp_path / "run" / "export" / ta.CARD_NAME).read_text()
     assert f"({1 + first_steps} motion steps in all with this one)" in card and "zero-initialised" not in card
+
+
+def test_a_wider_unet_gets_a_wider_motion_module_and_exports_like_the_default(trained_run, tmp_path):
+    """`unet --model-channels 64` trains a UNet twice as wide; the motion stage builds its module at the UNet's
+    widths, and the export reads back through the normal loaders at those widths. Widths the group norms and
+    heads cannot split are refused."""
+    for part in trained_run.iterdir():  # the run's VAE, text encoder and cache; the new UNet replaces its own
+        if part.is_dir() and part.name not in ("unet", "motion"):
+            shutil.copytree(part, tmp_path / part.name)
+    assert ta.train_unet(tmp_path, dataclasses.replace(UNET, model_channels=64, steps=1)).finished
+    assert ta.train_motion(tmp_path, dataclasses.replace(MOTION, steps=1)).finished
+    exported = ta.export(tmp_path, tmp_path / "export")
+    unet, _, _ = ta.load_base_checkpoint(exported["checkpoint"])
+    assert unet.config.level_channels() == [64, 128]
+    assert config_from_state_dict(load_file(str(exported["motion"]))).block_channels == (64, 128)
+    with pytest.raises(KineFlowError, match="multiple of 32.*got 48"):
+        ta.UNetSettings(model_channels=48)
 
 
 def test_a_checkpoint_whose_unet_trained_further_reuses_the_cache_of_its_vae_and_clip(trained_run, tmp_path,

@@ -41,7 +41,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ from safetensors.torch import load_file
 from ..models.animatediff import VERSIONS, MotionModule
 from ..models.clip_text import CLIPTextModel
 from ..models.sd15_unet import LDM_PREFIX as UNET_PREFIX
-from ..models.sd15_unet import SD15UNet
+from ..models.sd15_unet import SD15UNet, SD15UNetConfig
 from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
 from ..models.sd_vae import SDVAE, SDVAEConfig
 from ..models.tokenization import clip_l_tokenizer
@@ -125,12 +125,23 @@ class UNetSettings:
     high_noise_weight: float = _opt(1.0, "cap of the per-frame loss weight 1/SNR(t), floored at 1 (1 = the plain "
                                          "epsilon loss SD was trained with). With the plain loss the tiny UNet's x0 "
                                          "guess at high noise is worse than the mean latent (training/README.md)")
+    model_channels: int = _opt(TINY_UNET.model_channels, "width of the UNet's first level (the second is twice it); "
+                               "a multiple of 32. The motion module's widths are the UNet's (as in the released "
+                               "format), so a wider UNet also gives the motion stage a wider module")
     seed: int = _opt(0, "seed of data order, noise and initialisation")
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
 
     def __post_init__(self):
         _check_high_noise_weight(self.high_noise_weight)
+        if self.model_channels < 32 or self.model_channels % 32:
+            raise KineFlowError(f"--model-channels must be a positive multiple of 32 (the group norms' 32 groups and "
+                                f"8 attention heads must divide it); got {self.model_channels}")
+
+
+def unet_config(model_channels: int) -> SD15UNetConfig:
+    """The tiny UNet at a given first-level width (TINY_UNET's otherwise)."""
+    return replace(TINY_UNET, model_channels=model_channels)
 
 
 @dataclass
@@ -464,7 +475,7 @@ def train_unet(run_dir: Path, settings: UNetSettings, *, resume: bool = False,
     run_dir = Path(run_dir)
     cache = _prepare(run_dir, settings)
     torch.manual_seed(settings.seed)
-    unet = SD15UNet(TINY_UNET)
+    unet = SD15UNet(unet_config(settings.model_channels))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=0.0)
     n, f = cache["latents"].shape[0], cache["latents"].shape[2]
 
@@ -487,7 +498,7 @@ def load_trained_unet(run_dir: Path, dtype: torch.dtype | None = None) -> tuple[
         raise KineFlowError(f"the UNet at {path} stopped at step {ckpt['step']} of {ckpt['settings']['steps']}; "
                             "finish the 'unet' stage with --resume (or resume it with --steps set to the step it "
                             "reached) first")
-    unet = SD15UNet(TINY_UNET)
+    unet = SD15UNet(unet_config(ckpt["settings"].get("model_channels", TINY_UNET.model_channels)))
     unet.load_state_dict(ckpt["model"])
     if dtype is not None:
         train.round_to(unet, dtype)
@@ -513,7 +524,8 @@ def motion_parts(trained: torch.nn.Module) -> tuple[MotionModule, SD15UNet | Non
 def motion_stage_model(settings: MotionSettings, unet: SD15UNet) -> torch.nn.Module:
     """What the motion stage optimises and checkpoints: the motion module alone, or with `cross_attention` or
     `unet` trained, {"motion": module, "unet": UNet whose attn2 layers (or all layers) require grad}."""
-    motion = MotionModule(tiny_motion_config(settings.version))  # proj_out zero-initialised
+    widths = tuple(unet.config.level_channels())
+    motion = MotionModule(tiny_motion_config(settings.version, widths))  # proj_out zero-initialised
     if settings.unet == "trained":
         unet.requires_grad_(True)
     elif settings.cross_attention == "trained":
