@@ -13,8 +13,8 @@ Stages (each resumable, each writing into one run folder, default `runs/tiny_ad/
 2. `text`   - the tiny CLIP (`tiny_sd.TINY_CLIP`: full CLIP-L vocabulary, the shipped BPE tokenizer) trained to
               parse captions into their scene, as train.py's `text` stage trains the LLaMA (a frozen *random*
               text encoder binds colours to the wrong roles), then frozen.
-3. `unet`   - the SD1.5 UNet (`tiny_sd.TINY_UNET`) text-to-image on single frames: epsilon prediction on
-              AnimateDiff's discrete schedule (β 0.00085 -> 0.012 linear, 1000 steps, `runtime.animatediff.
+3. `unet`   - the SD1.5 UNet (`tiny_sd.TINY_UNET`, or wider with `--model-channels`) text-to-image on single
+              frames: epsilon prediction on AnimateDiff's discrete schedule (β 0.00085 -> 0.012 linear, 1000 steps, `runtime.animatediff.
               SCHEDULE`), conditioned as SD is (CLIP's final hidden state of the 77 padded tokens); the scaled
               latents of 16-frame clips and their text states are computed once (`cache/clips.pt`). 10% of
               captions are dropped to "" for CFG.
