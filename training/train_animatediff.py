@@ -14,10 +14,10 @@ Stages (each resumable, each writing into one run folder, default `runs/tiny_ad/
               parse captions into their scene, as train.py's `text` stage trains the LLaMA (a frozen *random*
               text encoder binds colours to the wrong roles), then frozen.
 3. `unet`   - the SD1.5 UNet (`tiny_sd.TINY_UNET`, or wider with `--model-channels`) text-to-image on single
-              frames: epsilon prediction on AnimateDiff's discrete schedule (β 0.00085 -> 0.012 linear, 1000 steps, `runtime.animatediff.
-              SCHEDULE`), conditioned as SD is (CLIP's final hidden state of the 77 padded tokens); the scaled
-              latents of 16-frame clips and their text states are computed once (`cache/clips.pt`). 10% of
-              captions are dropped to "" for CFG.
+              frames: epsilon prediction on AnimateDiff's discrete schedule (β 0.00085 -> 0.012 linear, 1000
+              steps, `runtime.animatediff.SCHEDULE`), conditioned as SD is (CLIP's final hidden state of the
+              77 padded tokens); the scaled latents of 16-frame clips and their text states are computed once
+              (`cache/clips.pt`). 10% of captions are dropped to "" for CFG.
 4. `motion` - an AnimateDiff motion module (`tiny_sd.tiny_motion_config`, v2 by default) inserted into the
               frozen UNet, trained with the same objective on whole 16-frame clips (independent noise per frame,
               one timestep and caption per clip). Its `proj_out` layers start at zero, as in AnimateDiff, so
