@@ -498,7 +498,7 @@ def load_trained_unet(run_dir: Path, dtype: torch.dtype | None = None) -> tuple[
         raise KineFlowError(f"the UNet at {path} stopped at step {ckpt['step']} of {ckpt['settings']['steps']}; "
                             "finish the 'unet' stage with --resume (or resume it with --steps set to the step it "
                             "reached) first")
-    unet = SD15UNet(unet_config(ckpt["settings"].get("model_channels", TINY_UNET.model_channels)))
+    unet = SD15UNet(unet_config(UNetSettings(**ckpt["settings"]).model_channels))
     unet.load_state_dict(ckpt["model"])
     if dtype is not None:
         train.round_to(unet, dtype)
@@ -627,15 +627,19 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     return {**paths, "card": out / CARD_NAME}
 
 
+def _training_record(path: Path) -> dict:
+    """The training record KineFlow's exports embed in a safetensors file (metadata `kineflow.training`), `{}` for
+    other files."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("kineflow.training", "{}"))
+
+
 def motion_history(path: Path) -> list[dict]:
     """The motion runs an exported module embodies, newest first, as `{"motion_steps", "motion"}` records: the
     module's own, then those of the module its run started from (`--init-module`). Each export embeds the chain
     (`earlier`), so it outlives the files it came from; an older export without one is followed through its
     `init_module` path while that file exists. A missing `path` has no history to tell."""
-    if not path.is_file():
-        return []
-    with safe_open(str(path), "pt") as f:
-        record = json.loads((f.metadata() or {}).get("kineflow.training", "{}"))
+    record = _training_record(path) if path.is_file() else {}
     if "motion" not in record:
         return []
     own = {"motion_steps": record["motion_steps"], "motion": record["motion"]}
@@ -676,8 +680,7 @@ def _run_image_notes(run_dir: Path, unet_ckpt: dict, vae_meta: dict) -> tuple[st
 def _base_image_notes(base: Path) -> tuple[str, dict]:
     """The model card's lines on an image model taken from an existing checkpoint, and its training record (the
     one KineFlow's export embeds, `{}` for other files)."""
-    with safe_open(str(base), "pt") as f:
-        record = json.loads((f.metadata() or {}).get("kineflow.training", "{}"))
+    record = _training_record(base)
     image = {key: record[key] for key in ("vae_steps", "text_steps", "unet_steps", "vae", "text", "unet")
              if key in record}
     notes = f"""- Image model (UNet, VAE, CLIP text encoder): taken from `{base.name}` (sha256
