@@ -1,5 +1,6 @@
 """Procedural dataset: determinism, geometry, train/held-out split, captions, speed, and the Shapes Video node."""
 
+import re
 import time
 
 import numpy as np
@@ -130,6 +131,26 @@ def test_caption_templates_and_synonym_coverage():
     assert all(c.startswith(HELDOUT_MARKERS) or any(m in c for m in HELDOUT_MARKERS[2:4]) for c in held_caps)
     with pytest.raises(KineFlowError, match="templates"):
         D.caption(specs[0], rng, "other")
+
+
+def test_extra_training_templates_read_back_and_keep_clear_of_the_heldout_wording():
+    """The "extended" pool (training + extra templates) describes the same scene in more sentence shapes: every
+    caption parses back to its spec, every extra template is used, and none borrows a held-out template's
+    wording, so held-out prompts still measure phrasings the models never saw."""
+    from kineflow.training.prompts import expected_from_spec, parse_prompt
+
+    rng = np.random.default_rng(9)
+    specs = _specs("train", 1500, seed=10, two_shape_prob=0.4)
+    captions = [D.caption(s, rng, "extended") for s in specs]
+    for spec, text in zip(specs, captions):
+        assert parse_prompt(text) == expected_from_spec(spec), text
+    for table in (D.SINGLE_TEMPLATES, D.TWO_TEMPLATES):
+        assert not set(table["extra"]) & set(table["train"] + table["heldout"])
+        for template in table["extra"]:
+            pattern = re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)) + "$")
+            assert any(pattern.match(c) for c in captions), template
+    assert not any(c.startswith(HELDOUT_MARKERS) or any(m in c for m in HELDOUT_MARKERS[2:4]) for c in captions)
+    assert not any(m in c for c in captions for m in ("in front of", "plain ", " that "))
 
 
 def test_invalid_specs_are_rejected_with_clear_messages():

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -415,3 +416,26 @@ def test_motion_cache_takes_the_share_of_two_shape_clips_asked_for(trained_run, 
     specs, captions = zip(*(data.spec_and_caption(i) for i in range(4)))
     assert cache["captions"] == list(captions) and all(len(spec.shapes) == 2 for spec in specs)
     assert cache["key"]["two_shape_prob"] == 1.0
+
+
+def test_motion_with_extended_captions_trains_on_new_phrasings_of_the_cached_scenes(trained_run, tmp_path):
+    """`--caption-templates extended` re-captions each step's cached clips (scene regenerated from the cache's
+    seed and index) from the training + extra templates, encodes them with the frozen CLIP, and trains on those
+    states instead of the cached ones."""
+    from kineflow.training.prompts import parse_prompt
+
+    base = ta.export(trained_run, tmp_path / "base")["checkpoint"]
+    settings = dataclasses.replace(MOTION, base_checkpoint=str(base), clips=4, two_shape_prob=0.5,
+                                   caption_templates="extended")
+    assert ta.train_motion(tmp_path / "run", settings).finished
+    cache = torch.load(ta.cache_path(tmp_path / "run"), weights_only=True)
+    _, _, encoder = ta.load_base_checkpoint(base)
+    recaption = ta.Recaptioner(settings, encoder)
+    clips = [0, 1, 2, 3] * 5
+    captions = recaption.captions(clips, np.random.default_rng(0))
+    assert [parse_prompt(c) for c in captions] == [parse_prompt(cache["captions"][i]) for i in clips]
+    assert any(c != cache["captions"][i] for c, i in zip(captions, clips))
+    states = recaption.states(clips[:4], np.random.default_rng(0))
+    assert states.shape == cache["context"][:4].shape and not torch.allclose(states, cache["context"][:4])
+    with pytest.raises(SystemExit):
+        ta.build_parser().parse_args(["motion", "--run-dir", str(tmp_path), "--caption-templates", "heldout"])

@@ -390,6 +390,22 @@ SINGLE_TEMPLATES = {
         "a clip of {o} {p}, plain {b} background",
         "the background is {b} and {o} {v}",
     ),
+    # More training phrasings, for models whose text pathway otherwise learns only the seven above (the
+    # AnimateDiff UNet reads CLIP's causal token states directly, with no text refiner). Written to vary
+    # sentence shape and punctuation, not after the held-out set: none shares a held-out template's wording.
+    "extra": (
+        "{o} {v} over a {b} background",
+        "a {b} background and {o} {p}",
+        "with a {b} backdrop, {o} {v}",
+        "{o} {v}, all on a {b} background",
+        "{b} background. {o} {v}.",
+        "we see {o} {p} on a {b} background",
+        "{o} is {p} across a {b} backdrop",
+        "video of {o} {p} on a {b} background",
+        "a {b} coloured background, {o} {p}",
+        "here {o} {v} against a {b} backdrop",
+        "{O} {p} with a {b} background behind it",
+    ),
 }
 TWO_TEMPLATES = {
     "train": (
@@ -400,6 +416,15 @@ TWO_TEMPLATES = {
     "heldout": (
         "there is {o1} {p1} and {o2} {p2} in front of a {b} background",
         "the background is {b}; {o1} {v1} and {o2} {v2}",
+    ),
+    "extra": (
+        "{o1} {v1}, {o2} {v2}, {b} background",
+        "on a {b} backdrop {o1} {v1} while {o2} {v2}",
+        "{O1} {p1} and {O2} {p2} over a {b} backdrop",
+        "with a {b} background, {o1} {v1} and {o2} {v2}",
+        "we see {o1} {p1} and {o2} {p2} on a {b} background",
+        "{o1} {v1}. {o2} {v2}. {b} background.",
+        "a {b} background with {o1} {p1} and {o2} {p2}",
     ),
 }
 
@@ -431,12 +456,13 @@ def caption(spec: ClipSpec, rng: np.random.Generator, templates: str = "train") 
     """A plain-English description of the clip.
 
     templates: "train" uses the training sentence templates only; "heldout" uses templates never seen in
-    training; "any" picks from both sets.
+    training; "any" picks from both sets; "extended" from the training and the extra training templates.
     """
-    if templates not in ("train", "heldout", "any"):
-        raise KineFlowError(f"templates must be 'train', 'heldout' or 'any'; got {templates!r}")
+    pools = {"train": ("train",), "heldout": ("heldout",), "any": ("train", "heldout"), "extended": ("train", "extra")}
+    if templates not in pools:
+        raise KineFlowError(f"templates must be one of {sorted(pools)}; got {templates!r}")
     table = SINGLE_TEMPLATES if len(spec.shapes) == 1 else TWO_TEMPLATES
-    pool = table["train"] + table["heldout"] if templates == "any" else table[templates]
+    pool = sum((table[name] for name in pools[templates]), ())
     template = _pick(rng, pool)
     if len(spec.shapes) == 1:
         words = _phrases(spec.shapes[0], rng)

@@ -177,6 +177,11 @@ class MotionSettings:
     init_module: str = _opt("", "continue training an exported motion module file (e.g. on a new, larger cache) "
                                 "instead of starting from a zero proj_out; pair it with the --base-checkpoint "
                                 "exported beside it, whose attn2 layers trained with it")
+    caption_templates: str = _opt("train", "'extended': each step re-captions its clips from the training and the "
+                                           "extra training sentence templates (dataset.py) and encodes them with "
+                                           "the frozen CLIP, instead of the cached caption (always a training "
+                                           "template): the UNet's cross-attention then learns more than seven "
+                                           "phrasings (training/README.md)", choices=("train", "extended"))
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
 
@@ -418,9 +423,12 @@ def noised(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> to
     return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
 
-def _contexts(cache: dict, idx: torch.Tensor, gen: torch.Generator, dropout: float) -> torch.Tensor:
+def _contexts(cache: dict, idx: torch.Tensor, gen: torch.Generator, dropout: float,
+              context: torch.Tensor | None = None) -> torch.Tensor:
+    """The clips' caption states (the cached ones unless given), each replaced by the empty prompt's with
+    probability `dropout`."""
     drop = torch.rand(len(idx), generator=gen) < dropout
-    context = cache["context"][idx]
+    context = cache["context"][idx] if context is None else context
     return torch.where(drop.view(-1, 1, 1), cache["uncond"].expand_as(context), context)
 
 
@@ -436,15 +444,16 @@ def unet_loss(unet: SD15UNet, cache: dict, clips, frames, gen: torch.Generator, 
 
 
 def motion_loss(unet: SD15UNet, motion: MotionModule, cache: dict, clips, gen: torch.Generator,
-                settings: MotionSettings) -> torch.Tensor:
-    """Epsilon MSE on whole clips through the UNet with the motion module: one timestep and caption per clip,
-    independent noise per frame; the B*F frames go through the UNet as one batch, clip by clip (as net_fn)."""
+                settings: MotionSettings, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Epsilon MSE on whole clips through the UNet with the motion module: one timestep and caption per clip
+    (`context`, the clips' caption states, defaults to the cached ones), independent noise per frame; the B*F
+    frames go through the UNet as one batch, clip by clip (as net_fn)."""
     idx = torch.as_tensor(np.asarray(clips), dtype=torch.long)
     x0 = cache["latents"][idx]
     b, c, f, h, w = x0.shape
     timesteps = torch.randint(0, len(ALPHAS_CUMPROD), (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    context = _contexts(cache, idx, gen, settings.caption_dropout)
+    context = _contexts(cache, idx, gen, settings.caption_dropout, context)
     x_t = noised(x0, timesteps, noise).transpose(1, 2).reshape(b * f, c, h, w)
     pred = unet(x_t, timesteps.float().repeat_interleave(f), context.repeat_interleave(f, dim=0), video_frames=f,
                 temporal=motion)
@@ -553,15 +562,36 @@ def load_init_module(motion: MotionModule, path: Path, version: str) -> None:
     motion.load_state_dict(state)
 
 
+@dataclass
+class Recaptioner:
+    """New captions for cached clips: clip i's scene is regenerated from the cache's dataset (seed, i), captioned
+    from `settings.caption_templates` and encoded with the frozen text encoder."""
+    settings: MotionSettings
+    encoder: SDTextEncoder
+
+    def __post_init__(self):
+        self.data = shapes.ShapesVideoDataset(length=self.settings.clips, seed=self.settings.seed, split="train",
+                                              frames=RENDER_FRAMES, two_shape_prob=self.settings.two_shape_prob)
+
+    def captions(self, clips, rng: np.random.Generator) -> list[str]:
+        specs = [self.data.spec_and_caption(int(i))[0] for i in clips]
+        return [shapes.caption(spec, rng, self.settings.caption_templates) for spec in specs]
+
+    def states(self, clips, rng: np.random.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encoder.encode(self.captions(clips, rng))["context"]
+
+
 def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = False,
                  budget: Budget | None = None) -> train.StageResult:
     run_dir = Path(run_dir)
     if settings.base_checkpoint:
         unet, vae, encoder = load_base_checkpoint(settings.base_checkpoint)
-        cache = build_cache(run_dir, settings, vae, encoder)
     else:
         unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
-        cache = _prepare(run_dir, settings)
+        vae, encoder = load_trained_vae(run_dir)[0], prepare_text_encoder(run_dir)
+    cache = build_cache(run_dir, settings, vae, encoder)
+    captions = Recaptioner(settings, encoder) if settings.caption_templates != "train" else None
     torch.manual_seed(settings.seed)
     trained = motion_stage_model(settings, unet)
     motion, _ = motion_parts(trained)
@@ -573,7 +603,9 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
 
     def loss_fn(step: int) -> torch.Tensor:
         rng, gen = step_rngs(settings.seed, "motion", step)
-        return motion_loss(unet, motion, cache, rng.integers(0, n, settings.batch_size), gen, settings)
+        clips = rng.integers(0, n, settings.batch_size)
+        context = captions.states(clips, rng) if captions else None
+        return motion_loss(unet, motion, cache, clips, gen, settings, context)
 
     return train.run_loop("motion", run_dir, trained, optimizer, loss_fn, settings, resume=resume,
                           budget=budget or Budget())
