@@ -430,12 +430,31 @@ def test_motion_with_extended_captions_trains_on_new_phrasings_of_the_cached_sce
     assert ta.train_motion(tmp_path / "run", settings).finished
     cache = torch.load(ta.cache_path(tmp_path / "run"), weights_only=True)
     _, _, encoder = ta.load_base_checkpoint(base)
-    recaption = ta.Recaptioner(settings, encoder)
+    live = ta.CaptionStates(settings, encoder, cache)
     clips = [0, 1, 2, 3] * 5
-    captions = recaption.captions(clips, np.random.default_rng(0))
+    captions = live.captions(clips, np.random.default_rng(0))
     assert [parse_prompt(c) for c in captions] == [parse_prompt(cache["captions"][i]) for i in clips]
     assert any(c != cache["captions"][i] for c, i in zip(captions, clips))
-    states = recaption.states(clips[:4], np.random.default_rng(0))
+    states, uncond = live.states(clips[:4], np.random.default_rng(0))
     assert states.shape == cache["context"][:4].shape and not torch.allclose(states, cache["context"][:4])
+    torch.testing.assert_close(uncond, cache["uncond"])  # the frozen CLIP's empty prompt, as cached
+    assert not states.requires_grad
     with pytest.raises(SystemExit):
         ta.build_parser().parse_args(["motion", "--run-dir", str(tmp_path), "--caption-templates", "heldout"])
+
+
+def test_motion_with_the_text_encoder_trained_exports_the_new_clip(trained_run, tmp_path):
+    """`--text-encoder trained` trains CLIP (and, as it implies, the UNet's attn2) with the motion module, on
+    states encoded each step, and the export carries the trained CLIP; the VAE and the rest of the UNet stay the
+    base's."""
+    base = ta.export(trained_run, tmp_path / "base")["checkpoint"]
+    settings = dataclasses.replace(MOTION, base_checkpoint=str(base), clips=3, text_encoder="trained")
+    assert ta.train_motion(tmp_path / "run", settings).finished
+    paths = ta.export(tmp_path / "run", tmp_path / "weights")
+    before, after = (load_file(str(p)) for p in (base, paths["checkpoint"]))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith(ta.CLIP_PREFIX) for k in changed) and any(".attn2." in k for k in changed)
+    assert all(k.startswith(ta.CLIP_PREFIX) or ".attn2." in k for k in changed), sorted(changed)[:5]
+    assert "the CLIP text encoder trained with it too" in paths["card"].read_text()
+    _, _, encoder = ta.load_base_checkpoint(paths["checkpoint"])
+    assert encoder.encode(["a red ball moves left on a blue background"])["context"].shape == (1, 77, 64)

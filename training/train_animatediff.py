@@ -182,6 +182,9 @@ class MotionSettings:
                                            "the frozen CLIP, instead of the cached caption (always a training "
                                            "template): the UNet's cross-attention then learns more than seven "
                                            "phrasings (training/README.md)", choices=("train", "extended"))
+    text_encoder: str = _opt("frozen", "'trained': the CLIP text encoder trains with the motion module (captions "
+                                       "and the empty prompt encoded each step) and is exported into the "
+                                       "checkpoint. Implies --cross-attention trained", choices=("frozen", "trained"))
     save_every: int = _opt(250, "checkpoint every N steps")
     log_every: int = _opt(10, "loss log line every N steps")
 
@@ -424,12 +427,12 @@ def noised(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> to
 
 
 def _contexts(cache: dict, idx: torch.Tensor, gen: torch.Generator, dropout: float,
-              context: torch.Tensor | None = None) -> torch.Tensor:
-    """The clips' caption states (the cached ones unless given), each replaced by the empty prompt's with
-    probability `dropout`."""
+              states: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The clips' caption states, each replaced by the empty prompt's with probability `dropout`; `states` =
+    (captions', empty prompt's) replaces the cached ones."""
     drop = torch.rand(len(idx), generator=gen) < dropout
-    context = cache["context"][idx] if context is None else context
-    return torch.where(drop.view(-1, 1, 1), cache["uncond"].expand_as(context), context)
+    context, uncond = (cache["context"][idx], cache["uncond"]) if states is None else states
+    return torch.where(drop.view(-1, 1, 1), uncond.expand_as(context), context)
 
 
 def unet_loss(unet: SD15UNet, cache: dict, clips, frames, gen: torch.Generator, settings: UNetSettings) -> torch.Tensor:
@@ -444,16 +447,16 @@ def unet_loss(unet: SD15UNet, cache: dict, clips, frames, gen: torch.Generator, 
 
 
 def motion_loss(unet: SD15UNet, motion: MotionModule, cache: dict, clips, gen: torch.Generator,
-                settings: MotionSettings, context: torch.Tensor | None = None) -> torch.Tensor:
+                settings: MotionSettings, states: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Epsilon MSE on whole clips through the UNet with the motion module: one timestep and caption per clip
-    (`context`, the clips' caption states, defaults to the cached ones), independent noise per frame; the B*F
-    frames go through the UNet as one batch, clip by clip (as net_fn)."""
+    (`states`, the clips' and the empty prompt's text states, default to the cached ones), independent noise per
+    frame; the B*F frames go through the UNet as one batch, clip by clip (as net_fn)."""
     idx = torch.as_tensor(np.asarray(clips), dtype=torch.long)
     x0 = cache["latents"][idx]
     b, c, f, h, w = x0.shape
     timesteps = torch.randint(0, len(ALPHAS_CUMPROD), (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    context = _contexts(cache, idx, gen, settings.caption_dropout, context)
+    context = _contexts(cache, idx, gen, settings.caption_dropout, states)
     x_t = noised(x0, timesteps, noise).transpose(1, 2).reshape(b * f, c, h, w)
     pred = unet(x_t, timesteps.float().repeat_interleave(f), context.repeat_interleave(f, dim=0), video_frames=f,
                 temporal=motion)
@@ -530,20 +533,24 @@ def motion_parts(trained: torch.nn.Module) -> tuple[MotionModule, SD15UNet | Non
     return trained["motion"], trained["unet"]
 
 
-def motion_stage_model(settings: MotionSettings, unet: SD15UNet) -> torch.nn.Module:
+def motion_stage_model(settings: MotionSettings, unet: SD15UNet, clip: CLIPTextModel) -> torch.nn.Module:
     """What the motion stage optimises and checkpoints: the motion module alone, or with `cross_attention` or
-    `unet` trained, {"motion": module, "unet": UNet whose attn2 layers (or all layers) require grad}."""
+    `unet` trained, {"motion": module, "unet": UNet whose attn2 layers (or all layers) require grad}, plus
+    "clip" (trainable) with `text_encoder` trained."""
     widths = tuple(unet.config.level_channels())
     motion = MotionModule(tiny_motion_config(settings.version, widths))  # proj_out zero-initialised
     if settings.unet == "trained":
         unet.requires_grad_(True)
-    elif settings.cross_attention == "trained":
+    elif settings.cross_attention == "trained" or settings.text_encoder == "trained":
         for name, module in unet.named_modules():
             if name.endswith(".attn2"):
                 module.requires_grad_(True)
     else:
         return motion
-    return torch.nn.ModuleDict({"motion": motion, "unet": unet})
+    parts = {"motion": motion, "unet": unet}
+    if settings.text_encoder == "trained":
+        parts["clip"] = clip.requires_grad_(True)
+    return torch.nn.ModuleDict(parts)
 
 
 def load_init_module(motion: MotionModule, path: Path, version: str) -> None:
@@ -563,23 +570,30 @@ def load_init_module(motion: MotionModule, path: Path, version: str) -> None:
 
 
 @dataclass
-class Recaptioner:
-    """New captions for cached clips: clip i's scene is regenerated from the cache's dataset (seed, i), captioned
-    from `settings.caption_templates` and encoded with the frozen text encoder."""
+class CaptionStates:
+    """Text states computed each step instead of read from the cache. With `--caption-templates extended` the
+    clips are re-captioned: clip i's scene is regenerated from the cache's dataset (seed, i) and a caption drawn
+    from the extended templates; otherwise the cached caption is used. With `--text-encoder trained` the states
+    carry gradients and the empty prompt's are recomputed too (CFG reads them through the trained encoder)."""
     settings: MotionSettings
     encoder: SDTextEncoder
+    cache: dict
 
     def __post_init__(self):
         self.data = shapes.ShapesVideoDataset(length=self.settings.clips, seed=self.settings.seed, split="train",
                                               frames=RENDER_FRAMES, two_shape_prob=self.settings.two_shape_prob)
 
     def captions(self, clips, rng: np.random.Generator) -> list[str]:
+        if self.settings.caption_templates == "train":
+            return [self.cache["captions"][int(i)] for i in clips]
         specs = [self.data.spec_and_caption(int(i))[0] for i in clips]
         return [shapes.caption(spec, rng, self.settings.caption_templates) for spec in specs]
 
-    def states(self, clips, rng: np.random.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            return self.encoder.encode(self.captions(clips, rng))["context"]
+    def states(self, clips, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the clips' caption states [B, 77, D], the empty prompt's [1, 77, D])."""
+        with torch.set_grad_enabled(self.settings.text_encoder == "trained"):
+            states, _ = clip_states(self.encoder.clip, self.encoder.tokenizer, self.captions(clips, rng) + [""])
+        return states[:-1], states[-1:]
 
 
 def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = False,
@@ -591,9 +605,10 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
         unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
         vae, encoder = load_trained_vae(run_dir)[0], prepare_text_encoder(run_dir)
     cache = build_cache(run_dir, settings, vae, encoder)
-    captions = Recaptioner(settings, encoder) if settings.caption_templates != "train" else None
+    live = settings.caption_templates != "train" or settings.text_encoder == "trained"
+    captions = CaptionStates(settings, encoder, cache) if live else None
     torch.manual_seed(settings.seed)
-    trained = motion_stage_model(settings, unet)
+    trained = motion_stage_model(settings, unet, encoder.clip)
     motion, _ = motion_parts(trained)
     if settings.init_module:  # a resumed run then loads its checkpoint over these
         load_init_module(motion, Path(settings.init_module), settings.version)
@@ -604,8 +619,8 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
     def loss_fn(step: int) -> torch.Tensor:
         rng, gen = step_rngs(settings.seed, "motion", step)
         clips = rng.integers(0, n, settings.batch_size)
-        context = captions.states(clips, rng) if captions else None
-        return motion_loss(unet, motion, cache, clips, gen, settings, context)
+        states = captions.states(clips, rng) if captions else None
+        return motion_loss(unet, motion, cache, clips, gen, settings, states)
 
     return train.run_loop("motion", run_dir, trained, optimizer, loss_fn, settings, resume=resume,
                           budget=budget or Budget())
@@ -629,7 +644,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
         vae, vae_meta = load_trained_vae(run_dir)
         clip = prepare_text_encoder(run_dir).clip
         image_notes, record = _run_image_notes(run_dir, unet_ckpt, vae_meta)
-    trained = motion_stage_model(settings, unet)
+    trained = motion_stage_model(settings, unet, clip)
     trained.load_state_dict(motion_ckpt["model"])
     motion, _ = motion_parts(trained)
     dtype = train.DTYPES[dtype_name]
@@ -733,11 +748,13 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
             f"{sizes['motion']:.2f} MB |")
     if settings.get("unet", "frozen") == "trained":
         frozen = "the whole UNet training with it (saved in the checkpoint), unlike AnimateDiff's frozen image model"
-    elif settings.get("cross_attention", "frozen") == "trained":
+    elif "trained" in (settings.get("cross_attention", "frozen"), settings.get("text_encoder", "frozen")):
         frozen = ("the UNet frozen except its text cross-attention layers (attn2), which trained with it and are "
                   "saved in the checkpoint")
     else:
         frozen = "the UNet frozen"
+    if settings.get("text_encoder", "frozen") == "trained":
+        frozen += "; the CLIP text encoder trained with it too (saved in the checkpoint)"
     start, history = "proj_out zero-initialised", ""
     if settings.get("init_module"):
         start = "started from the exported module named in init_module (its runs: below)"
