@@ -766,8 +766,9 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
 
 Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
 moving over flat backgrounds, 64x64, plain-English captions), the AnimateDiff way: an SD1.5-style image model on
-single frames, then a motion module on 16-frame clips with the image model frozen. It shows the pipeline working
-end to end; it knows nothing beyond that dataset's vocabulary.
+single frames, then a motion module on 16-frame clips with the image model frozen but for what the motion
+settings below train with it. It shows the pipeline working end to end; it knows nothing beyond that dataset's
+vocabulary.
 
 | file | parts | parameters | size ({dtype_name}) |
 |---|---|---|---|
