@@ -21,7 +21,9 @@ Stages (each resumable, each writing into one run folder, default `runs/tiny_ad/
 4. `motion` - an AnimateDiff motion module (`tiny_sd.tiny_motion_config`, v2 by default) inserted into the
               frozen UNet, trained with the same objective on whole 16-frame clips (independent noise per frame,
               one timestep and caption per clip). Its `proj_out` layers start at zero, as in AnimateDiff, so
-              training starts from the image model.
+              training starts from the image model. Options train parts of the image model with it: the UNet's
+              text cross-attention, the CLIP text encoder (on captions re-drawn in more sentence shapes), or
+              the whole UNet.
 5. `export` - one LDM single-file checkpoint (`checkpoints/kineflow_tiny_sd15.safetensors`) and the motion module
               under the original AnimateDiff names (`animatediff_models/kineflow_tiny_mm.safetensors`), in fp16,
               plus `MODEL_CARD_ANIMATEDIFF.md` (not MODEL_CARD.md: the HunyuanVideo export writes that one into
@@ -179,9 +181,10 @@ class MotionSettings:
                                 "exported beside it, whose attn2 layers trained with it")
     caption_templates: str = _opt("train", "'extended': each step re-captions its clips from the training and the "
                                            "extra training sentence templates (dataset.py) and encodes them with "
-                                           "the frozen CLIP, instead of the cached caption (always a training "
-                                           "template): the UNet's cross-attention then learns more than seven "
-                                           "phrasings (training/README.md)", choices=("train", "extended"))
+                                           "the CLIP (frozen, or trained with --text-encoder) instead of using the "
+                                           "cached caption (always a training template), so the text pathway sees "
+                                           "more than seven sentence shapes (training/README.md)",
+                                  choices=("train", "extended"))
     text_encoder: str = _opt("frozen", "'trained': the CLIP text encoder trains with the motion module (captions "
                                        "and the empty prompt encoded each step) and is exported into the "
                                        "checkpoint. Implies --cross-attention trained", choices=("frozen", "trained"))
