@@ -429,6 +429,11 @@ TWO_TEMPLATES = {
 }
 
 
+# The template sets each `caption(templates=...)` choice draws from.
+TEMPLATE_POOLS = {"train": ("train",), "heldout": ("heldout",), "any": ("train", "heldout"),
+                  "extended": ("train", "extra")}
+
+
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[rng.integers(len(options))]
 
@@ -458,11 +463,10 @@ def caption(spec: ClipSpec, rng: np.random.Generator, templates: str = "train") 
     templates: "train" uses the training sentence templates only; "heldout" uses templates never seen in
     training; "any" picks from both sets; "extended" from the training and the extra training templates.
     """
-    pools = {"train": ("train",), "heldout": ("heldout",), "any": ("train", "heldout"), "extended": ("train", "extra")}
-    if templates not in pools:
-        raise KineFlowError(f"templates must be one of {sorted(pools)}; got {templates!r}")
+    if templates not in TEMPLATE_POOLS:
+        raise KineFlowError(f"templates must be one of {sorted(TEMPLATE_POOLS)}; got {templates!r}")
     table = SINGLE_TEMPLATES if len(spec.shapes) == 1 else TWO_TEMPLATES
-    pool = sum((table[name] for name in pools[templates]), ())
+    pool = sum((table[name] for name in TEMPLATE_POOLS[templates]), ())
     template = _pick(rng, pool)
     if len(spec.shapes) == 1:
         words = _phrases(spec.shapes[0], rng)

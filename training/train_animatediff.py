@@ -193,6 +193,8 @@ class MotionSettings:
 
     def __post_init__(self):
         _check_high_noise_weight(self.high_noise_weight)
+        if self.text_encoder == "trained":  # CLIP's new states are read through attn2, so it must follow them
+            self.cross_attention = "trained"
 
 
 # --------------------------------------------------------------------------- stage 1: VAE
@@ -412,10 +414,9 @@ def build_cache(run_dir: Path, settings, vae: SDVAE, encoder: SDTextEncoder, bat
     return cache
 
 
-def _prepare(run_dir: Path, settings) -> dict:
-    vae, _ = load_trained_vae(run_dir)
-    encoder = prepare_text_encoder(run_dir)
-    return build_cache(run_dir, settings, vae, encoder)
+def run_vae_and_text_encoder(run_dir: Path) -> tuple[SDVAE, SDTextEncoder]:
+    """The run's own trained VAE and (frozen) text encoder, what its cache is made with."""
+    return load_trained_vae(run_dir)[0], prepare_text_encoder(run_dir)
 
 
 # --------------------------------------------------------------------------- stages 3 + 4: UNet, motion module
@@ -488,7 +489,7 @@ def checkpoint_path(run_dir: Path, stage: str) -> Path:
 def train_unet(run_dir: Path, settings: UNetSettings, *, resume: bool = False,
                budget: Budget | None = None) -> train.StageResult:
     run_dir = Path(run_dir)
-    cache = _prepare(run_dir, settings)
+    cache = build_cache(run_dir, settings, *run_vae_and_text_encoder(run_dir))
     torch.manual_seed(settings.seed)
     unet = SD15UNet(unet_config(settings.model_channels))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -544,7 +545,7 @@ def motion_stage_model(settings: MotionSettings, unet: SD15UNet, clip: CLIPTextM
     motion = MotionModule(tiny_motion_config(settings.version, widths))  # proj_out zero-initialised
     if settings.unet == "trained":
         unet.requires_grad_(True)
-    elif settings.cross_attention == "trained" or settings.text_encoder == "trained":
+    elif settings.cross_attention == "trained":
         for name, module in unet.named_modules():
             if name.endswith(".attn2"):
                 module.requires_grad_(True)
@@ -594,8 +595,11 @@ class CaptionStates:
 
     def states(self, clips, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(the clips' caption states [B, 77, D], the empty prompt's [1, 77, D])."""
-        with torch.set_grad_enabled(self.settings.text_encoder == "trained"):
-            states, _ = clip_states(self.encoder.clip, self.encoder.tokenizer, self.captions(clips, rng) + [""])
+        captions = self.captions(clips, rng)
+        if self.settings.text_encoder == "frozen":  # the cached empty prompt is still what this CLIP gives
+            with torch.no_grad():
+                return clip_states(self.encoder.clip, self.encoder.tokenizer, captions)[0], self.cache["uncond"]
+        states, _ = clip_states(self.encoder.clip, self.encoder.tokenizer, captions + [""])
         return states[:-1], states[-1:]
 
 
@@ -606,7 +610,7 @@ def train_motion(run_dir: Path, settings: MotionSettings, *, resume: bool = Fals
         unet, vae, encoder = load_base_checkpoint(settings.base_checkpoint)
     else:
         unet, _ = load_trained_unet(run_dir, train.DTYPES[settings.dtype])
-        vae, encoder = load_trained_vae(run_dir)[0], prepare_text_encoder(run_dir)
+        vae, encoder = run_vae_and_text_encoder(run_dir)
     cache = build_cache(run_dir, settings, vae, encoder)
     live = settings.caption_templates != "train" or settings.text_encoder == "trained"
     captions = CaptionStates(settings, encoder, cache) if live else None
@@ -751,7 +755,7 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
             f"{sizes['motion']:.2f} MB |")
     if settings.get("unet", "frozen") == "trained":
         frozen = "the whole UNet training with it (saved in the checkpoint), unlike AnimateDiff's frozen image model"
-    elif "trained" in (settings.get("cross_attention", "frozen"), settings.get("text_encoder", "frozen")):
+    elif settings.get("cross_attention", "frozen") == "trained":
         frozen = ("the UNet frozen except its text cross-attention layers (attn2), which trained with it and are "
                   "saved in the checkpoint")
     else:
