@@ -5,7 +5,7 @@ ComfyUI knows two JSON shapes. The *API format* (what `/prompt` receives) maps n
 The *UI format* is the canvas the frontend saves: `nodes` with positional `widgets_values`, `links`
 (litegraph 0.4 arrays or version-1 objects), virtual nodes (Reroute, PrimitiveNode, notes), node modes
 (muted, bypassed) and subgraph definitions. `ui_to_api` converts the second into the first with the rules
-of the ComfyUI frontend pinned in pyproject.toml (its `graphToPrompt` and `ExecutableNodeDTO`):
+of the ComfyUI frontend (1.27.10 and 1.35.9 checked live; its `graphToPrompt` and `ExecutableNodeDTO`):
 
 - widgets are the inputs of type INT/FLOAT/STRING/BOOLEAN/COMBO (a list or "COMBO") without `forceInput`,
   in declaration order, required then optional; an INT whose `control_after_generate` option is set (or,

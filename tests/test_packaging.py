@@ -1,6 +1,7 @@
 """The package installs as ComfyUI and pip expect: imports, registration, dependency lists, relative imports."""
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -64,3 +65,19 @@ def test_console_script_runs_from_any_directory(tmp_path):
     out = subprocess.run(["kineflow", "nodes"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "KineFlowSampler" in out.stdout and "KineFlowSaveVideo (output node)" in out.stdout
+
+
+# Packages that belong to ComfyUI itself: a custom node that lists one can change the user's ComfyUI on install.
+COMFYUI_CORE_PACKAGES = {"comfyui-frontend-package", "comfyui-workflow-templates", "comfyui-embedded-docs",
+                         "comfyui", "comfy-kitchen", "comfyui-manager"}
+
+
+def _requirement_name(line: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_runtime_requirements_leave_comfyui_core_packages_alone():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    offenders = {_requirement_name(r) for r in declared + listed} & COMFYUI_CORE_PACKAGES
+    assert not offenders, f"installing the pack would change the host ComfyUI: {sorted(offenders)}"
