@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InterruptedRun, ModelFileError
+from .errors import InputFileError, InterruptedRun, ModelFileError
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 # Weights shipped with the pack (the tiny default models). Searched in both modes, after the user's folders.
@@ -47,6 +47,7 @@ class _Standalone:
     models_dir: Path = Path(os.environ.get("KINEFLOW_MODELS", "models"))
     output_dir: Path = Path("output")
     input_dir: Path = Path("input")
+    device: torch.device | None = None  # None: $KINEFLOW_DEVICE, else the best available
     interrupt = threading.Event()
     quiet = 0  # > 0 while standalone progress bars are silenced (see quiet())
 
@@ -55,29 +56,36 @@ def configure(
     models_dir: str | os.PathLike | None = None,
     output_dir: str | os.PathLike | None = None,
     input_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
 ) -> None:
-    """Set the standalone models, output and input folders (the CLI's --models-dir / --output-dir / --input-dir)."""
+    """Set the standalone models, output and input folders and the compute device (the CLI's --models-dir,
+    --output-dir, --input-dir and --device)."""
     if models_dir is not None:
         _Standalone.models_dir = Path(models_dir)
     if output_dir is not None:
         _Standalone.output_dir = Path(output_dir)
     if input_dir is not None:
         _Standalone.input_dir = Path(input_dir)
+    if device is not None:
+        _Standalone.device = device if isinstance(device, torch.device) else parse_device(device)
 
 
 @contextlib.contextmanager
 def configured(**folders):
     """`configure(**folders)` for the duration of a `with` block, then restore the previous standalone folders."""
-    saved = (_Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir)
+    saved = (_Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir, _Standalone.device)
     configure(**folders)
     try:
         yield
     finally:
-        _Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir = saved
+        _Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir, _Standalone.device = saved
 
 
 def register_comfyui_folders() -> None:
-    """Inside ComfyUI: add our `animatediff_models` folder kinds and the pack's shipped weights."""
+    """Inside ComfyUI: add the `animatediff_models` / `animatediff_motion_lora` folder kinds ComfyUI lacks.
+
+    The pack's shipped tiny weights are *not* registered with ComfyUI: its native loaders (UNETLoader,
+    VAELoader, ...) would list them and always fail on them. `_search_dirs` adds them for KineFlow's loaders only."""
     import folder_paths  # ComfyUI's module; only reached when in_comfyui()
 
     models_root = Path(folder_paths.models_dir)
@@ -85,19 +93,18 @@ def register_comfyui_folders() -> None:
         for name in names:
             if kind not in folder_paths.folder_names_and_paths or name in ("animatediff_models", "animatediff_motion_lora"):
                 folder_paths.add_model_folder_path(kind, str(models_root / name))
-        shipped = SHIPPED_WEIGHTS_DIR / names[0]
-        if shipped.is_dir():
-            folder_paths.add_model_folder_path(kind, str(shipped))
 
 
 def _search_dirs(kind: str) -> list[Path]:
+    """The user's folders for a model kind (ComfyUI's, or the standalone models folder), then the shipped ones."""
     if kind not in MODEL_FOLDERS:
         raise ValueError(f"unknown model folder kind {kind!r}; expected one of {sorted(MODEL_FOLDERS)}")
     if in_comfyui():
         import folder_paths
 
-        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
-    dirs = [_Standalone.models_dir / name for name in MODEL_FOLDERS[kind]]
+        dirs = [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    else:
+        dirs = [_Standalone.models_dir / name for name in MODEL_FOLDERS[kind]]
     dirs.append(SHIPPED_WEIGHTS_DIR / MODEL_FOLDERS[kind][0])
     return dirs
 
@@ -162,12 +169,55 @@ def input_dir() -> Path:
     return _Standalone.input_dir
 
 
+DEVICE_CHOICES = "cpu, cuda, cuda:N, mps, meta"
+
+
+def parse_device(name: str) -> torch.device:
+    """A compute device from a user's `--device` / KINEFLOW_DEVICE value, checked against this machine.
+
+    `meta` is always available: the whole graph then runs on shapes only (a dry run, see runtime/plan.py)."""
+    try:
+        device = torch.device(str(name).strip().lower())
+    except (RuntimeError, ValueError):
+        raise InputFileError(f"unknown device {name!r}; expected one of {DEVICE_CHOICES}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputFileError(f"device {name!r} was asked for, but this PyTorch sees no CUDA device "
+                                 f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of PyTorch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputFileError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+                                 f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputFileError(f"device {name!r} was asked for, but MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):
+        raise InputFileError(f"device {name!r} is not supported; expected one of {DEVICE_CHOICES}")
+    return device
+
+
+def best_device() -> torch.device:
+    """The fastest device this machine has: CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def compute_device() -> torch.device:
+    """Where models compute: ComfyUI's choice inside ComfyUI; standalone `--device`, $KINEFLOW_DEVICE, or the best."""
     if in_comfyui():
         import comfy.model_management as mm
 
         return mm.get_torch_device()
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if _Standalone.device is not None:
+        return _Standalone.device
+    env = os.environ.get("KINEFLOW_DEVICE", "").strip()
+    return parse_device(env) if env else best_device()
+
+
+def is_dry_run() -> bool:
+    """True when the compute device is `meta`: tensors have shapes but no data, and nothing is written."""
+    return compute_device().type == "meta"
 
 
 def free_memory(device: torch.device | None = None) -> int:
