@@ -1,6 +1,6 @@
 """Helpers for tests that need the real checkpoints' key sets without their weights.
 
-The manifests in ../shared/reference/checkpoints list the exact tensor names and shapes of released files.
+The manifests in tests/data/checkpoints list the exact tensor names and shapes of released files.
 `header_only_safetensors` turns one into a valid safetensors file whose data region is a sparse hole, so a
 "12 GB" file costs a few kilobytes of disk and tools that read only the header see the real thing.
 """
@@ -9,19 +9,12 @@ import json
 import struct
 from pathlib import Path
 
-import pytest
-
-import kineflow
-
-MANIFEST_DIR = Path(kineflow.__file__).resolve().parent.parent / "shared" / "reference" / "checkpoints"
+MANIFEST_DIR = Path(__file__).resolve().parent / "data" / "checkpoints"
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I64": 8}
 
 
 def manifest(name: str) -> dict:
-    path = MANIFEST_DIR / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"reference manifest {path} is absent (../shared is not beside the repository)")
-    return json.loads(path.read_text())
+    return json.loads((MANIFEST_DIR / f"{name}.json").read_text())
 
 
 def manifest_shapes(name: str) -> dict[str, tuple[int, ...]]:

@@ -1,12 +1,9 @@
 """HunyuanVideo DiT: checkpoint layouts against the real key manifests, and numerical parity with diffusers."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-import kineflow
+from checkpoint_fixtures import manifest
 from kineflow.models.hunyuan_video_dit import (
     HunyuanVideoDiT,
     HunyuanVideoDiTConfig,
@@ -17,15 +14,11 @@ from kineflow.models.hunyuan_video_dit import (
 )
 from kineflow.runtime.errors import ModelFileError
 
-MANIFEST_DIR = Path(kineflow.__file__).resolve().parent.parent / "shared" / "reference" / "checkpoints"
 LAYOUTS = ("original", "comfy", "diffusers")
 
 
 def manifest_meta_state_dict(layout: str) -> dict:
-    path = MANIFEST_DIR / f"hunyuan_video_dit_{layout}.json"
-    if not path.is_file():
-        pytest.skip(f"checkpoint manifest {path} is absent (the ../shared reference folder is not checked out)")
-    tensors = json.loads(path.read_text())["tensors"]
+    tensors = manifest(f"hunyuan_video_dit_{layout}")["tensors"]
     return {k: torch.empty(v["shape"], device="meta") for k, v in tensors.items()}
 
 

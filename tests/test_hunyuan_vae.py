@@ -1,14 +1,11 @@
 """HunyuanVideo causal 3D VAE: checkpoint layouts, diffusers parity, frame arithmetic, tiling, previews."""
 
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-import kineflow
 from kineflow.models.hunyuan_video_vae import (
     HunyuanVideoVAE,
     HunyuanVideoVAEConfig,
@@ -24,7 +21,7 @@ from kineflow.models.hunyuan_video_vae import (
 )
 from kineflow.runtime.errors import KineFlowError
 
-MANIFESTS = Path(kineflow.__file__).parent.parent / "shared/reference/checkpoints"
+from checkpoint_fixtures import manifest
 
 
 @pytest.fixture(autouse=True)
@@ -60,10 +57,7 @@ def smooth_video(frames: int, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- checkpoint layouts
 @pytest.mark.parametrize("layout", ["original", "diffusers", "comfy"])
 def test_manifest_converts_to_exact_state_dict(layout):
-    manifest = MANIFESTS / f"hunyuan_video_vae_{layout}.json"
-    if not manifest.is_file():
-        pytest.skip(f"checkpoint manifest {manifest} is not present")
-    tensors = json.loads(manifest.read_text())["tensors"]
+    tensors = manifest(f"hunyuan_video_vae_{layout}")["tensors"]
     shapes = {key: entry["shape"] for key, entry in tensors.items()}
 
     detected = detect_layout(shapes)
