@@ -408,6 +408,16 @@ FAMILY_TITLES = {
 }
 
 
+def _torch_dtype(name: str, tensor: str) -> torch.dtype:
+    """The torch dtype of a header's dtype name (safetensors spelling, or torch's for pickled checkpoints)."""
+    if name in _SAFETENSORS_DTYPES:
+        return _SAFETENSORS_DTYPES[name]
+    found = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise ModelFileError(f"tensor {tensor!r} has dtype {name!r}, which KineFlow cannot load")
+    return found
+
+
 def require_family(path: str | os.PathLike, expected: str | tuple[str, ...]) -> tuple[Header, Detection]:
     """Read and detect a file, raising a clear error if it is not one of the expected families."""
     expected = (expected,) if isinstance(expected, str) else expected
@@ -428,11 +438,13 @@ def load_tensors(
     prefix: str = "",
     dtype: torch.dtype | None = None,
     keep_dtypes: tuple[torch.dtype, ...] = (),
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Load the tensors whose names start with `prefix` (prefix stripped), cast to `dtype` one tensor at a time.
 
     Casting per tensor keeps peak memory at one tensor above the result: no full-precision copy of the model
     is ever made. Tensors already in one of `keep_dtypes` (e.g. fp8 storage) are kept as they are.
+    With `device="meta"` nothing beyond the header is read: the tensors are shapes and dtypes only (dry runs).
     """
     path = header.path
 
@@ -441,6 +453,9 @@ def load_tensors(
             return t
         return t.to(dtype)
 
+    if torch.device(device).type == "meta":
+        return {name[len(prefix):]: cast(torch.empty(info.shape, dtype=_torch_dtype(info.dtype, name), device="meta"))
+                for name, info in header.tensors.items() if name.startswith(prefix)}
     out: dict[str, torch.Tensor] = {}
     files = _folder_weight_files(path) if path.is_dir() else [path]
     for f in files:

@@ -92,12 +92,13 @@ class HunyuanTextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """Conditioning for one prompt or a batch: text_states [B, text_length, D], text_mask [B, text_length],
-        text_states_2 [B, D_clip]."""
+        text_states_2 [B, D_clip]. The states are on the encoders' device; the mask, token bookkeeping from the
+        tokenizer, stays on the CPU."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         llama_device = next(self.llama.parameters()).device
         ids, mask = self.llama_tokenizer.encode([self.template.replace("{}", p) for p in prompts], self.max_length)
-        ids, mask = ids.to(llama_device), mask.to(llama_device)
-        states = self.llama(ids, mask, output_hidden_layer=-(self.hidden_state_skip_layer + 1))
+        states = self.llama(ids.to(llama_device), mask.to(llama_device),
+                            output_hidden_layer=-(self.hidden_state_skip_layer + 1))
         if self.apply_final_norm and self.hidden_state_skip_layer > 0:
             states = self.llama.model.norm(states)
         clip_device = next(self.clip.parameters()).device
@@ -138,7 +139,7 @@ def _load(path, family, module, model_class, dtype, device):
     config = _llama_config(shapes, Path(path)) if family == "llama_text" else module.config_from_state_dict(shapes)
     with torch.device("meta"):
         model = model_class(config)
-    sd = module.convert_state_dict(load_tensors(header, prefix=tower, dtype=dtype))
+    sd = module.convert_state_dict(load_tensors(header, prefix=tower, dtype=dtype, device=device))
     missing = sorted(set(model.state_dict()) - set(sd))
     unexpected = sorted(set(sd) - set(model.state_dict()))
     if missing or unexpected:

@@ -413,18 +413,19 @@ class HunyuanVideoDiT(nn.Module):
             vec = vec + self.guidance_in(guidance, dtype)
         vec_act = F.silu(vec)
 
-        # Text: masked mean for the refiner's conditioning, then drop trailing all-padding columns.
+        # Text: masked mean for the refiner's conditioning, then drop trailing all-padding columns. The decisions
+        # read the mask where it lives (the CPU, as the text encoders give it: no device sync, and known values
+        # in a dry run on `meta`); the arithmetic uses a copy on the compute device.
         if text_mask is None:
-            valid = torch.ones(text_states.shape[:2], dtype=torch.bool, device=x.device)
-        else:
-            valid = text_mask.to(x.device).bool()
-        counts = valid.sum(dim=1, keepdim=True)
+            text_mask = torch.ones(text_states.shape[:2], dtype=torch.bool)
+        counts = text_mask.bool().sum(dim=1, keepdim=True)
         if bool((counts == 0).any()):
             raise KineFlowError("text_mask marks no token as valid for some batch item; expected at least one")
-        pooled = ((text_states.float() * valid[..., None]).sum(dim=1) / counts).to(dtype)
-        keep = int(valid.any(dim=0).nonzero().max()) + 1
+        keep = int(text_mask.bool().any(dim=0).nonzero().max()) + 1
+        all_valid = bool(text_mask[:, :keep].bool().all())
+        valid = text_mask.to(x.device).bool()
+        pooled = ((text_states.float() * valid[..., None]).sum(dim=1) / counts.to(x.device)).to(dtype)
         text_states, valid = text_states[:, :keep], valid[:, :keep]
-        all_valid = bool(valid.all())
         refiner_mask = None if all_valid else valid.clone()
         if refiner_mask is not None:
             refiner_mask[:, 0] = True  # as the original: a query never sees an empty key set

@@ -231,14 +231,16 @@ class SDVAE(nn.Module):
 
     def decode_frames(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
         """Scaled latents [B, 4, F, h, w] -> video [B, 3, F, 8h, 8w] in -1..1, decoding `batch` frames at a time
-        so peak memory is bounded by the batch, not the clip length."""
+        so peak memory is bounded by the batch, not the clip length. Decoded frames are gathered in CPU memory
+        (shapes-only `meta` latents give a `meta` video)."""
         if latents.ndim != 5:
             raise KineFlowError(f"expected video latents [B, 4, F, h, w], found shape {list(latents.shape)}")
         b, _, f, h, w = latents.shape
         flat = latents.transpose(1, 2).flatten(0, 1)
-        out = torch.empty(b * f, self.config.in_channels, h * self.config.downscale, w * self.config.downscale)
+        out = torch.empty(b * f, self.config.in_channels, h * self.config.downscale, w * self.config.downscale,
+                          device="meta" if latents.is_meta else "cpu")
         for i in range(0, len(flat), max(1, batch)):
-            out[i : i + batch] = self.decode_latents(flat[i : i + batch]).cpu()
+            out[i : i + batch] = self.decode_latents(flat[i : i + batch]).to(out.device)
         return out.unflatten(0, (b, f)).transpose(1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

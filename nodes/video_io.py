@@ -64,9 +64,8 @@ class KineFlowSaveVideo:
             if prompt is not None:
                 metadata["prompt"] = prompt
             metadata.update(extra_pnginfo or {})
-        path, subfolder, filename = media.next_output_path(host.output_dir(), filename_prefix, format)
-        media.write_video(images, path, frame_rate, format, quality, loop_count, metadata)
-        result = {"filename": filename, "subfolder": subfolder, "type": "output", "format": media.MIME_TYPES[format]}
+        path, result = media.save_video(images, host.output_dir(), filename_prefix, format, frame_rate, quality,
+                                        loop_count, metadata)
         # The frontend shows animated results in a <video> element unless the name contains webp/png,
         # so a gif is reported as a still image result, which the browser animates in an <img>.
         return {"ui": {"images": [result], "animated": (format != "gif",)}, "result": (str(path),)}

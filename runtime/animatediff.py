@@ -199,20 +199,22 @@ class SDTextEncoder:
 # --------------------------------------------------------------------------- loaders
 def _build_unet(header, det, dtype, device) -> unet_mod.SD15UNet:
     prefix = unet_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix
-    sd = unet_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype), det.layout)
+    sd = unet_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, device=device),
+                                  det.layout)
     config = unet_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    return load_into_meta_model(unet_mod.SD15UNet, config, sd, dtype).to(device)
+    return load_into_meta_model(unet_mod.SD15UNet, config, sd, dtype, device=device)
 
 
 def _build_vae(header, det, dtype, device) -> SDVideoVAE:
     prefix = vae_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix
-    sd = vae_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype), det.layout)
+    sd = vae_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, device=device),
+                                 det.layout)
     config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
     if config.downscale != SD15_LATENT.spatial_ratio or config.z_channels != SD15_LATENT.channels:
         raise ModelFileError(
             f"{header.path.name!r} is a VAE with {config.z_channels} latent channels at 1/{config.downscale} size; "
             f"SD1.5 latents have {SD15_LATENT.channels} channels at 1/{SD15_LATENT.spatial_ratio} size")
-    vae = load_into_meta_model(vae_mod.SDVAE, config, sd, dtype).to(device)
+    vae = load_into_meta_model(vae_mod.SDVAE, config, sd, dtype, device=device)
     return SDVideoVAE(vae=vae, dtype=dtype, source=str(header.path))
 
 
@@ -282,9 +284,9 @@ def load_motion_module(name: str, dtype_name: str = "auto") -> MotionModuleHandl
     header, det = checkpoints.require_family(path, "animatediff_motion_module")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    sd = ad.convert_state_dict(checkpoints.load_tensors(header, dtype=dtype), det.layout, det.prefix)
+    sd = ad.convert_state_dict(checkpoints.load_tensors(header, dtype=dtype, device=device), det.layout, det.prefix)
     config = ad.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()}, version=det.version)
-    module = load_into_meta_model(ad.MotionModule, config, sd, dtype).to(device)
+    module = load_into_meta_model(ad.MotionModule, config, sd, dtype, device=device)
     return MotionModuleHandle(module=module, source=str(path))
 
 
@@ -306,7 +308,7 @@ def apply_motion_lora(motion: MotionModuleHandle, lora_name: str, strength: floa
     if strength == 0.0:
         return motion
     module = copy.deepcopy(motion.module)
-    ad.apply_motion_lora(module, checkpoints.load_tensors(header), strength)
+    ad.apply_motion_lora(module, checkpoints.load_tensors(header, device=host.compute_device()), strength)
     return MotionModuleHandle(module=module, source=motion.source, loras=(*motion.loras, (str(path), float(strength))))
 
 
@@ -320,6 +322,6 @@ def apply_domain_adapter(model: SD15VideoModel, adapter_name: str, strength: flo
     if strength == 0.0:
         return model
     unet = copy.deepcopy(model.unet)
-    ad.merge_unet_lora(unet, checkpoints.load_tensors(header), strength)
+    ad.merge_unet_lora(unet, checkpoints.load_tensors(header, device=host.compute_device()), strength)
     return replace(model, unet=unet)
 

@@ -59,13 +59,28 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="folder for outputs (default ./output)")
     parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
     parser.add_argument("--input-dir", help="folder for input media referenced by name (default ./input)")
+    parser.add_argument("--device", help="compute device: cpu, cuda, cuda:N, mps, or meta for a dry run that "
+                                         "reads only file headers, writes nothing and prints each node's output "
+                                         "shapes and the device memory the run needs (default $KINEFLOW_DEVICE, "
+                                         "else the best available)")
 
 
 def _run(args: argparse.Namespace, ctx: Context) -> int:
+    from . import host
+
     start = time.monotonic()
-    results = run_workflow(args.file, overrides=args.overrides, node_classes=ctx.node_classes,
-                           output_dir=args.output_dir, models_dir=args.models_dir, input_dir=args.input_dir,
-                           progress_stream=ctx.stderr)
+    device = host.parse_device(args.device) if args.device else None
+    options = dict(overrides=args.overrides, node_classes=ctx.node_classes, output_dir=args.output_dir,
+                   models_dir=args.models_dir, input_dir=args.input_dir, device=device, progress_stream=ctx.stderr)
+    if (device or host.compute_device()).type == "meta":
+        from .plan import dry_run
+
+        with dry_run() as plan:
+            results = run_workflow(args.file, observe=plan.observe, **options)
+        ctx.stdout.write(plan.report(results))
+        ctx.stderr.write(f"dry run: {len(results)} nodes in {time.monotonic() - start:.1f}s\n")
+        return EXIT_OK
+    results = run_workflow(args.file, **options)
     for node_id, result in results.items():
         if result["ui"]:
             ctx.stdout.write(f"node {node_id}: {json.dumps(result['ui'], default=str)}\n")

@@ -11,6 +11,7 @@ the outputs of every node whose key is unchanged; IS_CHANGED returning NaN (or r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -205,8 +206,11 @@ def _call_node(obj, cls, kwargs: dict):
 
 
 def execute(prompt: dict, node_classes: dict, *, extra_pnginfo=None, cache: OutputCache | None = None,
-            progress_stream=None) -> dict[str, dict]:
+            progress_stream=None, observe=None) -> dict[str, dict]:
     """Run a validated API prompt; returns {node_id: {"ui": ui dict or None, "outputs": tuple}}.
+
+    `observe(node_id, class_type)`, when given, is a context manager entered around each node that runs (a dry
+    run measures memory with it, see runtime/plan.py).
 
     Interruption is checked before every node (host.check_interrupt). On interruption the partially
     finished node leaves nothing in the cache, the interrupt flag is cleared, and InterruptedRun propagates.
@@ -242,7 +246,8 @@ def execute(prompt: dict, node_classes: dict, *, extra_pnginfo=None, cache: Outp
             kwargs.update(_hidden_inputs(cls, prompt, node_id, extra_pnginfo))
             start = time.monotonic()
             try:
-                outputs, ui = _call_node(cache.instance(node_id, class_type, cls), cls, kwargs)
+                with observe(node_id, class_type) if observe is not None else contextlib.nullcontext():
+                    outputs, ui = _call_node(cache.instance(node_id, class_type, cls), cls, kwargs)
             except (InterruptedRun, KeyboardInterrupt):
                 raise
             except Exception as exc:
@@ -287,15 +292,17 @@ def prepare_prompt(source, *, overrides=(), node_classes: dict) -> tuple[dict, d
 
 
 def run_workflow(source, *, overrides=(), node_classes: dict | None = None, output_dir=None, models_dir=None,
-                 input_dir=None, cache: OutputCache | None = None, progress_stream=None) -> dict[str, dict]:
+                 input_dir=None, device=None, cache: OutputCache | None = None, progress_stream=None,
+                 observe=None) -> dict[str, dict]:
     """Load, convert, validate and execute a workflow; raises WorkflowInvalid listing every problem."""
     if node_classes is None:
         from .. import NODE_CLASS_MAPPINGS
 
         node_classes = NODE_CLASS_MAPPINGS
-    host.configure(models_dir=models_dir, output_dir=output_dir, input_dir=input_dir)
+    host.configure(models_dir=models_dir, output_dir=output_dir, input_dir=input_dir, device=device)
     prompt, extra_pnginfo, errors = prepare_prompt(source, overrides=overrides, node_classes=node_classes)
     if errors:
         raise WorkflowInvalid(errors)
     return execute(prompt, node_classes, extra_pnginfo=extra_pnginfo,
-                   cache=cache if cache is not None else _DEFAULT_CACHE, progress_stream=progress_stream)
+                   cache=cache if cache is not None else _DEFAULT_CACHE, progress_stream=progress_stream,
+                   observe=observe)

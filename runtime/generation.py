@@ -76,6 +76,20 @@ def _batched(cond: dict, batch: int) -> dict:
             for k, v in cond.items()}
 
 
+def _on(device: torch.device, values: dict) -> dict:
+    """The floating-point tensors of a keyword dict moved to `device` (once per sampling run, not per step).
+
+    Integer and boolean tensors (token masks) stay where the text encoder put them, on the CPU: models take
+    their control-flow decisions (how many tokens to keep) from them without a device sync."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in values.items()}
+
+
+def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """Node outputs live on the CPU between nodes (ComfyUI's convention); a dry run's `meta` tensors stay shapes."""
+    return tensor if tensor.is_meta else tensor.cpu()
+
+
 # --------------------------------------------------------------------------- sampling
 def sample_video(
     model,
@@ -101,14 +115,20 @@ def sample_video(
             f"Use an Empty Video Latent with latent_format {fmt.name!r} or a VAE Encode of the same family."
         )
     batch = samples.shape[0]
-    noise = seeded_noise(samples.shape, seed)
+    device = host.compute_device()
+    # Noise is drawn on the CPU from the seed (one seed, one video on every device), then moved.
+    noise = seeded_noise(samples.shape, seed, device=device)
     sigmas = model.sigmas(steps, shift, denoise, scheduler)
-    start = samples.float() if denoise < 1.0 else None
+    if noise.is_meta and len(sigmas) > 3:
+        # A dry run: every step has the same shapes, so the first two (the second uses a multistep sampler's
+        # history) and the last show the memory of all of them.
+        sigmas = torch.cat([sigmas[:2], sigmas[-2:]])
+    start = samples.to(device=device, dtype=torch.float32) if denoise < 1.0 else None
 
-    positive = model.net_kwargs(_batched(conditioning["positive"], batch), embedded_guidance, batch)
+    positive = _on(device, model.net_kwargs(_batched(conditioning["positive"], batch), embedded_guidance, batch))
     negative = None
     if conditioning.get("negative") is not None:
-        negative = model.net_kwargs(_batched(conditioning["negative"], batch), embedded_guidance, batch)
+        negative = _on(device, model.net_kwargs(_batched(conditioning["negative"], batch), embedded_guidance, batch))
     denoiser = make_cfg_denoiser(model.model_sampling.wrap(model.net_fn), positive, negative, cfg)
     if context is not None:
         denoiser = context_window_denoiser(denoiser, context)
@@ -117,14 +137,14 @@ def sample_video(
 
     def callback(step, total, x, denoised):
         preview = None
-        if bar.shows_previews:
+        if bar.shows_previews and not denoised.is_meta:
             rgb = latent_preview_rgb(denoised, *model.preview_factors)
             preview = Image.fromarray((rgb.cpu().numpy() * 255).astype(np.uint8))
         bar.update(1, preview=preview)
 
     out = sample(model.model_sampling, denoiser, noise, sigmas, sampler_name, start,
                  generator=step_generators(seed, batch), callback=callback)
-    return {"samples": out, "latent_format": fmt.name}
+    return {"samples": to_cpu(out), "latent_format": fmt.name}
 
 
 # --------------------------------------------------------------------------- VAE
@@ -163,7 +183,7 @@ def decode_video(vae, latent: dict, tiling) -> torch.Tensor:
     device = host.compute_device()
     with torch.inference_mode():
         video = vae.decode(samples.to(device), tiling, _vae_budget(device), _vae_progress("VAE decode"))
-    frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)  # [B, 3, F, H, W]
+    frames = ((to_cpu(video.float()) + 1.0) / 2.0).clamp(0, 1)  # [B, 3, F, H, W]
     return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3).contiguous()
 
 
@@ -180,4 +200,4 @@ def encode_video(vae, images: torch.Tensor, tiling) -> dict:
     device = host.compute_device()
     with torch.inference_mode():
         latents = vae.encode(video.to(device), tiling, _vae_budget(device), _vae_progress("VAE encode"))
-    return {"samples": latents.float().cpu(), "latent_format": fmt.name}
+    return {"samples": to_cpu(latents.float()), "latent_format": fmt.name}

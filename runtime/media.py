@@ -87,11 +87,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, ext: str) -> tuple[Path, str, str]:
+def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, ext: str,
+                     create: bool = True) -> tuple[Path, str, str]:
     """Next free `<prefix>_<00001>_.<ext>` in `output_dir` (ComfyUI's naming); returns (path, subfolder, filename).
 
-    The prefix may contain sub-folders ("videos/run"); they are created. The counter is one more than the
-    highest counter of any file with the same prefix, whatever its extension, as ComfyUI does.
+    The prefix may contain sub-folders ("videos/run"); they are created unless `create` is False (a dry run).
+    The counter is one more than the highest counter of any file with the same prefix, whatever its extension,
+    as ComfyUI does.
     """
     ext = ext.lstrip(".")
     prefix = filename_prefix.strip().replace("\\", "/")
@@ -106,9 +108,10 @@ def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, ext: s
             f"filename_prefix {filename_prefix!r} points outside the output folder {root}; "
             f"use a relative prefix such as 'videos/KineFlow'."
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(name) + r"_(\d+)_")
-    counters = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+    counters = [int(m.group(1)) for f in (os.listdir(folder) if folder.is_dir() else ()) if (m := pattern.match(f))]
     filename = f"{name}_{max(counters, default=0) + 1:05d}_.{ext}"
     return folder / filename, Path(subfolder).as_posix() if subfolder else "", filename
 
@@ -180,6 +183,20 @@ def write_video(
         else:
             _write_pillow_animation(frames, tmp, fps, fmt, quality, loop, metadata)
     return path
+
+
+def save_video(frames: torch.Tensor, output_dir: str | os.PathLike, filename_prefix: str, fmt: str, fps: float,
+               quality: int = 80, loop: int = 0, metadata: dict[str, Any] | None = None) -> tuple[Path, dict]:
+    """Save Video's work: encode `frames` to the next free output name; returns (path, the UI result entry).
+
+    In a dry run (`meta` frames: shapes without data) the name is chosen and reported, and nothing is written."""
+    dry_run = frames.is_meta
+    path, subfolder, filename = next_output_path(output_dir, filename_prefix, fmt, create=not dry_run)
+    if dry_run:
+        check_frames(frames)
+        return path, {"filename": filename, "subfolder": subfolder, "type": "dry_run", "format": MIME_TYPES[fmt]}
+    write_video(frames, path, fps, fmt, quality, loop, metadata)
+    return path, {"filename": filename, "subfolder": subfolder, "type": "output", "format": MIME_TYPES[fmt]}
 
 
 def _write_av(frames: torch.Tensor, path: Path, fps: float, fmt: str, quality: int, metadata: dict | None) -> None:

@@ -40,12 +40,14 @@ def cast_linear_weights_fp8(module: nn.Module, compute_dtype: torch.dtype) -> nn
     return module
 
 
-def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype, fp8: bool = False) -> nn.Module:
-    """Build `model_cls(config)` on the meta device and assign `state_dict` (internal layout) into it.
+def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype, fp8: bool = False,
+                         device: torch.device | str = "cpu") -> nn.Module:
+    """Build `model_cls(config)` on the meta device, assign `state_dict` (internal layout) into it and move it to
+    `device` (in eval mode, without gradients).
 
     Each tensor is converted once, straight to its final dtype (`dtype`, or float8_e4m3fn for nn.Linear weights
     when `fp8`), so no full-precision copy of the model ever exists. Raises ModelFileError on missing or
-    unexpected keys or mismatched shapes."""
+    unexpected keys or mismatched shapes. On `device="meta"` (a dry run) the state dict holds shapes only."""
     with torch.device("meta"):
         model = model_cls(config)
     fp8_keys = set()
@@ -75,7 +77,9 @@ def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype
     model.load_state_dict(converted, strict=True, assign=True)
     if fp8:
         cast_linear_weights_fp8(model, dtype)
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_meta:
-            raise ModelFileError(f"{model_cls.__name__}: {name} was not filled from the weights (still on meta)")
-    return model.eval().requires_grad_(False)
+    device = torch.device(device)
+    if device.type != "meta":
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if tensor.is_meta:
+                raise ModelFileError(f"{model_cls.__name__}: {name} was not filled from the weights (still on meta)")
+    return model.to(device).eval().requires_grad_(False)

@@ -131,11 +131,8 @@ class HunyuanVideoModel:
         return flow_sigmas(steps, shift, denoise)
 
     def net_fn(self, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
-        device = host.compute_device()
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with torch.inference_mode():
-            out = self.net(x.to(device), timestep.to(device), **kwargs)
-        return out.float()
+            return self.net(x, timestep, **kwargs).float()
 
 
 def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = False) -> HunyuanVideoModel:
@@ -144,11 +141,11 @@ def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = 
     device = host.compute_device()
     dtype = resolve_dtype(weight_dtype, device)
     raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype,
-                                   keep_dtypes=(torch.float8_e4m3fn,) if fp8 else ())
+                                   keep_dtypes=(torch.float8_e4m3fn,) if fp8 else (), device=device)
     sd = dit_mod.convert_state_dict(raw, det.layout)
     del raw
     config = dit_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    net = load_into_meta_model(dit_mod.HunyuanVideoDiT, config, sd, dtype, fp8=fp8).to(device).eval()
+    net = load_into_meta_model(dit_mod.HunyuanVideoDiT, config, sd, dtype, fp8=fp8, device=device)
     return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), preview_factors=_preview_factors(header))
 
 
@@ -190,7 +187,7 @@ def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
     header, det = checkpoints.require_family(path, "hunyuan_video_vae")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype)
+    raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype, device=device)
     sd = vae_mod.convert_state_dict(raw, det.layout)
     del raw
     config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
@@ -199,7 +196,7 @@ def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
                  if key in header.metadata}
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    vae = load_into_meta_model(vae_mod.HunyuanVideoVAE, config, sd, dtype).to(device).eval()
+    vae = load_into_meta_model(vae_mod.HunyuanVideoVAE, config, sd, dtype, device=device)
     return VideoVAE(vae=vae, dtype=dtype, source=str(path))
 
 

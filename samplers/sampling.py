@@ -68,7 +68,7 @@ class FlowMatching:
 
     def wrap(self, net_fn: Callable[..., torch.Tensor]) -> Denoiser:
         def denoiser(x: torch.Tensor, sigma: torch.Tensor, **net_kwargs) -> torch.Tensor:
-            velocity = net_fn(x, self.timestep(sigma), **net_kwargs).to(x.dtype)
+            velocity = net_fn(x, self.timestep(sigma).to(x.device), **net_kwargs).to(x.dtype)
             return x - _per_sample(sigma, x) * velocity
 
         return denoiser
@@ -83,7 +83,7 @@ class _Discrete(ABC):
         self.schedule = schedule if schedule is not None else DiscreteSchedule()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self.schedule.timestep(sigma.detach().cpu()).to(device=sigma.device, dtype=torch.float32)
+        return self.schedule.timestep(sigma.detach().cpu()).to(dtype=torch.float32)
 
     def noise_scaling(self, sigma: float, noise: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
         """Starting point at `sigma`. Without a latent: pure noise of the DDPM (x_vp = ε), i.e. sqrt(1+σ²)·ε
@@ -101,7 +101,7 @@ class _Discrete(ABC):
         def denoiser(x: torch.Tensor, sigma: torch.Tensor, **net_kwargs) -> torch.Tensor:
             s = _per_sample(sigma, x)
             c_in = 1.0 / (s * s + 1.0).sqrt()
-            output = net_fn(x * c_in, self.timestep(sigma), **net_kwargs).to(x.dtype)
+            output = net_fn(x * c_in, self.timestep(sigma).to(x.device), **net_kwargs).to(x.dtype)
             return self._output_to_x0(x, s, output)
 
         return denoiser
@@ -132,7 +132,10 @@ def _steps(sigmas: torch.Tensor) -> list[tuple[float, float]]:
 
 
 def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+    """The per-sample σ [B] handed to the denoiser. It stays a CPU float32 tensor: samplers do their own
+    arithmetic on Python floats, the parametrisations move σ to the latent's device where it meets the latent
+    (`_per_sample`), and timesteps are computed from known values, which a dry run on `meta` needs."""
+    return torch.full((x.shape[0],), sigma, dtype=torch.float32)
 
 
 def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None):
