@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..runtime.errors import ModelFileError
+from ..errors import ModelFileError
 from . import checkpoints
 from .sd15_unet import Attention, FeedForward, SD15UNet, diffusers_module_to_ldm
 

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..runtime.errors import ModelFileError
+from ..errors import ModelFileError
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")

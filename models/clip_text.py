@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.errors import ModelFileError
+from ..errors import ModelFileError
 
 # Every OpenAI/OpenCLIP text tower (B, L, H, G, bigG) uses 64-wide attention heads; shapes alone cannot
 # tell the head count, so config_from_state_dict relies on this.

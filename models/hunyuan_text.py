@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..runtime.errors import KineFlowError, ModelFileError
+from ..errors import KineFlowError, ModelFileError
 from . import clip_text, llama_text
 from .clip_text import CLIPTextModel
 from .llama_text import LlamaTextEncoder

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime.errors import KineFlowError, ModelFileError
+from ..errors import KineFlowError, ModelFileError
 
 # --------------------------------------------------------------------------- config
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.errors import KineFlowError, ModelFileError
+from ..errors import KineFlowError, ModelFileError
 
 HUNYUAN_VAE_SCALING_FACTOR = 0.476986
 Layout = Literal["original", "diffusers", "comfy"]

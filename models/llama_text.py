@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.errors import ModelFileError
+from ..errors import ModelFileError
 from .clip_text import attention_mask_4d
 
 # LLaMA-family checkpoints use 128-wide heads; shapes alone cannot tell the head count, so

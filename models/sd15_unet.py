@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.errors import ModelFileError
+from ..errors import ModelFileError
 
 LDM_PREFIX = "model.diffusion_model."
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.errors import KineFlowError, ModelFileError
+from ..errors import KineFlowError, ModelFileError
 from .hunyuan_video_vae import LatentDistribution
 
 LDM_PREFIX = "first_stage_model."

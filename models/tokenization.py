@@ -22,7 +22,7 @@ import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from ..runtime.errors import InputFileError, ModelFileError
+from ..errors import InputFileError, ModelFileError
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 CLIP_L_TOKENIZER_FILE = VOCAB_DIR / "clip_l" / "tokenizer.json"

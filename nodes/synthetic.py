@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..training import dataset
+from ..shapes import dataset
 
 
 class KineFlowShapesVideo:

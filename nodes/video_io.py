@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..runtime import host, media
-from ..runtime.errors import InputFileError
+from ..errors import InputFileError
 
 
 def _chosen_file(choice, override=""):

@@ -28,7 +28,7 @@ from ..models.tokenization import TextTokenizer, clip_l_tokenizer
 from ..samplers.sampling import DiscreteEpsilon, DiscreteV
 from ..samplers.schedules import DiscreteSchedule, discrete_sigmas
 from . import host
-from .errors import KineFlowError, ModelFileError
+from ..errors import KineFlowError, ModelFileError
 from .memory import load_into_meta_model
 from .video_models import SD15_LATENT, LatentFormat, resolve_dtype
 

@@ -17,8 +17,14 @@ import time
 import traceback
 from typing import Callable, NamedTuple
 
-from .errors import InputFileError, InterruptedRun, KineFlowError
-from .executor import NodeExecutionError, WorkflowInvalid, execution_order, prepare_prompt, run_workflow
+from ..errors import InputFileError, InterruptedRun, KineFlowError
+from .executor import (
+    NodeExecutionError,
+    WorkflowInvalid,
+    execution_order,
+    prepare_prompt,
+    run_workflow,
+)
 from .validation import declared_inputs, format_error
 
 EXIT_OK = 0
@@ -146,8 +152,8 @@ def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace, ctx: Context) -> int:
+    from ..errors import ModelFileError
     from ..models.checkpoints import inspect_file
-    from .errors import ModelFileError
 
     try:
         info = inspect_file(args.file)
@@ -211,8 +217,9 @@ def _convert(args: argparse.Namespace, ctx: Context) -> int:
 
 # --------------------------------------------------------------------------- eval
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.tiny_models import SHIPPED_NAMES
-    from .evaluation import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, DEFAULT_SIZE
+    from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
+    from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
+    from .evaluation import DEFAULT_SIZE
 
     parser.add_argument("--family", choices=("hunyuan_video", "animatediff"), default="hunyuan_video",
                         help="model family to generate with (default hunyuan_video)")

@@ -1,4 +1,4 @@
-"""`kineflow eval`: generate a video per prompt and score it with the analytic judge (training/judge.py).
+"""`kineflow eval`: generate a video per prompt and score it with the analytic judge (shapes/judge.py).
 
 Prompts come from a file (one per line; their expected attributes are parsed from the words) or from the
 built-in held-out set (colour x shape x direction x background combinations never seen together in training,
@@ -18,18 +18,17 @@ from pathlib import Path
 
 import torch
 
-from ..training.dataset import clip_tensor, frames_to_render
-from ..training.judge import ATTRIBUTES, judge, score
-from ..training.prompts import expected_from_spec, heldout_prompts, parse_prompt
-from ..training.tiny_models import SHIPPED_NAMES
+from ..errors import InputFileError, KineFlowError
+from ..shapes.dataset import clip_tensor, frames_to_render
+from ..shapes.judge import ATTRIBUTES, judge, score
+from ..shapes.prompts import expected_from_spec, heldout_prompts, parse_prompt
+from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
+from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
 from . import generation, host
-from .errors import InputFileError, KineFlowError
 from .media import write_video
 from .video_models import load_text_encoders, load_video_model, load_video_vae
 
 # What the AnimateDiff trainer ships (training/train_animatediff.py NAMES, folder-relative).
-ANIMATEDIFF_CHECKPOINT = "kineflow_tiny_sd15.safetensors"
-ANIMATEDIFF_MOTION_MODULE = "kineflow_tiny_mm.safetensors"
 # Frames per family by default: 9 (1 + 4k for the 4x temporal VAE) and AnimateDiff's 16-frame clips.
 DEFAULT_FRAMES = {"hunyuan_video": 9, "animatediff": 16}
 # The size each shipped tiny model was trained at (the dataset draws shapes in fractions of the frame).

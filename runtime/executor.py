@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import host
-from .errors import InputFileError, InterruptedRun, KineFlowError
+from ..errors import InputFileError, InterruptedRun, KineFlowError
 from .validation import format_error, is_link, validate_prompt
 from .workflow import apply_overrides, detect_format, load_workflow, ui_to_api
 

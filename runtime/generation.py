@@ -16,7 +16,7 @@ from ..samplers.guidance import make_cfg_denoiser
 from ..samplers.noise import seeded_noise, step_generators
 from ..samplers.sampling import SAMPLERS, sample
 from . import host
-from .errors import KineFlowError
+from ..errors import KineFlowError
 from .video_models import LATENT_FORMATS, LatentFormat, latent_preview_rgb
 
 SAMPLER_NAMES = list(SAMPLERS)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputFileError, InterruptedRun, ModelFileError
+from ..errors import InputFileError, InterruptedRun, ModelFileError
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 # Weights shipped with the pack (the tiny default models). Searched in both modes, after the user's folders.

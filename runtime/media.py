@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from . import host
-from .errors import InputFileError, KineFlowError
+from ..errors import InputFileError, KineFlowError
 
 VIDEO_FORMATS = ("mp4", "webm", "gif", "webp")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".gif", ".webp")

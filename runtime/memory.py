@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 FP8_DTYPE = torch.float8_e4m3fn
 

@@ -24,7 +24,7 @@ from ..models.hunyuan_text import HunyuanTextEncoder, load_hunyuan_text_encoder
 from ..samplers.sampling import FlowMatching
 from ..samplers.schedules import flow_sigmas
 from . import host
-from .errors import KineFlowError
+from ..errors import KineFlowError
 from .memory import load_into_meta_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

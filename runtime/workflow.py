@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import InputFileError
+from ..errors import InputFileError
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_NESTING_DEPTH = 100

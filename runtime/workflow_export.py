@@ -18,7 +18,7 @@ API ids that are positive integers are kept, so converting back gives the same i
 
 from __future__ import annotations
 
-from .errors import InputFileError
+from ..errors import InputFileError
 from .workflow import detect_format, widget_slots
 
 LITEGRAPH_VERSION = 0.4

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 
 SCHEDULES = ("uniform", "static", "looped")
 FUSE_METHODS = ("pyramid", "flat", "overlap-linear")

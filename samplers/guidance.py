@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 
 Denoiser = Callable[..., torch.Tensor]
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 
 _U64 = (1 << 64) - 1
 

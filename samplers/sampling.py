@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 from .noise import draw_noise
 from .schedules import DiscreteSchedule, describe, is_valid_schedule
 

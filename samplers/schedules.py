@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "sqrt_linear")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

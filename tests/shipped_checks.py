@@ -8,8 +8,8 @@ import torch
 
 from kineflow.runtime.evaluation import EvalSettings
 from kineflow.runtime.executor import OutputCache, run_workflow
-from kineflow.training.judge import judge, score
-from kineflow.training.prompts import parse_prompt
+from kineflow.shapes.judge import judge, score
+from kineflow.shapes.prompts import parse_prompt
 
 
 def workflow_settings(nodes: dict) -> EvalSettings:

@@ -8,7 +8,7 @@ from torch import nn
 from checkpoint_fixtures import manifest_shapes
 from kineflow.models import animatediff as ad
 from kineflow.models import sd15_unet as su
-from kineflow.runtime.errors import ModelFileError
+from kineflow.errors import ModelFileError
 
 RELEASES = [("animatediff_mm_sd_v15_v1", "v1", 24), ("animatediff_mm_sd_v15_v2", "v2", 32), ("animatediff_v3_sd15_mm", "v3", 32)]
 

@@ -20,7 +20,7 @@ from kineflow.models.hunyuan_video_vae import TilingOptions
 from kineflow.nodes.animatediff import KineFlowApplyMotionModule, KineFlowLoadMotionLoRA
 from kineflow.runtime import animatediff as ad_runtime
 from kineflow.runtime import cli, host
-from kineflow.runtime.errors import KineFlowError
+from kineflow.errors import KineFlowError
 from kineflow.runtime.executor import OutputCache, run_workflow
 from kineflow.samplers.sampling import DiscreteV
 from kineflow.training import tiny_sd

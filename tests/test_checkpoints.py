@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from checkpoint_fixtures import header_only_safetensors, manifest, manifest_shapes
 from kineflow.models import checkpoints
-from kineflow.runtime.errors import ModelFileError
+from kineflow.errors import ModelFileError
 
 EXPECTED = {
     "hunyuan_video_dit_original": ("hunyuan_video_dit", "original", "t2v"),

@@ -4,7 +4,7 @@ fusion is a normalised weighted average, and the inner denoiser never sees more 
 import pytest
 import torch
 
-from kineflow.runtime.errors import KineFlowError
+from kineflow.errors import KineFlowError
 from kineflow.samplers import sampling, schedules
 from kineflow.samplers.context import (
     FUSE_METHODS,

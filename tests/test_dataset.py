@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kineflow.nodes.synthetic import KineFlowShapesVideo
-from kineflow.runtime.errors import KineFlowError
-from kineflow.training import dataset as D
+from kineflow.errors import KineFlowError
+from kineflow.shapes import dataset as D
 
 HELDOUT_MARKERS = ("there is ", "a clip of ", "backdrop:", "; ", "the background is ")
 
@@ -137,7 +137,7 @@ def test_extra_training_templates_read_back_and_keep_clear_of_the_heldout_wordin
     """The "extended" pool (training + extra templates) describes the same scene in more sentence shapes: every
     caption parses back to its spec, every extra template is used, and none borrows a held-out template's
     wording, so held-out prompts still measure phrasings the models never saw."""
-    from kineflow.training.prompts import expected_from_spec, parse_prompt
+    from kineflow.shapes.prompts import expected_from_spec, parse_prompt
 
     rng = np.random.default_rng(9)
     specs = _specs("train", 1500, seed=10, two_shape_prob=0.4)

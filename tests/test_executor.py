@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kineflow.runtime import host
-from kineflow.runtime.errors import InputFileError, InterruptedRun
+from kineflow.errors import InputFileError, InterruptedRun
 from kineflow.runtime.executor import (
     NodeExecutionError,
     OutputCache,

@@ -12,7 +12,7 @@ from kineflow.models.hunyuan_video_dit import (
     detect_layout,
     unwrap_checkpoint,
 )
-from kineflow.runtime.errors import ModelFileError
+from kineflow.errors import ModelFileError
 
 LAYOUTS = ("original", "comfy", "diffusers")
 
@@ -131,7 +131,7 @@ def test_padding_is_ignored_and_real_tokens_are_not():
 
 
 def test_guidance_is_required_for_the_distilled_model():
-    from kineflow.runtime.errors import KineFlowError
+    from kineflow.errors import KineFlowError
 
     model = HunyuanVideoDiT(HunyuanVideoDiTConfig.tiny()).eval()
     x, t, text, mask, pooled, _ = tiny_inputs(batch=1)

@@ -109,7 +109,7 @@ def test_vae_encode_then_partial_denoise_keeps_the_input(models_dir):
 
 
 def test_conditioning_from_another_family_is_a_clear_error(models_dir):
-    from kineflow.runtime.errors import KineFlowError
+    from kineflow.errors import KineFlowError
     from kineflow.runtime.video_models import load_video_model
 
     host.configure(models_dir=models_dir)

@@ -19,7 +19,7 @@ from kineflow.models.hunyuan_video_vae import (
     latent_frame_targets,
     latents_to_rgb_preview,
 )
-from kineflow.runtime.errors import KineFlowError
+from kineflow.errors import KineFlowError
 
 from checkpoint_fixtures import manifest
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from kineflow.runtime.errors import KineFlowError
-from kineflow.training import dataset as D
-from kineflow.training import judge as J
-from kineflow.training import prompts as P
+from kineflow.errors import KineFlowError
+from kineflow.shapes import dataset as D
+from kineflow.shapes import judge as J
+from kineflow.shapes import prompts as P
 
 
 def _blur(clip: np.ndarray, sigma: float) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kineflow.runtime import host, media
-from kineflow.runtime.errors import InputFileError, InterruptedRun, KineFlowError
+from kineflow.errors import InputFileError, InterruptedRun, KineFlowError
 
 
 def gradient_clip(frames=8, height=24, width=32):

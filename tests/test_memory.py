@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from kineflow.models.hunyuan_video_dit import HunyuanVideoDiT, HunyuanVideoDiTConfig
-from kineflow.runtime.errors import ModelFileError
+from kineflow.errors import ModelFileError
 from kineflow.runtime.memory import FP8_DTYPE, cast_linear_weights_fp8, load_into_meta_model
 
 

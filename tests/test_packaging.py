@@ -81,3 +81,34 @@ def test_runtime_requirements_leave_comfyui_core_packages_alone():
     listed = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
     offenders = {_requirement_name(r) for r in declared + listed} & COMFYUI_CORE_PACKAGES
     assert not offenders, f"installing the pack would change the host ComfyUI: {sorted(offenders)}"
+
+
+def _imported_packages(rel: Path) -> set[str]:
+    """The pack's own top-level packages a module imports (relative imports resolved)."""
+    found = set()
+    depth = len(rel.parts) - 1  # a module in models/ is one package below the root
+    for node in ast.walk(ast.parse((ROOT / rel).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            parts = list(rel.parts[:-1])[: max(0, depth - (node.level - 1))] + (node.module or "").split(".")
+            parts = [p for p in parts if p]
+            if parts:
+                found.add(parts[0])
+            elif node.level > depth:  # `from .. import x` at the root: a top-level module, or the node registry
+                found.update(a.name if (ROOT / a.name).exists() or (ROOT / f"{a.name}.py").exists() else "registry"
+                             for a in node.names)
+    return found
+
+
+def test_layers_import_only_downwards():
+    """models/ and samplers/ are pure torch (errors from the shared errors module); runtime/ never reaches into
+    training/ (the headless runner does load the node registry); the shapes world needs neither."""
+    allowed = {"models": {"models", "errors"}, "samplers": {"samplers", "errors"},
+               "shapes": {"shapes", "errors"},
+               "runtime": {"runtime", "models", "samplers", "shapes", "errors", "registry"}}
+    offenders = []
+    for package, ok in allowed.items():
+        for path in (ROOT / package).rglob("*.py"):
+            rel = path.relative_to(ROOT)
+            bad = _imported_packages(rel) - ok
+            offenders += [f"{rel} imports {sorted(bad)}"] if bad else []
+    assert not offenders, offenders

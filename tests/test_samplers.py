@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kineflow.runtime.errors import KineFlowError
+from kineflow.errors import KineFlowError
 from kineflow.samplers import guidance, noise, sampling, schedules
 
 ANIMATEDIFF_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="linear")

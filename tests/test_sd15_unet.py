@@ -8,7 +8,7 @@ from kineflow.models import checkpoints
 from kineflow.models.sd15_unet import (
     SD15UNet, SD15UNetConfig, config_from_state_dict, convert_state_dict, group_norm,
 )
-from kineflow.runtime.errors import ModelFileError
+from kineflow.errors import ModelFileError
 
 
 def test_full_model_matches_the_ldm_checkpoint_layout():

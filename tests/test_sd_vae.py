@@ -6,7 +6,7 @@ import torch
 from checkpoint_fixtures import manifest, manifest_shapes
 from kineflow.models import checkpoints
 from kineflow.models.sd_vae import SDVAE, SDVAEConfig, config_from_state_dict, convert_state_dict
-from kineflow.runtime.errors import KineFlowError, ModelFileError
+from kineflow.errors import KineFlowError, ModelFileError
 
 
 def test_full_model_matches_the_ldm_checkpoint_layout():

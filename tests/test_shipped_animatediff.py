@@ -9,14 +9,13 @@ cases, about six times as often as the image model alone (README, "The shipped t
 import json
 from pathlib import Path
 
+import kineflow
 import pytest
 import torch
-
-import kineflow
 from kineflow.runtime.cli import main as cli_main
-from kineflow.runtime.evaluation import (ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, evaluate,
-                                         generate_clip, load_animatediff)
-from kineflow.training.judge import judge
+from kineflow.runtime.evaluation import evaluate, generate_clip, load_animatediff
+from kineflow.shapes.judge import judge
+from kineflow.shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
 from shipped_checks import obeys, run_to_mp4, workflow_settings
 
 PACK = Path(kineflow.__file__).resolve().parent

@@ -15,8 +15,8 @@ import torch
 import kineflow
 from kineflow.runtime.cli import main as cli_main
 from kineflow.runtime.evaluation import evaluate, generate_clip, load_hunyuan_video, load_vae_only
-from kineflow.training.judge import judge
-from kineflow.training.tiny_models import SHIPPED_NAMES
+from kineflow.shapes.judge import judge
+from kineflow.shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
 from shipped_checks import obeys, run_to_mp4, workflow_settings
 
 PACK = Path(kineflow.__file__).resolve().parent

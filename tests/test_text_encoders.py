@@ -23,7 +23,7 @@ from kineflow.models import clip_text, hunyuan_text, llama_text, tokenization
 from kineflow.models.clip_text import CLIPTextConfig, CLIPTextModel
 from kineflow.models.hunyuan_text import HunyuanTextEncoder, VIDEO_PROMPT_TEMPLATE
 from kineflow.models.llama_text import LlamaTextConfig, LlamaTextEncoder
-from kineflow.runtime.errors import InputFileError, KineFlowError, ModelFileError
+from kineflow.errors import InputFileError, KineFlowError, ModelFileError
 
 MANIFESTS = Path(kineflow.__file__).resolve().parent.parent / "shared" / "reference" / "checkpoints"
 TOL = 1e-4
@@ -351,7 +351,7 @@ def test_llama_folder_config_sets_what_shapes_cannot_tell(tmp_path):
 
     from kineflow.models.hunyuan_text import load_llama_text
     from kineflow.models.llama_text import LlamaTextConfig, LlamaTextEncoder
-    from kineflow.runtime.errors import ModelFileError
+    from kineflow.errors import ModelFileError
     from kineflow.training.tiny_models import save_safetensors
 
     torch.manual_seed(0)

@@ -13,11 +13,11 @@ from tokenizers import Tokenizer
 
 from kineflow.models.checkpoints import read_header
 from kineflow.runtime import cli, host
-from kineflow.runtime.errors import KineFlowError
+from kineflow.errors import KineFlowError
 from kineflow.runtime.video_models import load_text_encoders, load_video_model, load_video_vae
 from kineflow.training import train
 from kineflow.training.common import Budget, load_checkpoint, step_rngs
-from kineflow.training.dataset import ShapesVideoDataset
+from kineflow.shapes.dataset import ShapesVideoDataset
 from kineflow.training.tiny_models import write_word_tokenizer
 
 VAE = train.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
@@ -156,7 +156,7 @@ def test_resume_continues_exactly(trained_run, tmp_path):
 
 
 def test_scene_targets_name_each_colours_role():
-    from kineflow.training.dataset import ClipSpec, ShapeSpec
+    from kineflow.shapes.dataset import ClipSpec, ShapeSpec
 
     spec = ClipSpec("blue", (ShapeSpec("circle", "red", 0.5, 0.5, 0.1, "left", 0.3, "grows"),
                              ShapeSpec("square", "white", 0.2, 0.2, 0.1)))
@@ -271,7 +271,7 @@ def _transformer_cache(trained_run, tmp_path, **changes) -> dict:
 
 
 def test_the_transformer_cache_holds_the_requested_share_of_two_shape_clips(trained_run, tmp_path):
-    from kineflow.training.prompts import parse_prompt
+    from kineflow.shapes.prompts import parse_prompt
 
     cache = _transformer_cache(trained_run, tmp_path, two_shape_prob=1.0)
     assert cache["key"]["two_shape_prob"] == 1.0

@@ -20,12 +20,12 @@ from kineflow.models.sd15_unet import SD15UNet
 from kineflow.models.sd_vae import SDVAE
 from kineflow.runtime import animatediff as ad_runtime
 from kineflow.runtime import cli, host
-from kineflow.runtime.errors import KineFlowError
+from kineflow.errors import KineFlowError
 from kineflow.runtime.executor import run_workflow
 from kineflow.training import train
 from kineflow.training import train_animatediff as ta
 from kineflow.training.common import Budget, load_checkpoint
-from kineflow.training.dataset import ShapesVideoDataset
+from kineflow.shapes.dataset import ShapesVideoDataset
 from kineflow.training.tiny_sd import TINY_UNET, TINY_VAE, tiny_motion_config
 
 VAE = ta.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=2, crop=16, clips=4, save_every=1,
@@ -422,7 +422,7 @@ def test_motion_with_extended_captions_trains_on_new_phrasings_of_the_cached_sce
     """`--caption-templates extended` re-captions each step's cached clips (scene regenerated from the cache's
     seed and index) from the training + extra templates, encodes them with the frozen CLIP, and trains on those
     states instead of the cached ones."""
-    from kineflow.training.prompts import parse_prompt
+    from kineflow.shapes.prompts import parse_prompt
 
     base = ta.export(trained_run, tmp_path / "base")["checkpoint"]
     settings = dataclasses.replace(MOTION, base_checkpoint=str(base), clips=4, two_shape_prob=0.5,

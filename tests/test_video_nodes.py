@@ -18,7 +18,7 @@ from kineflow.nodes.frames import (
 )
 from kineflow.nodes.video_io import KineFlowLoadImage, KineFlowLoadVideo, KineFlowSaveVideo
 from kineflow.runtime import host, media
-from kineflow.runtime.errors import InputFileError, InterruptedRun, KineFlowError
+from kineflow.errors import InputFileError, InterruptedRun, KineFlowError
 
 PROMPT = {"1": {"class_type": "KineFlowSaveVideo", "inputs": {"frame_rate": 8.0}}}
 EXTRA = {"workflow": {"nodes": [{"id": 1, "type": "KineFlowSaveVideo"}], "links": []}}

@@ -6,7 +6,7 @@ import pytest
 
 import kineflow
 from kineflow.runtime.cli import main
-from kineflow.runtime.errors import InputFileError
+from kineflow.errors import InputFileError
 from kineflow.runtime.workflow import ui_to_api
 from kineflow.runtime.workflow_export import COLUMN_SPACING, api_to_ui, unknown_node_types
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kineflow.runtime.errors import InputFileError
+from kineflow.errors import InputFileError
 from kineflow.runtime.workflow import (
     apply_overrides,
     detect_format,

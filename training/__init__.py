@@ -1,1 +1,1 @@
-"""Procedural dataset, analytic judge and trainers for the tiny shipped models."""
+"""Trainers for the tiny shipped models and writers of tiny random-weight models in the real file layouts."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 from ..runtime.media import atomic_write
 
 STAGE_IDS = {"vae": 1, "dit": 2, "cache": 3, "fit": 4, "vae_encoder": 5, "vae_decoder": 6,

@@ -23,23 +23,19 @@ from tokenizers.models import WordLevel
 
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
 from ..models.hunyuan_text import VIDEO_PROMPT_TEMPLATE
-from ..models.hunyuan_video_dit import HunyuanVideoDiT, HunyuanVideoDiTConfig, default_rope_dims
+from ..models.hunyuan_video_dit import (
+    HunyuanVideoDiT,
+    HunyuanVideoDiTConfig,
+    default_rope_dims,
+)
 from ..models.hunyuan_video_vae import HunyuanVideoVAE, HunyuanVideoVAEConfig
 from ..models.llama_text import LlamaTextConfig, LlamaTextEncoder
 from ..runtime.media import atomic_write
+from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>", "[UNK]"]
 WORD_PATTERN = r"\w+|[^\w\s]+"  # what pre_tokenizers.Whitespace splits on
 CLIP_VOCAB = 49408  # the shipped CLIP-L tokenizer's ids
-
-
-# File names of the tiny HunyuanVideo-family model shipped in weights/ (ComfyUI folder layout).
-SHIPPED_NAMES = {
-    "dit": "kineflow_tiny_dit.safetensors",
-    "vae": "kineflow_tiny_vae.safetensors",
-    "llm": "kineflow_tiny_llm",
-    "clip": "kineflow_tiny_clip.safetensors",
-}
 
 
 @dataclass

@@ -52,9 +52,9 @@ from ..models.hunyuan_text import HunyuanTextEncoder
 from ..models.hunyuan_video_vae import HunyuanVideoVAE, fit_latent_rgb_factors
 from ..models.llama_text import LlamaTextEncoder
 from ..models.tokenization import clip_l_tokenizer, load_tokenizer
-from ..runtime.errors import InterruptedRun, KineFlowError
+from ..errors import InterruptedRun, KineFlowError
 from ..runtime.media import atomic_write
-from . import dataset as shapes
+from ..shapes import dataset as shapes
 from .common import (STAGE_IDS, Budget, LossLog, TrainProgress, check_resumable, ema_update, file_digest,
                      hardware_line, load_checkpoint, read_eval_reports, save_checkpoint, scores_section, set_threads,
                      step_rngs)
@@ -1143,7 +1143,7 @@ def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt
     size = dit_ckpt["settings"].get("size", 64)
     return f"""# KineFlow tiny HunyuanVideo-family model
 
-Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
+Trained from scratch on KineFlow's procedural shapes dataset (`shapes/dataset.py`, train split: flat shapes
 moving over flat backgrounds, plain-English captions). It shows the pipeline working end to end; it knows
 nothing beyond that dataset's vocabulary. Generate 9 frames of {size}x{size}, the size its transformer last
 trained at.

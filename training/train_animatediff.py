@@ -60,10 +60,10 @@ from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
 from ..models.sd_vae import SDVAE, SDVAEConfig
 from ..models.tokenization import clip_l_tokenizer
 from ..runtime.animatediff import CLIP_LENGTH, SCHEDULE, SDTextEncoder, load_sd_checkpoint_file
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 from ..runtime.media import atomic_write
 from ..samplers.schedules import DiscreteSchedule
-from . import dataset as shapes
+from ..shapes import dataset as shapes
 from . import train
 from .common import (Budget, TrainProgress, file_digest, hardware_line, load_checkpoint, scores_section, step_rngs,
                      weights_digest)
@@ -771,7 +771,7 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
                    f"this one):\n" + (runs or "  (not recorded: the init module's file was not found)\n"))
     return f"""# KineFlow tiny AnimateDiff-family model
 
-Trained from scratch on KineFlow's procedural shapes dataset (`training/dataset.py`, train split: flat shapes
+Trained from scratch on KineFlow's procedural shapes dataset (`shapes/dataset.py`, train split: flat shapes
 moving over flat backgrounds, 64x64, plain-English captions), the AnimateDiff way: an SD1.5-style image model on
 single frames, then a motion module on 16-frame clips with the image model frozen but for what the motion
 settings below train with it. It shows the pipeline working end to end; it knows nothing beyond that dataset's

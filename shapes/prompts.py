@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 from .dataset import COLOURS, SHAPE_WORDS, ClipSpec, caption, sample_spec
 
 UNKNOWN = "unknown"

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 from .dataset import COLOURS, GROWTH_FACTOR
 from .prompts import UNKNOWN, ObjectAttributes, PromptAttributes
 

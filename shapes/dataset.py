@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..runtime.errors import KineFlowError
+from ..errors import KineFlowError
 
 # --------------------------------------------------------------------------- vocabulary
 # The eight corners of the RGB cube (pulled slightly inside it): every pair is >= 0.8 apart in 0..1 units,

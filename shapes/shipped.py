@@ -1,0 +1,12 @@
+"""File names of the tiny shapes-world models shipped in weights/ (what `kineflow eval` loads by default)."""
+
+# HunyuanVideo family, by part (diffusion_models/, vae/, text_encoders/ x2).
+HUNYUAN_VIDEO = {
+    "dit": "kineflow_tiny_dit.safetensors",
+    "vae": "kineflow_tiny_vae.safetensors",
+    "llm": "kineflow_tiny_llm",
+    "clip": "kineflow_tiny_clip.safetensors",
+}
+# AnimateDiff family: an SD1.5 checkpoint (checkpoints/) and its motion module (animatediff_models/).
+ANIMATEDIFF_CHECKPOINT = "kineflow_tiny_sd15.safetensors"
+ANIMATEDIFF_MOTION_MODULE = "kineflow_tiny_mm.safetensors"
