@@ -55,3 +55,10 @@ def test_web_extension_snaps_latent_widgets_in_the_real_frontend():
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"extensions": ["KineFlow.VideoLatentSizes"], "hunyuan_frames_10": 9,
                                       "width_70": 64, "sd15_frames_10": 10}
+
+
+def test_native_loaders_do_not_list_the_packs_tiny_files():
+    """The shipped tiny weights are for KineFlow's loaders only: ComfyUI's own loaders would always fail on them."""
+    for loader in ("UNETLoader", "VAELoader", "CheckpointLoaderSimple", "CLIPLoader"):
+        info = json.load(urllib.request.urlopen(f"{URL.rstrip('/')}/object_info/{loader}", timeout=60))
+        assert "kineflow" not in json.dumps(info).lower(), loader
