@@ -160,6 +160,11 @@ class MotionModule(nn.Module):
             self.mid_block = _Stage(c.block_channels[-1], 1, c)
         self.up_blocks = nn.ModuleList(_Stage(ch, c.layers_per_block + 1, c) for ch in reversed(c.block_channels))
 
+    def offload_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in the order they run: the units runtime/offload.py swaps in and out."""
+        stages = [*self.down_blocks, *([self.mid_block] if self.config.mid_block else []), *self.up_blocks]
+        return [module for stage in stages for module in stage.motion_modules]
+
     @property
     def norm_across_frames(self) -> bool:
         return self.config.norm_across_frames

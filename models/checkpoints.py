@@ -41,6 +41,9 @@ _DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 class TensorInfo:
     dtype: str  # safetensors spelling: F32, BF16, F8_E4M3, ...
     shape: tuple[int, ...]
+    # Where the data lies, for tensors of a .safetensors file: the file and the absolute offset of the first byte.
+    file: Path | None = None
+    offset: int | None = None
 
     @property
     def numel(self) -> int:
@@ -126,7 +129,11 @@ def _read_safetensors_header(path: Path) -> Header:
             dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
             if end > data_len or start > end:
                 raise ValueError(f"tensor {name!r} lies outside the file's data region (truncated download?)")
-            tensors[name] = TensorInfo(str(dtype), shape)
+            if dtype in _SAFETENSORS_DTYPES and end - start != math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize:
+                raise ValueError(f"tensor {name!r} of shape {list(shape)} and dtype {dtype} needs "
+                                 f"{math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize} bytes; the header gives it "
+                                 f"{end - start}")
+            tensors[name] = TensorInfo(str(dtype), shape, path, 8 + n + int(start))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path.name!r} is not a valid safetensors file: {e}") from None
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})

@@ -164,6 +164,10 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
+    def offload_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in the order they run: the units runtime/offload.py swaps in and out."""
+        return list(self.text_model.encoder.layers)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 num_layers: int | None = None) -> CLIPTextOutput:
         """`num_layers` stops after that many layers (clip skip without running the rest).

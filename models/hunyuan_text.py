@@ -17,17 +17,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import KineFlowError, ModelFileError
-from . import clip_text, llama_text
+from . import checkpoints, clip_text, llama_text
 from .clip_text import CLIPTextModel
 from .llama_text import LlamaTextEncoder
-from .tokenization import TextTokenizer, clip_l_tokenizer, load_tokenizer
+from .tokenization import TextTokenizer
+from .weights import load_model
 
 # The instruction template HunyuanVideo's text-to-video model was trained with (PROMPT_TEMPLATE_ENCODE_VIDEO).
 # It must be reproduced character for character: the model expects exactly these hidden states.
@@ -79,6 +81,8 @@ class HunyuanTextEncoder(nn.Module):
         self.hidden_state_skip_layer = hidden_state_skip_layer
         self.apply_final_norm = apply_final_norm
         self.clip_length = clip_length
+        # Where token ids go. None: where the weights are; set it when an offloader moves them only when they run.
+        self.device: torch.device | None = None
 
     def count_template_tokens(self) -> int:
         """Tokens of the template before the prompt, as the tokenizer adds them (BOS included)."""
@@ -95,13 +99,13 @@ class HunyuanTextEncoder(nn.Module):
         text_states_2 [B, D_clip]. The states are on the encoders' device; the mask, token bookkeeping from the
         tokenizer, stays on the CPU."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        llama_device = next(self.llama.parameters()).device
+        llama_device = self.device or next(self.llama.parameters()).device
         ids, mask = self.llama_tokenizer.encode([self.template.replace("{}", p) for p in prompts], self.max_length)
         states = self.llama(ids.to(llama_device), mask.to(llama_device),
                             output_hidden_layer=-(self.hidden_state_skip_layer + 1))
         if self.apply_final_norm and self.hidden_state_skip_layer > 0:
             states = self.llama.model.norm(states)
-        clip_device = next(self.clip.parameters()).device
+        clip_device = self.device or next(self.clip.parameters()).device
         clip_ids, clip_mask = self.clip_tokenizer.encode(prompts, self.clip_length)
         pooled = self.clip(clip_ids.to(clip_device), clip_mask.to(clip_device)).pooled_output
         return {
@@ -115,38 +119,48 @@ class HunyuanTextEncoder(nn.Module):
 _TOWER_LEVEL = {"clip_text": "text_model.", "llama_text": "model."}
 
 
+@dataclass(frozen=True)
+class TextTower:
+    """How to build one text encoder from a file: what `weights.load_model` (or the offloader) needs."""
+
+    header: checkpoints.Header
+    model_class: type
+    prefix: str
+    convert: Callable
+    config_from: Callable
+
+
+def text_tower(path: str | os.PathLike, family: str) -> TextTower:
+    """The LLaMA ("llama_text") or CLIP ("clip_text") tower of a .safetensors file or Hugging Face folder.
+
+    Only the tower's own tensors are read (not the UNet of a full SD checkpoint, not lm_head); past the prefix
+    the names are in the module's "hf_bare" layout."""
+    module, model_class = {"llama_text": (llama_text, LlamaTextEncoder), "clip_text": (clip_text, CLIPTextModel)}[family]
+    header = checkpoints.read_header(path)
+    prefix, layout = module.locate(header.tensors)
+    tower = prefix + (_TOWER_LEVEL[family] if layout == "hf" else "")
+    if family == "llama_text":
+        config_from = lambda shapes: _llama_config(shapes, Path(path))  # noqa: E731
+    else:
+        config_from = module.config_from_state_dict
+    return TextTower(header, model_class, tower, module.convert_state_dict, config_from)
+
+
 def load_llama_text(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                     device: torch.device | str = "cpu") -> LlamaTextEncoder:
     """A LLaMA text encoder from a .safetensors file or a Hugging Face model folder."""
-    return _load(path, "llama_text", llama_text, LlamaTextEncoder, dtype, device)
+    return _load(text_tower(path, "llama_text"), dtype, device)
 
 
 def load_clip_text(path: str | os.PathLike, dtype: torch.dtype = torch.float16,
                    device: torch.device | str = "cpu") -> CLIPTextModel:
     """A CLIP text model (any file holding one CLIP text tower, e.g. clip_l.safetensors or an SD1.5 checkpoint)."""
-    return _load(path, "clip_text", clip_text, CLIPTextModel, dtype, device)
+    return _load(text_tower(path, "clip_text"), dtype, device)
 
 
-def _load(path, family, module, model_class, dtype, device):
-    from .checkpoints import load_tensors, read_header
-
-    header = read_header(path)
-    # Read only the tower's own tensors (not the UNet of a full SD checkpoint, not lm_head); the names are then
-    # in the module's "hf_bare" layout.
-    prefix, layout = module.locate(header.tensors)
-    tower = prefix + (_TOWER_LEVEL[family] if layout == "hf" else "")
-    shapes = module.convert_state_dict({k[len(tower):]: v for k, v in header.shapes().items() if k.startswith(tower)})
-    config = _llama_config(shapes, Path(path)) if family == "llama_text" else module.config_from_state_dict(shapes)
-    with torch.device("meta"):
-        model = model_class(config)
-    sd = module.convert_state_dict(load_tensors(header, prefix=tower, dtype=dtype, device=device))
-    missing = sorted(set(model.state_dict()) - set(sd))
-    unexpected = sorted(set(sd) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ModelFileError(f"{Path(path).name!r} does not fit a {family} model of the shapes it declares: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(sd, assign=True)
-    return model.to(device).eval().requires_grad_(False)
+def _load(tower: TextTower, dtype, device):
+    return load_model(tower.header, tower.model_class, prefix=tower.prefix, convert=tower.convert,
+                      config_from=tower.config_from, dtype=dtype, device=device)
 
 
 def _folder_config(path: Path) -> dict:
@@ -178,17 +192,3 @@ def _llama_config(shapes: dict, path: Path) -> llama_text.LlamaTextConfig:
                                  f"{config.num_key_value_heads} of width {hidden // heads}")
     fields = {"rope_theta": float, "rms_norm_eps": float}
     return dataclasses.replace(config, **{k: cast(declared[k]) for k, cast in fields.items() if k in declared})
-
-
-def load_hunyuan_text_encoder(llama_path: str | os.PathLike, clip_path: str | os.PathLike,
-                              llama_tokenizer_path: str | os.PathLike | None = None, *,
-                              llama_dtype: torch.dtype = torch.bfloat16, clip_dtype: torch.dtype = torch.float16,
-                              device: torch.device | str = "cpu", **options) -> HunyuanTextEncoder:
-    """Both encoders and tokenizers. The LLaMA tokenizer defaults to the tokenizer.json in the LLaMA model's
-    folder (or next to its file); CLIP uses the tokenizer shipped with KineFlow. `options` go to HunyuanTextEncoder."""
-    llama_path = Path(llama_path)
-    if llama_tokenizer_path is None:
-        llama_tokenizer_path = llama_path if llama_path.is_dir() else llama_path.parent
-    return HunyuanTextEncoder(
-        load_llama_text(llama_path, llama_dtype, device), load_tokenizer(llama_tokenizer_path),
-        load_clip_text(clip_path, clip_dtype, device), clip_l_tokenizer(), **options)

@@ -347,20 +347,27 @@ class FinalLayer(nn.Module):
         return self.linear(norm_modulate(x, shift, scale))
 
 
-class PatchEmbed(nn.Module):
-    """img_in: a Conv3d with kernel == stride, run as one matmul over flattened patches (same weights)."""
-
-    def __init__(self, cfg: HunyuanVideoDiTConfig):
-        super().__init__()
-        self.patch = cfg.patch_size
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+class PatchConv3d(nn.Conv3d):
+    """A Conv3d with kernel == stride, run as one matmul over flattened patches (same weights and result):
+    [B, C, T, H, W] -> tokens [B, N, hidden]."""
 
     def forward(self, x):
         b, c, t, h, w = x.shape
-        pt, ph, pw = self.patch
+        pt, ph, pw = self.kernel_size
         x = x.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         x = x.reshape(b, (t // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
-        return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
+        return F.linear(x, self.weight.flatten(1), self.bias)
+
+
+class PatchEmbed(nn.Module):
+    """img_in: patches to tokens (the module level keeps the original checkpoints' `img_in.proj.*` names)."""
+
+    def __init__(self, cfg: HunyuanVideoDiTConfig):
+        super().__init__()
+        self.proj = PatchConv3d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        return self.proj(x)
 
 
 # --------------------------------------------------------------------------- the model
@@ -387,6 +394,10 @@ class HunyuanVideoDiT(nn.Module):
             self._rope_cache.clear()  # one latent size at a time; keep memory flat when the size changes
             self._rope_cache[key] = rope_freqs(grid, self.config.rope_dim_list, self.config.rope_theta, device)
         return self._rope_cache[key]
+
+    def offload_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in the order they run: the units runtime/offload.py swaps in and out."""
+        return [*self.double_blocks, *self.single_blocks]
 
     def forward(self, x, timestep, text_states, text_mask, text_states_2, guidance=None):
         cfg = self.config

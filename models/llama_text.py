@@ -146,6 +146,10 @@ class LlamaTextEncoder(nn.Module):
         self.config = config
         self.model = LlamaBody(config)
 
+    def offload_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in the order they run: the units runtime/offload.py swaps in and out."""
+        return list(self.model.layers)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_layer: int = -1) -> torch.Tensor:
         """The hidden state at `output_hidden_layer`, indexed like transformers' `hidden_states` tuple.

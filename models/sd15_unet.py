@@ -266,6 +266,10 @@ class SD15UNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
+    def offload_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in the order they run: the units runtime/offload.py swaps in and out."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
+
     def _res_attn(self, layers: nn.ModuleList, h, emb, context, norm_frames) -> tuple[torch.Tensor, int]:
         """Run the resnet and, if present, the attention of a block; return h and the index of the next layer."""
         h = layers[0](h, emb, norm_frames)

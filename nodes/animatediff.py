@@ -5,7 +5,7 @@ latent_format "sd15", Sampler, Context Options, VAE Decode / Encode).
 """
 
 from ..runtime import animatediff as ad_runtime
-from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, model_choices as _choices
+from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, OFFLOAD_INPUT, model_choices as _choices
 
 PREDICTION_INPUT = (list(ad_runtime.PREDICTIONS), {
     "default": "eps",
@@ -29,10 +29,10 @@ class KineFlowLoadSDCheckpoint:
             "ckpt_name": (_choices("checkpoints"), {"tooltip": "SD1.5 checkpoint (.safetensors, or .ckpt loadable safely) in models/checkpoints."}),
             "prediction": PREDICTION_INPUT,
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }}
+        }, "optional": {"offload": OFFLOAD_INPUT}}
 
-    def load(self, ckpt_name, prediction, dtype):
-        return ad_runtime.load_sd_checkpoint(ckpt_name, prediction, dtype)
+    def load(self, ckpt_name, prediction, dtype, offload="auto"):
+        return ad_runtime.load_sd_checkpoint(ckpt_name, prediction, dtype, offload)
 
 
 class KineFlowLoadSDComponents:
@@ -51,10 +51,10 @@ class KineFlowLoadSDComponents:
             "clip_name": (_choices("text_encoders"), {"tooltip": "CLIP-L text encoder in models/text_encoders (or models/clip)."}),
             "prediction": PREDICTION_INPUT,
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }}
+        }, "optional": {"offload": OFFLOAD_INPUT}}
 
-    def load(self, unet_name, vae_name, clip_name, prediction, dtype):
-        return ad_runtime.load_sd_components(unet_name, vae_name, clip_name, prediction, dtype)
+    def load(self, unet_name, vae_name, clip_name, prediction, dtype, offload="auto"):
+        return ad_runtime.load_sd_components(unet_name, vae_name, clip_name, prediction, dtype, offload)
 
 
 class KineFlowLoadMotionModule:
@@ -70,10 +70,10 @@ class KineFlowLoadMotionModule:
         return {"required": {
             "model_name": (_choices("animatediff_models"), {"tooltip": "Motion module (e.g. mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt) in models/animatediff_models."}),
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }}
+        }, "optional": {"offload": OFFLOAD_INPUT}}
 
-    def load(self, model_name, dtype):
-        return (ad_runtime.load_motion_module(model_name, dtype),)
+    def load(self, model_name, dtype, offload="auto"):
+        return (ad_runtime.load_motion_module(model_name, dtype, offload),)
 
 
 class KineFlowLoadMotionLoRA:

@@ -1,7 +1,7 @@
 """Loader nodes for the HunyuanVideo family: diffusion model, VAE, text encoders."""
 
 from ..runtime.video_models import load_text_encoders, load_video_model, load_video_vae
-from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, model_choices as _choices
+from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, OFFLOAD_INPUT, model_choices as _choices
 
 
 class KineFlowLoadVideoModel:
@@ -18,10 +18,14 @@ class KineFlowLoadVideoModel:
             "model_name": (_choices("diffusion_models", folders=True), {"tooltip": "Transformer checkpoint (file, or diffusers folder with config.json) in models/diffusion_models (or models/unet)."}),
             "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
             "fp8": (["disabled", "e4m3fn"], {"default": "disabled", "tooltip": "Store linear weights as fp8 e4m3 (half of bf16's memory) and upcast each layer when it runs."}),
+        }, "optional": {
+            "offload": OFFLOAD_INPUT,
+            "resident_blocks": ("INT", {"default": -1, "min": -1, "max": 1000, "step": 1, "tooltip": "With offload 'blocks': how many transformer blocks stay on the device; -1 = as many as the memory budget allows."}),
         }}
 
-    def load(self, model_name, weight_dtype, fp8):
-        return (load_video_model(model_name, weight_dtype, fp8=fp8 == "e4m3fn"),)
+    def load(self, model_name, weight_dtype, fp8, offload="auto", resident_blocks=-1):
+        return (load_video_model(model_name, weight_dtype, fp8=fp8 == "e4m3fn", offload=offload,
+                                 resident_blocks=None if resident_blocks < 0 else resident_blocks),)
 
 
 class KineFlowLoadVideoVAE:
@@ -36,10 +40,10 @@ class KineFlowLoadVideoVAE:
         return {"required": {
             "vae_name": (_choices("vae", folders=True), {"tooltip": "VAE checkpoint (file, or diffusers folder with config.json) in models/vae."}),
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }}
+        }, "optional": {"offload": OFFLOAD_INPUT}}
 
-    def load(self, vae_name, dtype):
-        return (load_video_vae(vae_name, dtype),)
+    def load(self, vae_name, dtype, offload="auto"):
+        return (load_video_vae(vae_name, dtype, offload),)
 
 
 class KineFlowLoadTextEncoders:
@@ -61,10 +65,11 @@ class KineFlowLoadTextEncoders:
         }, "optional": {
             "llm_tokenizer": ("STRING", {"default": "", "tooltip": "tokenizer.json (or its folder) for the LLaMA encoder: an absolute path or a name inside text_encoders/. Empty = look beside the model."}),
             "crop_start": ("INT", {"default": -1, "min": -1, "max": 1024, "step": 1, "tooltip": "Template tokens cut from the LLaMA states; -1 = count them from the template (95 for HunyuanVideo's video template)."}),
+            "offload": OFFLOAD_INPUT,
         }}
 
-    def load(self, llm_name, clip_name, dtype, llm_tokenizer="", crop_start=-1):
-        return (load_text_encoders(llm_name, clip_name, llm_tokenizer, dtype, crop_start),)
+    def load(self, llm_name, clip_name, dtype, llm_tokenizer="", crop_start=-1, offload="auto"):
+        return (load_text_encoders(llm_name, clip_name, llm_tokenizer, dtype, crop_start, offload),)
 
 
 NODE_CLASS_MAPPINGS = {

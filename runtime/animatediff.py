@@ -10,6 +10,7 @@ so Apply Motion Module, motion LoRAs and the domain adapter return new handles (
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,15 +23,14 @@ from ..models import checkpoints
 from ..models import sd15_unet as unet_mod
 from ..models import sd_vae as vae_mod
 from ..models.clip_text import CLIPTextModel
-from ..models.hunyuan_text import load_clip_text
 from ..models.hunyuan_video_vae import TilingOptions
 from ..models.tokenization import TextTokenizer, clip_l_tokenizer
 from ..samplers.sampling import DiscreteEpsilon, DiscreteV
 from ..samplers.schedules import DiscreteSchedule, discrete_sigmas
 from . import host
 from ..errors import KineFlowError, ModelFileError
-from .memory import load_into_meta_model
-from .video_models import SD15_LATENT, LatentFormat, resolve_dtype
+from . import offload as offload_mod
+from .video_models import SD15_LATENT, LatentFormat, load_text_tower, resolve_dtype
 
 # SD1.5's training schedule (β linear 0.00085 -> 0.012 over 1000 steps) and AnimateDiff's scheduler config:
 # "leading" timestep spacing with steps_offset 1.
@@ -60,12 +60,22 @@ class SD15VideoModel:
     family: str = "animatediff"
     latent_format: LatentFormat = SD15_LATENT
     preview_factors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    residency: offload_mod.Residency | None = None
+    motion_residency: offload_mod.Residency | None = None
     model_sampling: DiscreteEpsilon | DiscreteV = field(init=False)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise KineFlowError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {self.prediction!r}")
         self.model_sampling = PREDICTIONS[self.prediction](DiscreteSchedule(**SCHEDULE))
+
+    def running(self) -> contextlib.ExitStack:
+        """Entered around a sampling run: the offload policies bring the UNet and motion module to the device."""
+        stack = contextlib.ExitStack()
+        for residency in (self.residency, self.motion_residency if self.motion is not None else None):
+            if residency is not None:
+                stack.enter_context(residency.active())
+        return stack
 
     @property
     def context_dim(self) -> int:
@@ -132,6 +142,7 @@ class SDVideoVAE:
     dtype: torch.dtype
     source: str
     latent_format: LatentFormat = SD15_LATENT
+    residency: offload_mod.Residency | None = None
 
     def frame_bytes(self, height: int, width: int) -> int:
         """Rough peak bytes to decode (or encode) one frame of height x width pixels: a few live activations
@@ -159,19 +170,24 @@ class SDVideoVAE:
         s = self.vae.config.downscale
         per_batch = self._frames_per_batch(tiling, f, h * s, w * s, memory_budget_bytes // max(1, b))
         chunks = []
-        for start in range(0, f, per_batch):
-            chunks.append(self.vae.decode_frames(latents[:, :, start:start + per_batch], batch=b * per_batch))
-            callback(min(start + per_batch, f), f)
+        with self.running():
+            for start in range(0, f, per_batch):
+                chunks.append(self.vae.decode_frames(latents[:, :, start:start + per_batch], batch=b * per_batch))
+                callback(min(start + per_batch, f), f)
         return torch.cat(chunks, dim=2)
 
     def encode(self, video: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
         b, _, f, h, w = video.shape
         per_batch = self._frames_per_batch(tiling, f, h, w, memory_budget_bytes // max(1, b))
         chunks = []
-        for start in range(0, f, per_batch):
-            chunks.append(self.vae.encode_frames(video[:, :, start:start + per_batch], batch=b * per_batch))
-            callback(min(start + per_batch, f), f)
+        with self.running():
+            for start in range(0, f, per_batch):
+                chunks.append(self.vae.encode_frames(video[:, :, start:start + per_batch], batch=b * per_batch))
+                callback(min(start + per_batch, f), f)
         return torch.cat(chunks, dim=2)
+
+    def running(self):
+        return self.residency.active() if self.residency is not None else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- text encoder
@@ -186,57 +202,65 @@ class SDTextEncoder:
     clip: CLIPTextModel
     tokenizer: TextTokenizer
     source: str
+    residency: offload_mod.Residency | None = None
+    device: torch.device | None = None  # where token ids go (None: where the weights are)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """{"context": [B, 77, D] last hidden state, "pooled": [B, D] state at the end-of-text token}."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids, _mask = self.tokenizer.encode(prompts, CLIP_LENGTH)
-        out = self.clip(ids.to(next(self.clip.parameters()).device))
+        with self.residency.active() if self.residency is not None else contextlib.nullcontext():
+            out = self.clip(ids.to(self.device or next(self.clip.parameters()).device))
         return {"context": out.last_hidden_state, "pooled": out.pooled_output}
 
 
 # --------------------------------------------------------------------------- loaders
-def _build_unet(header, det, dtype, device) -> unet_mod.SD15UNet:
-    prefix = unet_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix
-    sd = unet_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, device=device),
-                                  det.layout)
-    config = unet_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    return load_into_meta_model(unet_mod.SD15UNet, config, sd, dtype, device=device)
+def _build_unet(header, det, dtype, device, offload: str = "auto"):
+    """(UNet, Residency) from an SD1.5 checkpoint or a UNet file."""
+    return offload_mod.load(
+        header, unet_mod.SD15UNet, policy=offload, device=device, dtype=dtype, name=header.path.name,
+        budget_bytes=host.memory_budget(), prefix=unet_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
+        convert=lambda sd: unet_mod.convert_state_dict(sd, det.layout), config_from=unet_mod.config_from_state_dict)
 
 
-def _build_vae(header, det, dtype, device) -> SDVideoVAE:
-    prefix = vae_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix
-    sd = vae_mod.convert_state_dict(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, device=device),
-                                 det.layout)
-    config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    if config.downscale != SD15_LATENT.spatial_ratio or config.z_channels != SD15_LATENT.channels:
-        raise ModelFileError(
-            f"{header.path.name!r} is a VAE with {config.z_channels} latent channels at 1/{config.downscale} size; "
-            f"SD1.5 latents have {SD15_LATENT.channels} channels at 1/{SD15_LATENT.spatial_ratio} size")
-    vae = load_into_meta_model(vae_mod.SDVAE, config, sd, dtype, device=device)
-    return SDVideoVAE(vae=vae, dtype=dtype, source=str(header.path))
+def _build_vae(header, det, dtype, device, offload: str = "auto") -> SDVideoVAE:
+    def config_from(shapes):
+        config = vae_mod.config_from_state_dict(shapes)
+        if config.downscale != SD15_LATENT.spatial_ratio or config.z_channels != SD15_LATENT.channels:
+            raise ModelFileError(
+                f"{header.path.name!r} is a VAE with {config.z_channels} latent channels at 1/{config.downscale} "
+                f"size; SD1.5 latents have {SD15_LATENT.channels} channels at 1/{SD15_LATENT.spatial_ratio} size")
+        return config
+
+    vae, residency = offload_mod.load(
+        header, vae_mod.SDVAE, policy=offload, device=device, dtype=dtype, name=header.path.name,
+        budget_bytes=host.memory_budget(), prefix=vae_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
+        convert=lambda sd: vae_mod.convert_state_dict(sd, det.layout), config_from=config_from)
+    return SDVideoVAE(vae=vae, dtype=dtype, source=str(header.path), residency=residency)
 
 
-def _build_text_encoder(path, dtype, device) -> SDTextEncoder:
-    return SDTextEncoder(clip=load_clip_text(path, dtype, device), tokenizer=clip_l_tokenizer(), source=str(path))
+def _build_text_encoder(path, dtype, device, offload: str = "auto") -> SDTextEncoder:
+    clip, residency = load_text_tower(path, "clip_text", dtype, device, offload)
+    return SDTextEncoder(clip=clip, tokenizer=clip_l_tokenizer(), source=str(path), residency=residency,
+                         device=device)
 
 
-def load_sd_checkpoint(name: str, prediction: str = "eps", dtype_name: str = "auto"
+def load_sd_checkpoint(name: str, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto"
                        ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """UNet, VAE and CLIP-L from one SD1.5 LDM checkpoint in the `checkpoints` folder."""
-    return load_sd_checkpoint_file(host.model_path("checkpoints", name), prediction, dtype_name)
+    return load_sd_checkpoint_file(host.model_path("checkpoints", name), prediction, dtype_name, offload)
 
 
-def load_sd_checkpoint_file(path: Path, prediction: str = "eps", dtype_name: str = "auto"
+def load_sd_checkpoint_file(path: Path, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto"
                             ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """`load_sd_checkpoint` for a file anywhere (the trainer animates a checkpoint given by its path)."""
     header, det = checkpoints.require_family(path, "sd15_checkpoint")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    unet = _build_unet(header, det, dtype, device)
-    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(path), prediction=prediction)
-    return model, _build_vae(header, det, dtype, device), _build_text_encoder(path, dtype, device)
+    unet, residency = _build_unet(header, det, dtype, device, offload)
+    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(path), prediction=prediction, residency=residency)
+    return model, _build_vae(header, det, dtype, device, offload), _build_text_encoder(path, dtype, device, offload)
 
 
 def load_sd_checkpoint_vae(name: str, dtype_name: str = "auto") -> SDVideoVAE:
@@ -248,20 +272,21 @@ def load_sd_checkpoint_vae(name: str, dtype_name: str = "auto") -> SDVideoVAE:
 
 
 def load_sd_components(unet_name: str, vae_name: str, clip_name: str, prediction: str = "eps",
-                       dtype_name: str = "auto") -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
+                       dtype_name: str = "auto", offload: str = "auto"
+                       ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """The three parts from separate files: UNet in diffusion_models, VAE in vae, CLIP-L in text_encoders
     (LDM or diffusers names for the UNet and VAE, Hugging Face names for CLIP)."""
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
     unet_path = host.model_path("diffusion_models", unet_name)
     header, det = checkpoints.require_family(unet_path, "sd15_unet")
-    model = SD15VideoModel(unet=_build_unet(header, det, dtype, device), dtype=dtype, source=str(unet_path),
-                           prediction=prediction)
+    unet, residency = _build_unet(header, det, dtype, device, offload)
+    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(unet_path), prediction=prediction, residency=residency)
     vae_path = host.model_path("vae", vae_name)
-    vae = _build_vae(*checkpoints.require_family(vae_path, "sd_vae"), dtype, device)
+    vae = _build_vae(*checkpoints.require_family(vae_path, "sd_vae"), dtype, device, offload)
     clip_path = host.model_path("text_encoders", clip_name)
     checkpoints.require_family(clip_path, "clip_text")
-    return model, vae, _build_text_encoder(clip_path, dtype, device)
+    return model, vae, _build_text_encoder(clip_path, dtype, device, offload)
 
 
 @dataclass(frozen=True)
@@ -271,23 +296,25 @@ class MotionModuleHandle:
     module: ad.MotionModule
     source: str
     loras: tuple[tuple[str, float], ...] = ()
+    residency: offload_mod.Residency | None = None
 
     @property
     def version(self) -> str:
         return self.module.config.version
 
 
-def load_motion_module(name: str, dtype_name: str = "auto") -> MotionModuleHandle:
+def load_motion_module(name: str, dtype_name: str = "auto", offload: str = "auto") -> MotionModuleHandle:
     """An AnimateDiff v1/v2/v3 motion module from the animatediff_models folder (original or diffusers names);
     the frames it handles at once come from the length of its positional tables."""
     path = host.model_path("animatediff_models", name)
     header, det = checkpoints.require_family(path, "animatediff_motion_module")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    sd = ad.convert_state_dict(checkpoints.load_tensors(header, dtype=dtype, device=device), det.layout, det.prefix)
-    config = ad.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()}, version=det.version)
-    module = load_into_meta_model(ad.MotionModule, config, sd, dtype, device=device)
-    return MotionModuleHandle(module=module, source=str(path))
+    module, residency = offload_mod.load(
+        header, ad.MotionModule, policy=offload, device=device, dtype=dtype, name=path.name,
+        budget_bytes=host.memory_budget(), convert=lambda sd: ad.convert_state_dict(sd, det.layout, det.prefix),
+        config_from=lambda shapes: ad.config_from_state_dict(shapes, version=det.version))
+    return MotionModuleHandle(module=module, source=str(path), residency=residency)
 
 
 def apply_motion_module(model: SD15VideoModel, motion: MotionModuleHandle, scale: float = 1.0) -> SD15VideoModel:
@@ -296,7 +323,8 @@ def apply_motion_module(model: SD15VideoModel, motion: MotionModuleHandle, scale
         raise KineFlowError("motion modules apply to SD1.5 models (Load SD Checkpoint); "
                             f"got a {getattr(model, 'family', type(model).__name__)} model")
     ad.check_compatible(model.unet, motion.module)
-    return replace(model, motion=_scaled_view(motion.module, scale), motion_source=motion.source)
+    return replace(model, motion=_scaled_view(motion.module, scale), motion_source=motion.source,
+                   motion_residency=motion.residency)
 
 
 def apply_motion_lora(motion: MotionModuleHandle, lora_name: str, strength: float = 1.0) -> MotionModuleHandle:
@@ -307,9 +335,22 @@ def apply_motion_lora(motion: MotionModuleHandle, lora_name: str, strength: floa
     header, _det = checkpoints.require_family(path, "animatediff_motion_lora")
     if strength == 0.0:
         return motion
-    module = copy.deepcopy(motion.module)
-    ad.apply_motion_lora(module, checkpoints.load_tensors(header, device=host.compute_device()), strength)
-    return MotionModuleHandle(module=module, source=motion.source, loras=(*motion.loras, (str(path), float(strength))))
+    module, residency = _private_copy(motion.module, motion.residency)
+    ad.apply_motion_lora(module, _lora_tensors(header), strength)
+    return MotionModuleHandle(module=module, source=motion.source, loras=(*motion.loras, (str(path), float(strength))),
+                              residency=residency)
+
+
+def _private_copy(module, residency):
+    """A copy of a loaded module (and its offload state) that a merge may change."""
+    if residency is None:
+        return copy.deepcopy(module), None
+    return residency.copy_model()
+
+
+def _lora_tensors(header) -> dict:
+    """LoRA weights on the CPU (merges move each delta to its weight), shapes only in a dry run."""
+    return checkpoints.load_tensors(header, device="meta" if host.is_dry_run() else "cpu")
 
 
 def apply_domain_adapter(model: SD15VideoModel, adapter_name: str, strength: float = 1.0) -> SD15VideoModel:
@@ -321,7 +362,7 @@ def apply_domain_adapter(model: SD15VideoModel, adapter_name: str, strength: flo
     header, _det = checkpoints.require_family(path, "animatediff_domain_adapter")
     if strength == 0.0:
         return model
-    unet = copy.deepcopy(model.unet)
-    ad.merge_unet_lora(unet, checkpoints.load_tensors(header, device=host.compute_device()), strength)
-    return replace(model, unet=unet)
+    unet, residency = _private_copy(model.unet, model.residency)
+    ad.merge_unet_lora(unet, _lora_tensors(header), strength)
+    return replace(model, unet=unet, residency=residency)
 

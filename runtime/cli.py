@@ -69,6 +69,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                                          "reads only file headers, writes nothing and prints each node's output "
                                          "shapes and the device memory the run needs (default $KINEFLOW_DEVICE, "
                                          "else the best available)")
+    parser.add_argument("--memory-budget", metavar="GIB",
+                        help="device memory the models may keep resident, in GiB; offload policies 'auto' and "
+                             "'blocks' plan from it (default $KINEFLOW_MEMORY_BUDGET, else the free memory)")
 
 
 def _run(args: argparse.Namespace, ctx: Context) -> int:
@@ -77,7 +80,8 @@ def _run(args: argparse.Namespace, ctx: Context) -> int:
     start = time.monotonic()
     device = host.parse_device(args.device) if args.device else None
     options = dict(overrides=args.overrides, node_classes=ctx.node_classes, output_dir=args.output_dir,
-                   models_dir=args.models_dir, input_dir=args.input_dir, device=device, progress_stream=ctx.stderr)
+                   models_dir=args.models_dir, input_dir=args.input_dir, device=device,
+                   memory_budget=args.memory_budget, progress_stream=ctx.stderr)
     if (device or host.compute_device()).type == "meta":
         from .plan import dry_run
 

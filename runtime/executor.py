@@ -292,17 +292,18 @@ def prepare_prompt(source, *, overrides=(), node_classes: dict) -> tuple[dict, d
 
 
 def run_workflow(source, *, overrides=(), node_classes: dict | None = None, output_dir=None, models_dir=None,
-                 input_dir=None, device=None, cache: OutputCache | None = None, progress_stream=None,
-                 observe=None) -> dict[str, dict]:
+                 input_dir=None, device=None, memory_budget=None, cache: OutputCache | None = None,
+                 progress_stream=None, observe=None) -> dict[str, dict]:
     """Load, convert, validate and execute a workflow; raises WorkflowInvalid listing every problem."""
     if node_classes is None:
         from .. import NODE_CLASS_MAPPINGS
 
         node_classes = NODE_CLASS_MAPPINGS
-    host.configure(models_dir=models_dir, output_dir=output_dir, input_dir=input_dir, device=device)
-    prompt, extra_pnginfo, errors = prepare_prompt(source, overrides=overrides, node_classes=node_classes)
-    if errors:
-        raise WorkflowInvalid(errors)
-    return execute(prompt, node_classes, extra_pnginfo=extra_pnginfo,
-                   cache=cache if cache is not None else _DEFAULT_CACHE, progress_stream=progress_stream,
-                   observe=observe)
+    with host.configured(models_dir=models_dir, output_dir=output_dir, input_dir=input_dir, device=device,
+                         memory_budget=memory_budget):
+        prompt, extra_pnginfo, errors = prepare_prompt(source, overrides=overrides, node_classes=node_classes)
+        if errors:
+            raise WorkflowInvalid(errors)
+        return execute(prompt, node_classes, extra_pnginfo=extra_pnginfo,
+                       cache=cache if cache is not None else _DEFAULT_CACHE, progress_stream=progress_stream,
+                       observe=observe)

@@ -142,8 +142,9 @@ def sample_video(
             preview = Image.fromarray((rgb.cpu().numpy() * 255).astype(np.uint8))
         bar.update(1, preview=preview)
 
-    out = sample(model.model_sampling, denoiser, noise, sigmas, sampler_name, start,
-                 generator=step_generators(seed, batch), callback=callback)
+    with model.running():
+        out = sample(model.model_sampling, denoiser, noise, sigmas, sampler_name, start,
+                     generator=step_generators(seed, batch), callback=callback)
     return {"samples": to_cpu(out), "latent_format": fmt.name}
 
 

@@ -10,6 +10,7 @@ source tree). We never decide by trying `import comfy`: an unrelated PyPI packag
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -48,6 +49,7 @@ class _Standalone:
     output_dir: Path = Path("output")
     input_dir: Path = Path("input")
     device: torch.device | None = None  # None: $KINEFLOW_DEVICE, else the best available
+    memory_budget: str | None = None  # GiB as the user wrote it; None: $KINEFLOW_MEMORY_BUDGET, else free memory
     interrupt = threading.Event()
     quiet = 0  # > 0 while standalone progress bars are silenced (see quiet())
 
@@ -57,6 +59,7 @@ def configure(
     output_dir: str | os.PathLike | None = None,
     input_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    memory_budget: str | float | None = None,
 ) -> None:
     """Set the standalone models, output and input folders and the compute device (the CLI's --models-dir,
     --output-dir, --input-dir and --device)."""
@@ -68,17 +71,21 @@ def configure(
         _Standalone.input_dir = Path(input_dir)
     if device is not None:
         _Standalone.device = device if isinstance(device, torch.device) else parse_device(device)
+    if memory_budget is not None:
+        _Standalone.memory_budget = str(memory_budget)
 
 
 @contextlib.contextmanager
 def configured(**folders):
     """`configure(**folders)` for the duration of a `with` block, then restore the previous standalone folders."""
-    saved = (_Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir, _Standalone.device)
+    fields = ("models_dir", "output_dir", "input_dir", "device", "memory_budget")
+    saved = {name: getattr(_Standalone, name) for name in fields}
     configure(**folders)
     try:
         yield
     finally:
-        _Standalone.models_dir, _Standalone.output_dir, _Standalone.input_dir, _Standalone.device = saved
+        for name, value in saved.items():
+            setattr(_Standalone, name, value)
 
 
 def register_comfyui_folders() -> None:
@@ -236,6 +243,22 @@ def free_memory(device: torch.device | None = None) -> int:
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 4 << 30  # no way to ask: assume a modest 4 GiB
+
+
+def memory_budget() -> int | None:
+    """Bytes the models of a run may keep on the compute device (--memory-budget / KINEFLOW_MEMORY_BUDGET, in
+    GiB), or None: the offloader then plans from the device's free memory."""
+    value = _Standalone.memory_budget if _Standalone.memory_budget is not None else os.environ.get(
+        "KINEFLOW_MEMORY_BUDGET", "").strip()
+    if value in (None, ""):
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        raise InputFileError(f"memory budget must be a number of GiB, e.g. 6 or 11.5; got {value!r}") from None
+    if not math.isfinite(gib) or gib <= 0:
+        raise InputFileError(f"memory budget must be a positive number of GiB; got {value!r}")
+    return int(gib * 2**30)
 
 
 def offload_device() -> torch.device:

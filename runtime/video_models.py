@@ -10,6 +10,7 @@ from shapes, convert keys, and assign tensors already in the target dtype into a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -20,12 +21,13 @@ import torch
 from ..models import checkpoints
 from ..models import hunyuan_video_dit as dit_mod
 from ..models import hunyuan_video_vae as vae_mod
-from ..models.hunyuan_text import HunyuanTextEncoder, load_hunyuan_text_encoder
+from ..models.hunyuan_text import HunyuanTextEncoder, text_tower
+from ..models.tokenization import clip_l_tokenizer, load_tokenizer
 from ..samplers.sampling import FlowMatching
 from ..samplers.schedules import flow_sigmas
 from . import host
 from ..errors import KineFlowError
-from .memory import load_into_meta_model
+from . import offload as offload_mod
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -98,6 +100,11 @@ class HunyuanVideoModel:
     model_sampling: FlowMatching = field(default_factory=FlowMatching)
     # Linear latent -> RGB map for live previews, when the checkpoint carries one (our trained models do).
     preview_factors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    residency: offload_mod.Residency | None = None
+
+    def running(self):
+        """Entered around a sampling run: the offload policy brings the weights to the compute device."""
+        return self.residency.active() if self.residency is not None else contextlib.nullcontext()
 
     @property
     def guidance_embedded(self) -> bool:
@@ -135,18 +142,18 @@ class HunyuanVideoModel:
             return self.net(x, timestep, **kwargs).float()
 
 
-def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = False) -> HunyuanVideoModel:
+def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = False, offload: str = "auto",
+                     resident_blocks: int | None = None) -> HunyuanVideoModel:
     path = host.model_path("diffusion_models", name_or_path)
     header, det = checkpoints.require_family(path, "hunyuan_video_dit")
     device = host.compute_device()
     dtype = resolve_dtype(weight_dtype, device)
-    raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype,
-                                   keep_dtypes=(torch.float8_e4m3fn,) if fp8 else (), device=device)
-    sd = dit_mod.convert_state_dict(raw, det.layout)
-    del raw
-    config = dit_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    net = load_into_meta_model(dit_mod.HunyuanVideoDiT, config, sd, dtype, fp8=fp8, device=device)
-    return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), preview_factors=_preview_factors(header))
+    net, residency = offload_mod.load(
+        header, dit_mod.HunyuanVideoDiT, policy=offload, device=device, dtype=dtype, name=path.name,
+        resident_blocks=resident_blocks, budget_bytes=host.memory_budget(), prefix=det.prefix, fp8=fp8,
+        convert=lambda sd: dit_mod.convert_state_dict(sd, det.layout), config_from=dit_mod.config_from_state_dict)
+    return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), preview_factors=_preview_factors(header),
+                             residency=residency)
 
 
 def _preview_factors(header: checkpoints.Header):
@@ -174,42 +181,84 @@ class VideoVAE:
     dtype: torch.dtype
     source: str
     latent_format: LatentFormat = HUNYUAN_VIDEO_LATENT
+    residency: offload_mod.Residency | None = None
 
     def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
-        return self.vae.decode_latents(latents, tiling=tiling, memory_budget_bytes=memory_budget_bytes, callback=callback)
+        with self.residency.active() if self.residency is not None else contextlib.nullcontext():
+            return self.vae.decode_latents(latents, tiling=tiling, memory_budget_bytes=memory_budget_bytes,
+                                           callback=callback)
 
     def encode(self, video: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
-        return self.vae.encode_latents(video, tiling=tiling, memory_budget_bytes=memory_budget_bytes, callback=callback)
+        with self.residency.active() if self.residency is not None else contextlib.nullcontext():
+            return self.vae.encode_latents(video, tiling=tiling, memory_budget_bytes=memory_budget_bytes,
+                                           callback=callback)
 
 
-def load_video_vae(name_or_path: str, dtype_name: str = "auto") -> VideoVAE:
+def load_video_vae(name_or_path: str, dtype_name: str = "auto", offload: str = "auto") -> VideoVAE:
     path = host.model_path("vae", name_or_path)
     header, det = checkpoints.require_family(path, "hunyuan_video_vae")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    raw = checkpoints.load_tensors(header, prefix=det.prefix, dtype=dtype, device=device)
-    sd = vae_mod.convert_state_dict(raw, det.layout)
-    del raw
-    config = vae_mod.config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    # What shapes cannot tell (the file's metadata does when it was written by KineFlow's trainer).
-    overrides = {key: cast(header.metadata[key]) for key, cast in (("scaling_factor", float), ("norm_num_groups", int))
-                 if key in header.metadata}
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
-    vae = load_into_meta_model(vae_mod.HunyuanVideoVAE, config, sd, dtype, device=device)
-    return VideoVAE(vae=vae, dtype=dtype, source=str(path))
+
+    def config_from(shapes):
+        config = vae_mod.config_from_state_dict(shapes)
+        # What shapes cannot tell (the file's metadata does when it was written by KineFlow's trainer).
+        overrides = {key: cast(header.metadata[key]) for key, cast in (("scaling_factor", float),
+                                                                       ("norm_num_groups", int))
+                     if key in header.metadata}
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    vae, residency = offload_mod.load(
+        header, vae_mod.HunyuanVideoVAE, policy=offload, device=device, dtype=dtype, name=path.name,
+        budget_bytes=host.memory_budget(), prefix=det.prefix,
+        convert=lambda sd: vae_mod.convert_state_dict(sd, det.layout), config_from=config_from)
+    return VideoVAE(vae=vae, dtype=dtype, source=str(path), residency=residency)
 
 
 # --------------------------------------------------------------------------- text encoders
+@dataclass
+class TextEncoders:
+    """KINEFLOW_TEXT_ENCODER for HunyuanVideo: LLaMA + CLIP-L (models/hunyuan_text.py) under their offload
+    policies (`model` by default off the CPU: the 16 GB LLaMA leaves the device once the prompt is encoded)."""
+
+    encoder: HunyuanTextEncoder
+    residencies: tuple[offload_mod.Residency, ...]
+
+    def encode(self, prompts) -> dict[str, torch.Tensor]:
+        with contextlib.ExitStack() as stack:
+            for residency in self.residencies:
+                stack.enter_context(residency.active())
+            return self.encoder.encode(prompts)
+
+
+def text_encoder_policy(policy: str, device: torch.device) -> str:
+    """`auto` for a text encoder: `model` on an accelerator (resident only while it encodes), else as for any
+    model (the weights' size against free memory)."""
+    return "model" if policy == "auto" and device.type not in ("cpu", "meta") else policy
+
+
+def load_text_tower(path: Path, family: str, dtype: torch.dtype, device: torch.device, policy: str = "auto"):
+    """A LLaMA or CLIP text model from its file under an offload policy: (model, Residency)."""
+    tower = text_tower(path, family)
+    return offload_mod.load(tower.header, tower.model_class, policy=text_encoder_policy(policy, device),
+                            device=device, dtype=dtype, name=Path(path).name, budget_bytes=host.memory_budget(),
+                            prefix=tower.prefix, convert=tower.convert, config_from=tower.config_from)
+
+
 def load_text_encoders(llm_name: str, clip_name: str, tokenizer_path: str = "", dtype_name: str = "auto",
-                       crop_start: int = -1) -> HunyuanTextEncoder:
+                       crop_start: int = -1, offload: str = "auto") -> TextEncoders:
     llm_path = host.model_path("text_encoders", llm_name)
     clip_path = host.model_path("text_encoders", clip_name)
     tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path.strip() else None
     if tokenizer is not None and not tokenizer.is_absolute():
         tokenizer = host.model_path("text_encoders", tokenizer_path.strip())
+    if tokenizer is None:
+        tokenizer = llm_path if llm_path.is_dir() else llm_path.parent
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    return load_hunyuan_text_encoder(llm_path, clip_path, llama_tokenizer_path=tokenizer, llama_dtype=dtype,
-                                     clip_dtype=dtype, device=device,
-                                     crop_start=None if crop_start < 0 else crop_start)
+    llama, llama_residency = load_text_tower(llm_path, "llama_text", dtype, device, offload)
+    clip, clip_residency = load_text_tower(clip_path, "clip_text", dtype, device, offload)
+    encoder = HunyuanTextEncoder(llama, load_tokenizer(tokenizer), clip, clip_l_tokenizer(),
+                                 crop_start=None if crop_start < 0 else crop_start)
+    encoder.device = device
+    return TextEncoders(encoder, (llama_residency, clip_residency))

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kineflow.runtime import host
+
 DATA_DIR = Path(__file__).parent / "data"
 CALLS: list[tuple[str, dict]] = []
 
@@ -114,7 +116,7 @@ class TSave:
 
     def save(self, images, filename_prefix, label=None, prompt=None, extra_pnginfo=None, unique_id=None):
         _record("TSave", prefix=filename_prefix, label=label, prompt=prompt, extra_pnginfo=extra_pnginfo,
-                unique_id=unique_id, mean=float(images.mean()))
+                unique_id=unique_id, mean=float(images.mean()), output_dir=host.output_dir())
         return {"ui": {"images": [{"filename": f"{filename_prefix}_00001.png"}]}, "result": ()}
 
 

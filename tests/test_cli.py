@@ -53,7 +53,8 @@ def test_run_succeeds(fixture_nodes, capsys, calls, tmp_path):
     assert code == 0, err
     assert out == 'node 3: {"images": [{"filename": "cli_00001.png"}]}\n'
     assert "[4/4] node 3 TSave" in err and "done: 4 nodes" in err
-    assert host.output_dir() == tmp_path / "o"
+    assert dict(calls)["TSave"]["output_dir"] == tmp_path / "o"
+    assert host.output_dir() != tmp_path / "o", "a run's folders apply to that run only"
 
 
 def test_validate_succeeds(fixture_nodes, capsys):

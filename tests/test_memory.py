@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from kineflow.models.hunyuan_video_dit import HunyuanVideoDiT, HunyuanVideoDiTConfig
 from kineflow.errors import ModelFileError
-from kineflow.runtime.memory import FP8_DTYPE, cast_linear_weights_fp8, load_into_meta_model
+from kineflow.models.weights import FP8_DTYPE, cast_linear_weights_fp8, load_into_meta_model
 
 
 def random_tiny_state_dict():

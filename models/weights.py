@@ -1,0 +1,160 @@
+"""How weights are stored and loaded into models: one path from a checkpoint header to a ready module.
+
+`load_model` reads a header's shapes, converts the key layout on `meta` tensors (no data), derives the config,
+builds the model on `meta` and assigns the weights, each tensor read and converted once straight to its final
+dtype, so no full-precision copy of a model ever exists. With `lazy=True` the weights that a layout keeps
+as they are in a `.safetensors` file (a renamed key, not a merged or reshaped one) are not read at all: they stay
+`meta` placeholders of the compute dtype, and `model.file_slices` says where each one lies in the file
+(`FileSlice`), for runtime/offload.py to read per block. On the `meta` device nothing is read.
+
+fp8 storage keeps every nn.Linear weight as torch.float8_e4m3fn (1 byte per value, no scale: values are cast
+directly, as ComfyUI's "fp8_e4m3fn" weight dtype does) and upcasts one layer's weight to the compute dtype
+when that layer runs. Parameter names never change, so state dicts, LoRA patching by name and saving keep
+working; only the storage of the weights differs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ModelFileError
+from . import checkpoints
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    dtype = self.compute_dtype
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+
+def cast_linear_weights_fp8(module: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """Store the weight of every nn.Linear inside `module` as float8_e4m3fn and upcast it at forward time.
+
+    Works in place and returns `module`. Biases stay in their dtype (they are small). Calling it again, or on
+    weights that are already fp8, only (re)sets the compute dtype."""
+    for layer in module.modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        if layer.weight.dtype != FP8_DTYPE:
+            layer.weight = nn.Parameter(layer.weight.detach().to(FP8_DTYPE), requires_grad=False)
+        layer.compute_dtype = compute_dtype
+        layer.forward = types.MethodType(_fp8_linear_forward, layer)
+    return module
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """Where one weight lies in a .safetensors file: read on demand instead of held in memory."""
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def read(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The weight as `dtype` on `device`: read with one positioned read (no memory map stays behind)."""
+        raw = torch.empty(self.nbytes, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [memoryview(raw.numpy())], self.offset)
+        if got != self.nbytes:
+            raise ModelFileError(f"{self.path.name!r} ended early: expected {self.nbytes} bytes at offset "
+                                 f"{self.offset}, read {got} (was the file changed or truncated after loading?)")
+        return raw.view(self.dtype).reshape(self.shape).to(device=device, dtype=dtype)
+
+
+def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, dtype: torch.dtype,
+               device: torch.device | str = "cpu", prefix: str = "", fp8: bool = False,
+               lazy: bool = False) -> nn.Module:
+    """A ready model from a checkpoint header: `convert(file tensors) -> internal state dict` (the layout's key
+    conversion), `config_from(internal shapes) -> config`. See the module docstring for `lazy`."""
+    device = torch.device(device)
+    metas = checkpoints.load_tensors(header, prefix=prefix, device="meta")
+    converted = convert(metas)
+    config = config_from({k: tuple(v.shape) for k, v in converted.items()})
+    keep = (FP8_DTYPE,) if fp8 else ()
+    slices: dict[str, FileSlice] = {}
+    if lazy and device.type != "meta":
+        source_of = {id(t): prefix + name for name, t in metas.items()}
+        for name, t in converted.items():
+            info = header.tensors.get(source_of.get(id(t), ""))
+            if info is not None and info.offset is not None:
+                slices[name] = FileSlice(info.file, info.offset, t.dtype, tuple(t.shape))
+    if device.type == "meta":
+        sd = converted
+    elif len(slices) == len(converted):
+        sd = dict(converted)  # nothing to read now
+    else:
+        sd = convert(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, keep_dtypes=keep))
+    for name in slices:
+        sd[name] = torch.empty(slices[name].shape, dtype=dtype, device="meta")
+    model = load_into_meta_model(model_cls, config, sd, dtype, fp8=fp8, device=device, lazy=set(slices))
+    model.file_slices = slices
+    return model
+
+
+def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype, fp8: bool = False,
+                         device: torch.device | str = "cpu", lazy: set[str] = frozenset()) -> nn.Module:
+    """Build `model_cls(config)` on the meta device, assign `state_dict` (internal layout) into it and move it to
+    `device` (in eval mode, without gradients).
+
+    Each tensor is converted once, straight to its final dtype (`dtype`, or float8_e4m3fn for nn.Linear weights
+    when `fp8`), so no full-precision copy of the model ever exists. Raises ModelFileError on missing or
+    unexpected keys or mismatched shapes. On `device="meta"` (a dry run) the state dict holds shapes only; the
+    weights named in `lazy` stay `meta` placeholders on any device (their data is read later, by the offloader)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    fp8_keys = set()
+    if fp8:
+        fp8_keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(
+                f"{len(wrong_shape)} with other shapes (e.g. {k}: expected {tuple(expected[k].shape)}, "
+                f"found {tuple(state_dict[k].shape)})"
+            )
+        raise ModelFileError(f"weights do not fit {model_cls.__name__} with the derived config: " + "; ".join(details))
+    converted = {}
+    for key, tensor in state_dict.items():
+        target = FP8_DTYPE if key in fp8_keys else (dtype if tensor.is_floating_point() else tensor.dtype)
+        converted[key] = tensor.to(target)
+    model.load_state_dict(converted, strict=True, assign=True)
+    if fp8:
+        cast_linear_weights_fp8(model, dtype)
+    device = torch.device(device)
+    if device.type != "meta":
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if tensor.is_meta and name not in lazy:
+                raise ModelFileError(f"{model_cls.__name__}: {name} was not filled from the weights (still on meta)")
+        # Moving the module would try to copy the placeholders: move each filled tensor on its own.
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if tensor is not None and not tensor.is_meta and tensor.device != device:
+                        moved = tensor.data.to(device)
+                        table[name] = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
+        return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,350 @@
+"""Where a model's weights live while it is loaded and while it runs: the one offload helper of the pack.
+
+Every model of both families (transformers, UNets, motion modules, text encoders, VAEs) is loaded through
+`memory.build_model` and then given a `Residency` with one policy; loaders and nodes only choose the policy.
+
+- `full`: every weight on the compute device, always. No hooks, no copies: the fastest, the most memory.
+- `model`: the whole model moves to the compute device when its node runs and back to the offload device
+  afterwards (the natural choice for text encoders: LLaMA must not stay resident during sampling).
+- `blocks`: block swap. The model's repeated blocks (`offload_blocks()`: DiT double/single blocks, UNet
+  stages, LLaMA / CLIP layers, ...) are units; `resident` of them stay on the device, the others are brought in
+  when their first layer runs and sent back when the next unit starts. The next unit is fetched ahead while the
+  current one computes (a side CUDA stream from pinned memory on CUDA, a reader thread for weights in a file).
+- `sequential`: every layer is its own unit and nothing stays resident: the smallest footprint, the slowest.
+- `auto`: `full` when the model fits comfortably in the device's free memory, else `blocks` with as many
+  resident blocks as the budget allows, else `sequential`.
+
+The offload device is the CPU's memory or, on a CPU-only machine, the checkpoint file itself: weights stay in
+the `.safetensors` file and are read per unit (`memory.FileSlice`), so resident memory is bounded by the
+budget, not by the file size.
+
+How: parameters keep their names and shapes; only what `module._parameters[name]` holds changes (a tensor on
+the device, on the offload device, or a `meta` placeholder of the compute dtype when the weight is in the file).
+A forward pre-hook on every module that owns weights makes its unit resident first. Offloading never changes
+results: the device copy of a weight is the same bits whichever policy brought it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputFileError
+from ..models.weights import FileSlice, load_model
+from . import host
+
+POLICIES = ("auto", "full", "model", "blocks", "sequential")
+# `auto` keeps a model fully resident when it takes at most this share of the device's free memory, leaving
+# the rest for activations and the other models of the run.
+AUTO_FULL_SHARE = 0.6
+
+
+@dataclass
+class _Unit:
+    """A group of weights that move together: (owner module, parameter or buffer name) pairs."""
+
+    name: str
+    slots: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, is_buffer)
+    resident: bool = False  # stays on the device while the model is active
+    on_device: bool = False
+    pending: Future | None = None
+
+    def nbytes(self) -> int:
+        return sum(_slot_bytes(m, n, b) for m, n, b in self.slots)
+
+
+def _slot_bytes(module: nn.Module, name: str, is_buffer: bool) -> int:
+    t = (module._buffers if is_buffer else module._parameters)[name]
+    return t.numel() * t.element_size() if t is not None else 0
+
+
+class Residency:
+    """Applies one offload policy to one loaded model. See the module docstring for the policies.
+
+    Weights a lazy load left in the checkpoint file (`model.file_slices`) are read from it when needed; the
+    others wait on `offload_device` (CPU memory, pinned when the device is CUDA).
+    Use `with residency.active():` around everything that runs the model (a sampler run, an encode).
+    """
+
+    def __init__(self, model: nn.Module, policy: str, device: torch.device, *, offload_device="cpu",
+                 resident_blocks: int | None = None, budget_bytes: int | None = None, name: str = "model"):
+        if policy not in POLICIES:
+            raise InputFileError(f"offload policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        self.model, self.device, self.name = model, torch.device(device), name
+        self.offload_device = torch.device(offload_device)
+        # Weights left in the checkpoint file by a lazy load (models/weights.py), by (owner module, name).
+        self.sources: dict[tuple[int, str], FileSlice] = {}
+        for key, source in getattr(model, "file_slices", {}).items():
+            owner, _, attr = key.rpartition(".")
+            self.sources[(id(model.get_submodule(owner)), attr)] = source
+        blocks = list(model.offload_blocks()) if hasattr(model, "offload_blocks") else []
+        if policy == "auto":
+            total = sum(_slot_bytes(m, n, b) for m, n, b in _all_slots(model))
+            policy = resolve_policy("auto", total, self.device, budget_bytes, has_blocks=bool(blocks))
+        if policy == "blocks" and not blocks:
+            policy = "model"  # a model without repeated blocks moves as a whole
+        self.policy = policy
+        self.units, self.rest = self._units(policy, blocks)
+        if policy == "blocks":
+            self.resident_blocks = self._resident_count(resident_blocks, budget_bytes)
+            for unit in self.units[: self.resident_blocks]:
+                unit.resident = True
+        else:
+            self.resident_blocks = len(self.units) if policy == "full" else 0
+        self._current: _Unit | None = None
+        self._active = 0
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kineflow-prefetch") if self.sources else None
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and policy in ("blocks",) else None
+        if policy == "full":
+            for module, name, is_buffer in self._all():
+                current = (module._buffers if is_buffer else module._parameters)[name]
+                if current.device != self.device:
+                    self._store(module, name, is_buffer, current.to(self.device))
+        else:
+            self._settle_homes()
+            self._to_offload(self._all())
+            if policy in ("blocks", "sequential"):
+                self._install_hooks()
+
+    # ------------------------------------------------------------------ policy choice
+    def _resident_count(self, requested: int | None, budget_bytes: int | None) -> int:
+        if requested is not None and requested >= 0:
+            return min(requested, len(self.units))
+        largest = max(u.nbytes() for u in self.units)
+        rest = self.rest.nbytes()
+        budget = budget_bytes if budget_bytes is not None else int(AUTO_FULL_SHARE * _free_bytes(self.device))
+        # One unit in flight and one prefetched always need room beside the resident ones.
+        spare = budget - rest - 2 * largest
+        if spare < 0:
+            raise InputFileError(
+                f"the memory budget of {budget / 2**30:.2f} GiB is too small for {self.name}: the largest block "
+                f"needs {largest / 2**30:.2f} GiB, twice over (one running, one being fetched), plus "
+                f"{rest / 2**30:.2f} GiB of weights outside the blocks. Raise the budget to at least "
+                f"{(rest + 2 * largest) / 2**30:.2f} GiB, or use the 'sequential' policy.")
+        return min(len(self.units), spare // largest)
+
+    def _units(self, policy: str, blocks: list[nn.Module]) -> tuple[list[_Unit], _Unit]:
+        owner_of: dict[int, int] = {}
+        if policy == "blocks":
+            for index, block in enumerate(blocks):
+                for module in block.modules():
+                    owner_of.setdefault(id(module), index)
+        units = [_Unit(f"block {i}") for i in range(len(blocks))] if policy == "blocks" else []
+        rest = _Unit("rest")
+        for module in self.model.modules():
+            slots = [(module, n, False) for n, p in module._parameters.items() if p is not None]
+            slots += [(module, n, True) for n, b in module._buffers.items() if b is not None]
+            if not slots:
+                continue
+            if policy == "sequential":
+                units.append(_Unit(type(module).__name__, slots))
+            elif id(module) in owner_of:
+                units[owner_of[id(module)]].slots += slots
+            else:
+                rest.slots += slots
+        return units, rest
+
+    # ------------------------------------------------------------------ moving weights
+    def _all(self):
+        return self.rest.slots + [s for u in self.units for s in u.slots]
+
+    def _fetch(self, module: nn.Module, name: str, is_buffer: bool, device: torch.device) -> torch.Tensor:
+        """The weight on `device`: read from the file, or copied from its home on the offload device."""
+        key = (id(module), name)
+        if key in self.sources and device.type != "meta":
+            return self.sources[key].read(self._home[key].dtype, device)  # the placeholder holds the storage dtype
+        home = self._home[key]
+        return home.to(device, non_blocking=home.is_pinned())
+
+    def _store(self, module: nn.Module, name: str, is_buffer: bool, tensor: torch.Tensor) -> None:
+        if is_buffer:
+            module._buffers[name] = tensor
+        else:
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+    def _settle_homes(self) -> None:
+        """Give every weight its home on the offload device (pinned for CUDA) or, if it lives in the checkpoint
+        file, a `meta` placeholder. Weights are read-only here, so sending one back just restores its home."""
+        self._home: dict[tuple[int, str], torch.Tensor] = {}
+        for module, name, is_buffer in self._all():
+            current = (module._buffers if is_buffer else module._parameters)[name]
+            key = (id(module), name)
+            if key in self.sources:
+                home = current if current.is_meta else torch.empty_like(current, device="meta")
+            else:
+                home = current if current.device == self.offload_device else current.to(self.offload_device)
+                if self.device.type == "cuda" and not home.is_pinned():
+                    home = home.pin_memory()
+            self._home[key] = home.detach()
+
+    def _to_device(self, slots) -> None:
+        """Put `slots` on the compute device (reading the file for weights that live there)."""
+        for module, name, is_buffer in slots:
+            current = (module._buffers if is_buffer else module._parameters)[name]
+            if current is self._home.get((id(module), name), current) or current.device != self.device:
+                self._store(module, name, is_buffer, self._fetch(module, name, is_buffer, self.device))
+
+    def _to_offload(self, slots) -> None:
+        """Send `slots` back: each weight's module slot holds its home again (no copy back)."""
+        for module, name, is_buffer in slots:
+            self._store(module, name, is_buffer, self._home[(id(module), name)])
+
+    def _bring(self, unit: _Unit) -> None:
+        if unit.on_device:
+            return
+        if unit.pending is not None:
+            tensors = unit.pending.result()
+            unit.pending = None
+            if self._stream is not None:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_stream(self._stream)
+                for tensor in tensors:  # freed only once the main stream is done with it
+                    tensor.record_stream(main)
+            for (module, name, is_buffer), tensor in zip(unit.slots, tensors):
+                self._store(module, name, is_buffer, tensor)
+        else:
+            self._to_device(unit.slots)
+        unit.on_device = True
+
+    def _prefetch(self, unit: _Unit) -> None:
+        """Start fetching `unit` while the current one computes."""
+        if unit.on_device or unit.pending is not None:
+            return
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                tensors = [self._fetch(m, n, b, self.device) for m, n, b in unit.slots]
+            done: Future = Future()
+            done.set_result(tensors)
+            unit.pending = done
+        elif self._reader is not None and any((id(m), n) in self.sources for m, n, _ in unit.slots):
+            unit.pending = self._reader.submit(lambda: [self._fetch(m, n, b, self.device) for m, n, b in unit.slots])
+
+    def _send_back(self, unit: _Unit) -> None:
+        if unit.on_device and not unit.resident:
+            self._to_offload(unit.slots)
+            unit.on_device = False
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self) -> None:
+        for index, unit in enumerate(self.units):
+            for module in {id(m): m for m, _, _ in unit.slots}.values():
+                module.register_forward_pre_hook(self._pre_hook(index))
+
+    def _pre_hook(self, index: int):
+        def hook(module, args):
+            if not self._active:
+                return
+            unit = self.units[index]
+            if self._current is unit:
+                return
+            if self._current is not None:
+                self._send_back(self._current)
+            self._bring(unit)
+            self._current = unit
+            if index + 1 < len(self.units):
+                self._prefetch(self.units[index + 1])
+        return hook
+
+    @contextlib.contextmanager
+    def active(self):
+        """The model runs inside: the weights outside the units (and resident units) are on the device."""
+        self._active += 1
+        try:
+            if self._active == 1 and self.policy != "full":
+                self._to_device(self.rest.slots + [s for u in self.units if u.resident for s in u.slots])
+                for unit in self.units:
+                    unit.on_device = unit.resident
+                if self.policy == "model":
+                    self._to_device(self._all())
+            yield self
+        finally:
+            self._active -= 1
+            if self._active == 0 and self.policy != "full":
+                for unit in self.units:
+                    if unit.pending is not None:
+                        unit.pending.result()
+                        unit.pending = None
+                self._current = None
+                self._to_offload(self._all())
+                for unit in self.units:
+                    unit.on_device = False
+
+    def copy_model(self) -> tuple[nn.Module, "Residency"]:
+        """A private copy of the model, weights in memory (read from the file where needed), under the same
+        policy: what a merge that changes weights (a LoRA, an adapter) works on, leaving this model untouched."""
+        if self._active:
+            raise RuntimeError("cannot copy a model while it runs")
+        for module in self.model.modules():  # the copy gets hooks of its own
+            module._forward_pre_hooks_saved, module._forward_pre_hooks = module._forward_pre_hooks, OrderedDict()
+        try:
+            clone = copy.deepcopy(self.model)
+        finally:
+            for module in self.model.modules():
+                module._forward_pre_hooks = module.__dict__.pop("_forward_pre_hooks_saved")
+        clone.file_slices = {}
+        for (module, name, is_buffer), (clone_module, _, _) in zip(self._all(), _ordered_slots(clone, self)):
+            source = self.sources.get((id(module), name))
+            if source is not None:
+                self._store(clone_module, name, is_buffer, source.read(self._home[(id(module), name)].dtype))
+        return clone, Residency(clone, self.policy, self.device, offload_device=self.offload_device,
+                                resident_blocks=self.resident_blocks if self.policy == "blocks" else None,
+                                name=self.name)
+
+
+def _ordered_slots(clone: nn.Module, residency: "Residency"):
+    """The slots of a deep copy in the order of `residency._all()` (modules matched by their path)."""
+    path_of = {id(m): p for p, m in residency.model.named_modules()}
+    for module, name, is_buffer in residency._all():
+        yield clone.get_submodule(path_of[id(module)]), name, is_buffer
+
+
+def _all_slots(model: nn.Module):
+    for module in model.modules():
+        yield from ((module, n, False) for n, p in module._parameters.items() if p is not None)
+        yield from ((module, n, True) for n, b in module._buffers.items() if b is not None)
+
+
+def load(header, model_cls, *, policy: str, device: torch.device, dtype: torch.dtype, name: str,
+         resident_blocks: int | None = None, budget_bytes: int | None = None, prefix: str = "", fp8: bool = False,
+         **load_kwargs) -> tuple[nn.Module, "Residency"]:
+    """Load a model (models/weights.load_model) under an offload policy; returns the model and its Residency.
+
+    The policy is settled before reading: on the CPU, `blocks` and `sequential` leave the weights in the file."""
+    device = torch.device(device)
+    itemsize = 1 if fp8 else dtype.itemsize
+    weight_bytes = sum(info.numel for key, info in header.tensors.items() if key.startswith(prefix)) * itemsize
+    policy = resolve_policy(policy, weight_bytes, device, budget_bytes, has_blocks=hasattr(model_cls, "offload_blocks"))
+    lazy = device.type == "cpu" and policy in ("blocks", "sequential")
+    # Offloaded models are loaded where they wait between runs (a dry run on `meta` therefore reads weights
+    # for an explicit offload policy; its default, `auto`, keeps everything on `meta`).
+    target = device if policy == "full" else torch.device("cpu")
+    model = load_model(header, model_cls, dtype=dtype, device=target, prefix=prefix, fp8=fp8, lazy=lazy,
+                       **load_kwargs)
+    return model, Residency(model, policy, device, resident_blocks=resident_blocks, budget_bytes=budget_bytes,
+                            name=name)
+
+
+def resolve_policy(policy: str, weight_bytes: int, device: torch.device, budget_bytes: int | None = None, *,
+                   has_blocks: bool = True) -> str:
+    """The concrete policy for `auto`: `full` when the weights take at most AUTO_FULL_SHARE of the budget (the
+    device's free memory unless given), else `blocks` (`sequential` for a model without blocks)."""
+    if policy != "auto":
+        if policy not in POLICIES:
+            raise InputFileError(f"offload policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        return policy
+    if device.type == "meta":
+        return "full"  # a dry run reports what keeping everything resident needs
+    budget = budget_bytes if budget_bytes is not None else _free_bytes(device)
+    if weight_bytes <= AUTO_FULL_SHARE * budget:
+        return "full"
+    return "blocks" if has_blocks else "sequential"
+
+
+def _free_bytes(device: torch.device) -> int:
+    return host.free_memory(device)
