@@ -18,22 +18,14 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 
-import kineflow
 from kineflow.models import clip_text, hunyuan_text, llama_text, tokenization
 from kineflow.models.clip_text import CLIPTextConfig, CLIPTextModel
 from kineflow.models.hunyuan_text import HunyuanTextEncoder, VIDEO_PROMPT_TEMPLATE
+from checkpoint_fixtures import manifest_shapes
 from kineflow.models.llama_text import LlamaTextConfig, LlamaTextEncoder
 from kineflow.errors import InputFileError, KineFlowError, ModelFileError
 
-MANIFESTS = Path(kineflow.__file__).resolve().parent.parent / "shared" / "reference" / "checkpoints"
 TOL = 1e-4
-
-
-def manifest_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    path = MANIFESTS / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"reference manifest {path} is not available")
-    return {k: tuple(v["shape"]) for k, v in json.loads(path.read_text())["tensors"].items()}
 
 
 def meta_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
