@@ -13,8 +13,9 @@ class InputFileError(KineFlowError):
     """A file the user pointed us at is unreadable or has the wrong format. Exit code 2."""
 
 
-class ModelFileError(KineFlowError):
-    """A checkpoint is missing, unreadable, unsafe to unpickle, or of another family than expected."""
+class ModelFileError(InputFileError):
+    """A checkpoint is missing, unreadable, unsafe to unpickle, incomplete, or of another family than expected
+    (an unusable input file: exit code 2)."""
 
 
 class InterruptedRun(Exception):

@@ -396,6 +396,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "tensors": len(header.tensors),
         "dtypes": dtypes,
         "prefix": det.prefix,
+        "quantization": quantization(header),
         "wrapper": header.wrapper,
         "note": det.note,
     }
@@ -425,6 +426,32 @@ def _torch_dtype(name: str, tensor: str) -> torch.dtype:
     return found
 
 
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled fp8 files: an empty tensor whose dtype is the fp8 format
+_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def quantization(header: Header) -> str | None:
+    """How a file stores its weights when not in plain floats: "fp8_scaled", "fp8_e4m3fn" or "fp8_e5m2"."""
+    names = header.tensors
+    if any(k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER) for k in names):
+        return "fp8_scaled"
+    kinds = {info.dtype for info in names.values()}
+    return "fp8_e4m3fn" if "F8_E4M3" in kinds else "fp8_e5m2" if "F8_E5M2" in kinds else None
+
+
+def split_scales(tensors: dict) -> tuple[dict, dict[str, str]]:
+    """(the weights, {weight name: its scale_weight name}) without the scaled-fp8 marker and input scales."""
+    weights, scales = {}, {}
+    for name, tensor in tensors.items():
+        if name == SCALED_FP8_MARKER or name.endswith("." + SCALED_FP8_MARKER) or name.endswith(".scale_input"):
+            continue
+        if name.endswith(".scale_weight"):
+            scales[name.removesuffix(".scale_weight") + ".weight"] = name
+        else:
+            weights[name] = tensor
+    return weights, scales
+
+
 def require_family(path: str | os.PathLike, expected: str | tuple[str, ...]) -> tuple[Header, Detection]:
     """Read and detect a file, raising a clear error if it is not one of the expected families."""
     expected = (expected,) if isinstance(expected, str) else expected
@@ -446,13 +473,18 @@ def load_tensors(
     dtype: torch.dtype | None = None,
     keep_dtypes: tuple[torch.dtype, ...] = (),
     device: torch.device | str = "cpu",
+    names: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors whose names start with `prefix` (prefix stripped), cast to `dtype` one tensor at a time.
 
     Casting per tensor keeps peak memory at one tensor above the result: no full-precision copy of the model
     is ever made. Tensors already in one of `keep_dtypes` (e.g. fp8 storage) are kept as they are.
     With `device="meta"` nothing beyond the header is read: the tensors are shapes and dtypes only (dry runs).
+    `names` (with the prefix stripped) limits the load to those tensors.
     """
+    def wanted(name: str) -> bool:
+        return name.startswith(prefix) and (names is None or name[len(prefix):] in names)
+
     path = header.path
 
     def cast(t: torch.Tensor) -> torch.Tensor:
@@ -462,7 +494,7 @@ def load_tensors(
 
     if torch.device(device).type == "meta":
         return {name[len(prefix):]: cast(torch.empty(info.shape, dtype=_torch_dtype(info.dtype, name), device="meta"))
-                for name, info in header.tensors.items() if name.startswith(prefix)}
+                for name, info in header.tensors.items() if wanted(name)}
     out: dict[str, torch.Tensor] = {}
     files = _folder_weight_files(path) if path.is_dir() else [path]
     for f in files:
@@ -472,13 +504,13 @@ def load_tensors(
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as sf:
                     for name in sf.keys():
-                        if name.startswith(prefix):
+                        if wanted(name):
                             out[name[len(prefix):]] = cast(sf.get_tensor(name))
             except Exception as e:  # safetensors raises its own error types for damaged files
                 raise ModelFileError(f"could not read tensors from {f.name!r}: {e}") from None
         else:
             sd, _ = _unwrap(_torch_load(f))
             for name, t in sd.items():
-                if name.startswith(prefix):
+                if wanted(name):
                     out[name[len(prefix):]] = cast(t)
     return out

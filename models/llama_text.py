@@ -179,10 +179,6 @@ EMBED_SUFFIX = "embed_tokens.weight"
 def locate(keys: Iterable[str]) -> tuple[str, str]:
     """(prefix, layout): layout "hf" has `<prefix>model.embed_tokens...`, "hf_bare" has `<prefix>embed_tokens...`."""
     keys = list(keys)
-    scaled = [k for k in keys if k.endswith("scale_weight") or k.endswith("scaled_fp8")]
-    if scaled:
-        raise ModelFileError(f"this is a scaled-fp8 LLaMA file (it has {scaled[0]!r}); it is not supported. "
-                             "Use the fp16 or bf16 file (e.g. llava_llama3_fp16.safetensors) instead")
     heads = sorted({k[: -len(EMBED_SUFFIX)] for k in keys if k.endswith(EMBED_SUFFIX)})
     if len(heads) != 1:
         raise ModelFileError(f"expected one LLaMA model (one key ending in {EMBED_SUFFIX!r}); found {len(heads)}"

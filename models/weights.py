@@ -29,12 +29,24 @@ from ..errors import ModelFileError
 from . import checkpoints
 
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = self.compute_dtype
+    weight = self.weight.to(dtype)
+    if getattr(self, "weight_scale", None) is not None:
+        weight = weight * self.weight_scale.to(dtype)  # scaled fp8 files: the stored value times a per-layer scale
     bias = None if self.bias is None else self.bias.to(dtype)
-    return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+    return F.linear(x.to(dtype), weight, bias)
+
+
+def fp8_linear(layer: nn.Linear, compute_dtype: torch.dtype, scale: torch.Tensor | None = None) -> None:
+    """Make an nn.Linear whose weight is stored in fp8 upcast it (times `scale`, if given) when it runs."""
+    if scale is not None:
+        layer.register_buffer("weight_scale", scale.detach().float().reshape(()), persistent=False)
+    layer.compute_dtype = compute_dtype
+    layer.forward = types.MethodType(_fp8_linear_forward, layer)
 
 
 def cast_linear_weights_fp8(module: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
@@ -45,10 +57,9 @@ def cast_linear_weights_fp8(module: nn.Module, compute_dtype: torch.dtype) -> nn
     for layer in module.modules():
         if not isinstance(layer, nn.Linear):
             continue
-        if layer.weight.dtype != FP8_DTYPE:
+        if layer.weight.dtype not in FP8_DTYPES:
             layer.weight = nn.Parameter(layer.weight.detach().to(FP8_DTYPE), requires_grad=False)
-        layer.compute_dtype = compute_dtype
-        layer.forward = types.MethodType(_fp8_linear_forward, layer)
+        fp8_linear(layer, compute_dtype)
     return module
 
 
@@ -80,46 +91,74 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
                device: torch.device | str = "cpu", prefix: str = "", fp8: bool = False,
                lazy: bool = False) -> nn.Module:
     """A ready model from a checkpoint header: `convert(file tensors) -> internal state dict` (the layout's key
-    conversion), `config_from(internal shapes) -> config`. See the module docstring for `lazy`."""
+    conversion), `config_from(internal shapes) -> config`. See the module docstring for `lazy`.
+
+    fp8 files (plain e4m3fn / e5m2 weights, or ComfyUI's scaled fp8 with a `scale_weight` per layer) keep their
+    nn.Linear weights in fp8 and upcast them per layer (times the scale); other fp8 tensors are dequantized here.
+    `fp8=True` also stores the other nn.Linear weights in fp8 e4m3fn."""
     device = torch.device(device)
-    metas = checkpoints.load_tensors(header, prefix=prefix, device="meta")
+    metas, scale_keys = checkpoints.split_scales(checkpoints.load_tensors(header, prefix=prefix, device="meta"))
     converted = convert(metas)
     config = config_from({k: tuple(v.shape) for k, v in converted.items()})
-    keep = (FP8_DTYPE,) if fp8 else ()
+    source_of = {id(t): name for name, t in metas.items()}
+    file_fp8 = {k for k, t in converted.items() if t.dtype in FP8_DTYPES}
+    scales = {}
+    if scale_keys:
+        stored = {source_of.get(id(converted[k])): k for k in file_fp8}
+        if None in stored:
+            raise ModelFileError(f"{header.path.name!r}: scaled fp8 weights in the {model_cls.__name__} layout of "
+                                 "this file are merged on loading, which KineFlow does not support; use a file in "
+                                 "the ComfyUI or original layout")
+        real_scales = checkpoints.load_tensors(header, prefix=prefix, names=set(scale_keys.values()))
+        scales = {stored[w]: real_scales[s] for w, s in scale_keys.items() if w in stored}
+        missing = sorted(k for k in file_fp8 if k not in scales)
+        if missing:
+            raise ModelFileError(f"{header.path.name!r} is a scaled fp8 file (it has a scaled_fp8 marker) but "
+                                 f"{len(missing)} fp8 weights have no scale_weight (e.g. {missing[:3]}); the file "
+                                 "is incomplete or was converted wrongly")
+    with torch.device("meta"):
+        linear_keys = {f"{n}.weight" for n, m in model_cls(config).named_modules() if isinstance(m, nn.Linear)}
+    fp8_keys = (file_fp8 | (linear_keys if fp8 else set())) & linear_keys
     slices: dict[str, FileSlice] = {}
     if lazy and device.type != "meta":
-        source_of = {id(t): prefix + name for name, t in metas.items()}
         for name, t in converted.items():
-            info = header.tensors.get(source_of.get(id(t), ""))
-            if info is not None and info.offset is not None:
+            info = header.tensors.get(prefix + source_of.get(id(t), "\0"))
+            if info is not None and info.offset is not None and (name in fp8_keys or t.dtype not in FP8_DTYPES):
                 slices[name] = FileSlice(info.file, info.offset, t.dtype, tuple(t.shape))
     if device.type == "meta":
         sd = converted
     elif len(slices) == len(converted):
         sd = dict(converted)  # nothing to read now
     else:
-        sd = convert(checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, keep_dtypes=keep))
+        raw = checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, keep_dtypes=FP8_DTYPES)
+        sd = convert(checkpoints.split_scales(raw)[0])
+        for key in file_fp8 - fp8_keys:  # fp8 tensors outside nn.Linear: dequantized once, here
+            sd[key] = (sd[key].float() * scales[key].float() if key in scales else sd[key].float()).to(dtype)
     for name in slices:
-        sd[name] = torch.empty(slices[name].shape, dtype=dtype, device="meta")
-    model = load_into_meta_model(model_cls, config, sd, dtype, fp8=fp8, device=device, lazy=set(slices))
+        sd[name] = torch.empty(slices[name].shape, dtype=slices[name].dtype if name in fp8_keys else dtype,
+                               device="meta")
+    model = load_into_meta_model(model_cls, config, sd, dtype, fp8_keys=fp8_keys, device=device, lazy=set(slices))
+    for key in fp8_keys:
+        fp8_linear(model.get_submodule(key.removesuffix(".weight")), dtype,
+                   scales[key].to(device) if key in scales and device.type != "meta" else scales.get(key))
     model.file_slices = slices
     return model
 
 
 def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype, fp8: bool = False,
-                         device: torch.device | str = "cpu", lazy: set[str] = frozenset()) -> nn.Module:
+                         device: torch.device | str = "cpu", lazy: set[str] = frozenset(),
+                         fp8_keys: set[str] | None = None) -> nn.Module:
     """Build `model_cls(config)` on the meta device, assign `state_dict` (internal layout) into it and move it to
     `device` (in eval mode, without gradients).
 
-    Each tensor is converted once, straight to its final dtype (`dtype`, or float8_e4m3fn for nn.Linear weights
-    when `fp8`), so no full-precision copy of the model ever exists. Raises ModelFileError on missing or
+    Each tensor is converted once, straight to its final dtype (`dtype`, or fp8 for the nn.Linear weights named in
+    `fp8_keys`, all of them when `fp8`), so no full-precision copy of the model ever exists. Raises ModelFileError on missing or
     unexpected keys or mismatched shapes. On `device="meta"` (a dry run) the state dict holds shapes only; the
     weights named in `lazy` stay `meta` placeholders on any device (their data is read later, by the offloader)."""
     with torch.device("meta"):
         model = model_cls(config)
-    fp8_keys = set()
-    if fp8:
-        fp8_keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if fp8_keys is None:
+        fp8_keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if fp8 else set()
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -139,7 +178,10 @@ def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype
         raise ModelFileError(f"weights do not fit {model_cls.__name__} with the derived config: " + "; ".join(details))
     converted = {}
     for key, tensor in state_dict.items():
-        target = FP8_DTYPE if key in fp8_keys else (dtype if tensor.is_floating_point() else tensor.dtype)
+        if key in fp8_keys:
+            target = tensor.dtype if tensor.dtype in FP8_DTYPES else FP8_DTYPE
+        else:
+            target = dtype if tensor.is_floating_point() else tensor.dtype
         converted[key] = tensor.to(target)
     model.load_state_dict(converted, strict=True, assign=True)
     if fp8:

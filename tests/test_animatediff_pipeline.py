@@ -158,7 +158,7 @@ def test_motion_module_for_another_unet_width_is_a_clear_error(models_dir, tmp_p
     code = cli.main(["run", str(WORKFLOW), "--models-dir", str(models_dir), "--output-dir", str(tmp_path),
                      "--set", f'2.model_name="{name}"'])
     err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err  # a model file that cannot serve here: an unusable input file
     assert "does not fit this UNet" in err and "channels [64, 128]" in err and "channels [32, 64]" in err
 
 
@@ -168,7 +168,7 @@ def test_wrong_file_in_motion_module_loader_says_what_it_is(models_dir, tmp_path
     code = cli.main(["run", str(WORKFLOW), "--models-dir", str(models_dir), "--output-dir", str(tmp_path),
                      "--set", '2.model_name="oops.safetensors"'])
     err = capsys.readouterr().err
-    assert code == 1 and "animatediff_motion_lora" in err and "expects a AnimateDiff motion module" in err
+    assert code == 2 and "animatediff_motion_lora" in err and "expects a AnimateDiff motion module" in err
 
 
 # --------------------------------------------------------------------------- handles, LoRAs, adapter

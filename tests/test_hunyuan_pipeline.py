@@ -86,7 +86,7 @@ def test_wrong_file_in_loader_says_what_it_is(models_dir, tmp_path, capsys):
     code = cli.main(["run", str(WORKFLOW), "--models-dir", str(models_dir), "--output-dir", str(tmp_path),
                      "--set", "1.model_name=\"oops.safetensors\""])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2, "a file of the wrong kind is an unusable input file"
     assert "hunyuan_video_vae" in err and "expects a HunyuanVideo transformer" in err
 
 

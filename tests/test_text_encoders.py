@@ -84,9 +84,6 @@ def test_llama_layouts_are_converted_to_internal_names():
     assert llama_text.detect_layout(prefixed) == "hf"
     for sd in (bare, prefixed):
         assert llama_text.convert_state_dict(sd) == internal
-    scaled = {**expected, "model.layers.0.mlp.up_proj.scale_weight": ()}
-    with pytest.raises(ModelFileError, match="scaled-fp8"):
-        llama_text.convert_state_dict(scaled)
 
 
 # --------------------------------------------------------------------------- parity with transformers

@@ -1,0 +1,130 @@
+"""fp8 checkpoints: ComfyUI's scaled fp8 (fp8 weights + a `scale_weight` per layer + a `scaled_fp8` marker) and plain
+fp8 files, written here from the shipped tiny models in the real key layouts, load through the normal loaders."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoint_fixtures import manifest
+from kineflow.errors import ModelFileError
+from kineflow.models import hunyuan_video_dit as dit_mod
+from kineflow.models.checkpoints import inspect_file
+from kineflow.runtime import cli, host
+from kineflow.runtime.video_models import load_text_tower, load_video_model
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def _comfy_names(original: dict) -> dict:
+    """The tiny DiT's original-layout state dict under ComfyUI's names (from the real ComfyUI key set)."""
+    inverse = {}
+    for key in manifest("hunyuan_video_dit_comfy")["tensors"]:
+        (internal,) = dit_mod.convert_state_dict({key: torch.empty(0)}, "comfy")
+        inverse[internal] = key
+    return {inverse[k]: v for k, v in original.items()}
+
+
+def _quantize(sd: dict, fp8: torch.dtype, scaled: bool, prefix: str = "") -> tuple[dict, dict]:
+    """2-D weights to fp8 (with a per-tensor scale when `scaled`); returns (file tensors, dequantized reference)."""
+    out, reference = {}, {}
+    for key, tensor in sd.items():
+        tensor = tensor.float()
+        if tensor.ndim == 2 and key.endswith(".weight") and "embed" not in key:
+            scale = tensor.abs().amax().clamp_min(1e-12) / FP8_MAX[fp8] if scaled else torch.tensor(1.0)
+            q = (tensor / scale).to(fp8)
+            out[prefix + key] = q
+            if scaled:
+                out[prefix + key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(())
+            reference[prefix + key] = q.float() * scale.float()
+        else:
+            out[prefix + key] = tensor.to(torch.bfloat16)
+            reference[prefix + key] = tensor.to(torch.bfloat16).float()
+    if scaled:
+        out[prefix + "scaled_fp8"] = torch.empty(0, dtype=fp8)
+    return out, reference
+
+
+@pytest.fixture(scope="module")
+def dit_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8") / "diffusion_models"
+    root.mkdir()
+    original = load_file(str(WEIGHTS / "diffusion_models" / "kineflow_tiny_dit.safetensors"))
+    comfy = _comfy_names(original)
+    files = {}
+    for name, fp8, scaled in (("scaled_e4m3", torch.float8_e4m3fn, True), ("plain_e5m2", torch.float8_e5m2, False)):
+        quantized, reference = _quantize(comfy, fp8, scaled, prefix="model.diffusion_model.")
+        save_file(quantized, str(root / f"{name}.safetensors"))
+        save_file(reference, str(root / f"{name}_reference.safetensors"))
+        files[name] = root / f"{name}.safetensors"
+    return root.parent, files
+
+
+def _dit_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([500.0]), torch.randn(1, 7, 128, generator=g),
+            torch.ones(1, 7, dtype=torch.long), torch.randn(1, 64, generator=g), torch.tensor([6000.0]))
+
+
+@pytest.mark.parametrize("name, quantization", [("scaled_e4m3", "fp8_scaled"), ("plain_e5m2", "fp8_e5m2")])
+@pytest.mark.parametrize("offload", ["full", "blocks"])
+def test_fp8_dit_equals_its_dequantized_weights(dit_files, name, quantization, offload):
+    models_dir, files = dit_files
+    assert inspect_file(files[name])["quantization"] == quantization
+    with host.configured(models_dir=models_dir):
+        quantized = load_video_model(f"{name}.safetensors", offload=offload, resident_blocks=1)
+        reference = load_video_model(f"{name}_reference.safetensors")
+        linears = [m for m in quantized.net.modules() if isinstance(m, torch.nn.Linear)]
+        stored = {m.weight.dtype for m in linears if m.weight.ndim == 2}
+        assert stored & {torch.float8_e4m3fn, torch.float8_e5m2}, "fp8 weights stay fp8 in memory"
+        with quantized.running(), torch.inference_mode():
+            out = quantized.net(*_dit_inputs())
+        with torch.inference_mode():
+            expected = reference.net(*_dit_inputs())
+    # Same dequantized weights, same arithmetic: exactly equal. (Against the unquantized shipped model the
+    # scaled e4m3 output differs by the quantization error: measured max |diff| / max |out| below 0.1.)
+    assert torch.equal(out, expected)
+
+
+def test_scaled_fp8_dit_is_close_to_the_unquantized_model(dit_files):
+    models_dir, _ = dit_files
+    with host.configured(models_dir=models_dir):
+        quantized = load_video_model("scaled_e4m3.safetensors")
+        original = load_video_model("kineflow_tiny_dit.safetensors")
+        with torch.inference_mode():
+            a, b = quantized.net(*_dit_inputs()), original.net(*_dit_inputs())
+    assert (a - b).abs().max() <= 0.1 * b.abs().max()
+
+
+def test_scaled_fp8_file_with_a_missing_scale_is_a_clear_input_error(dit_files, tmp_path, capsys):
+    models_dir, files = dit_files
+    tensors = load_file(str(files["scaled_e4m3"]))
+    dropped = next(k for k in tensors if k.endswith(".scale_weight"))
+    del tensors[dropped]
+    broken = models_dir / "diffusion_models" / "broken_fp8.safetensors"
+    save_file(tensors, str(broken))
+    with host.configured(models_dir=models_dir), pytest.raises(ModelFileError, match="broken_fp8.*no scale_weight"):
+        load_video_model("broken_fp8.safetensors")
+    code = cli.main(["run", "workflows/api/text_to_video.json", "--models-dir", str(models_dir), "--output-dir",
+                     str(tmp_path), "--set", '1.model_name="broken_fp8.safetensors"'])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken_fp8.safetensors" in err and "scale_weight" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_scaled_fp8_llama_in_the_hugging_face_layout(tmp_path):
+    """As ComfyUI's llava_llama3_fp8_scaled.safetensors: HF names, fp8 linears with scale_weight, a marker."""
+    folder = WEIGHTS / "text_encoders" / "kineflow_tiny_llm"
+    quantized, reference = _quantize(load_file(str(folder / "model.safetensors")), torch.float8_e4m3fn, scaled=True)
+    save_file(quantized, str(tmp_path / "llama_fp8_scaled.safetensors"))
+    save_file(reference, str(tmp_path / "llama_reference.safetensors"))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    device = torch.device("cpu")
+    llama, _ = load_text_tower(tmp_path / "llama_fp8_scaled.safetensors", "llama_text", torch.float32, device)
+    expected, _ = load_text_tower(tmp_path / "llama_reference.safetensors", "llama_text", torch.float32, device)
+    ids = torch.tensor([[0, 5, 9, 11, 3]])
+    with torch.inference_mode():
+        assert torch.equal(llama(ids), expected(ids))
