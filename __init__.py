@@ -11,5 +11,6 @@ WEB_DIRECTORY = "./web"
 
 if _host.in_comfyui():
     _host.register_comfyui_folders()
+    _host.register_comfyui_routes()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -269,6 +269,100 @@ def offload_device() -> torch.device:
     return torch.device("cpu")
 
 
+# --------------------------------------------------------------------------- ComfyUI's model management
+class _ComfyModel:
+    """What `comfy.model_management.LoadedModel` calls on the models in its loaded list (ComfyUI 0.3.64 to 0.8.0),
+    answered by a KineFlow model's Residency (runtime/offload.py). ComfyUI then frees memory for it, keeps it
+    loaded between prompts, loads it partially under --lowvram/--novram or a tight budget (resident blocks), and
+    unloads it when another model needs the room or the user frees memory."""
+
+    def __init__(self, residency):
+        import comfy.model_management as mm
+
+        self.residency = residency
+        self.model = residency.model  # ComfyUI holds it through a weakref: the Residency keeps us alive
+        self.load_device = mm.get_torch_device()
+        self.offload_device = residency.offload_device
+        self.parent = None
+
+    def model_size(self) -> int:
+        return self.residency.total_bytes()
+
+    def loaded_size(self) -> int:
+        return self.residency.loaded_bytes()
+
+    def current_loaded_device(self):
+        return self.load_device if self.loaded_size() > 0 else self.offload_device
+
+    def model_dtype(self):
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+
+    def model_patches_models(self) -> list:
+        return []
+
+    def model_patches_to(self, device_or_dtype) -> None:
+        return None
+
+    def lowvram_patch_counter(self) -> int:
+        return 0
+
+    def is_clone(self, other) -> bool:
+        return other is self
+
+    def is_dynamic(self) -> bool:
+        return False
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False) -> int:
+        if extra_memory < 0:  # ComfyUI 0.8.0 asks a loaded model to shrink with a negative budget
+            self.residency.shed(-extra_memory)
+            return 0
+        return self.residency.fit(self.loaded_size() + extra_memory)
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False) -> int:
+        return self.residency.shed(memory_to_free)
+
+    def detach(self, unpatch_all=True):
+        if unpatch_all:
+            self.residency.unload()
+        return self.model
+
+
+def claim_device(residency) -> None:
+    """Before a KineFlow model runs inside ComfyUI: hand it to ComfyUI's memory manager, which frees what it needs
+    (unloading other models) and grants it a budget of resident weights. Standalone: nothing to do."""
+    if not residency.managed:
+        return
+    import comfy.model_management as mm
+
+    if getattr(residency, "comfy_model", None) is None:
+        residency.comfy_model = _ComfyModel(residency)
+    mm.load_models_gpu([residency.comfy_model])
+
+
+def loaded_kineflow_models() -> list[dict]:
+    """The KineFlow models in ComfyUI's loaded list: name, device, size and bytes on the device."""
+    import comfy.model_management as mm
+
+    listed = []
+    for entry in mm.current_loaded_models:
+        model = entry.model
+        if isinstance(model, _ComfyModel):
+            listed.append({"name": model.residency.name, "device": str(model.load_device),
+                           "size": model.model_size(), "loaded": model.loaded_size()})
+    return listed
+
+
+def register_comfyui_routes() -> None:
+    """Inside ComfyUI: GET /kineflow/loaded_models lists the KineFlow models ComfyUI's manager holds (read-only;
+    what the live tests and curious users look at)."""
+    from aiohttp import web
+    from server import PromptServer
+
+    @PromptServer.instance.routes.get("/kineflow/loaded_models")
+    async def _loaded_models(request):
+        return web.json_response(loaded_kineflow_models())
+
+
 # --------------------------------------------------------------------------- interruption
 def request_interrupt() -> None:
     """Standalone: ask the running workflow to stop at its next check (Ctrl-C does the same)."""

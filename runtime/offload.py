@@ -8,8 +8,9 @@ Every model of both families (transformers, UNets, motion modules, text encoders
   afterwards (the natural choice for text encoders: LLaMA must not stay resident during sampling).
 - `blocks`: block swap. The model's repeated blocks (`offload_blocks()`: DiT double/single blocks, UNet
   stages, LLaMA / CLIP layers, ...) are units; `resident` of them stay on the device, the others are brought in
-  when their first layer runs and sent back when the next unit starts. The next unit is fetched ahead while the
-  current one computes (a side CUDA stream from pinned memory on CUDA, a reader thread for weights in a file).
+  when their first layer runs and sent back when the next unit starts. From the second pass on, the unit that
+  ran next last time is fetched ahead while the current one computes (a side CUDA stream from pinned memory on
+  CUDA, a reader thread for weights in a file).
 - `sequential`: every layer is its own unit and nothing stays resident: the smallest footprint, the slowest.
 - `auto`: `full` when the model fits comfortably in the device's free memory, else `blocks` with as many
   resident blocks as the budget allows, else `sequential`.
@@ -89,6 +90,12 @@ class Residency:
             policy = resolve_policy("auto", total, self.device, budget_bytes, has_blocks=bool(blocks))
         if policy == "blocks" and not blocks:
             policy = "model"  # a model without repeated blocks moves as a whole
+        # Inside ComfyUI its memory manager decides residency (host.claim_device): weights wait at home and
+        # only what it grants is placed on the device, kept there between runs until it asks for memory back.
+        self.managed = host.in_comfyui() and self.device.type != "meta"
+        if self.managed and policy in ("full", "blocks"):
+            policy = "blocks" if blocks else "sequential"
+            resident_blocks = 0
         self.policy = policy
         self.units, self.rest = self._units(policy, blocks)
         if policy == "blocks":
@@ -98,6 +105,7 @@ class Residency:
         else:
             self.resident_blocks = len(self.units) if policy == "full" else 0
         self._current: _Unit | None = None
+        self._successor: dict[int, _Unit] = {}  # unit -> the unit that ran after it (learnt on the first pass)
         self._active = 0
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kineflow-prefetch") if self.sources else None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and policy in ("blocks",) else None
@@ -244,11 +252,15 @@ class Residency:
             if self._current is unit:
                 return
             if self._current is not None:
+                self._successor[id(self._current)] = unit
                 self._send_back(self._current)
             self._bring(unit)
             self._current = unit
-            if index + 1 < len(self.units):
-                self._prefetch(self.units[index + 1])
+            # What ran after this unit last time runs after it again (the order of one pass is fixed): fetch
+            # that one ahead. One fetch in flight at a time, so at most two units are ever being held.
+            ahead = self._successor.get(id(unit))
+            if ahead is not None and not any(u.pending is not None for u in self.units):
+                self._prefetch(ahead)
         return hook
 
     @contextlib.contextmanager
@@ -257,6 +269,7 @@ class Residency:
         self._active += 1
         try:
             if self._active == 1 and self.policy != "full":
+                host.claim_device(self)  # inside ComfyUI: its memory manager frees room and sets `resident`
                 self._to_device(self.rest.slots + [s for u in self.units if u.resident for s in u.slots])
                 for unit in self.units:
                     unit.on_device = unit.resident
@@ -271,9 +284,73 @@ class Residency:
                         unit.pending.result()
                         unit.pending = None
                 self._current = None
-                self._to_offload(self._all())
+                if self.managed:  # ComfyUI keeps what it placed until it needs the memory (shed / unload)
+                    self._to_offload([s for u in self.units if not u.resident for s in u.slots])
+                else:
+                    self._to_offload(self._all())
                 for unit in self.units:
+                    unit.on_device = unit.on_device and unit.resident and self.managed
+
+    # ------------------------------------------------------------------ sizes and budgets (ComfyUI's manager)
+    def total_bytes(self) -> int:
+        return sum(_slot_bytes(m, n, b) for m, n, b in self._all())
+
+    def loaded_bytes(self) -> int:
+        """Bytes of weights on the compute device now."""
+        on = lambda t: t.device == self.device and not (t.is_meta and self.device.type != "meta")  # noqa: E731
+        if self.policy == "full":
+            return self.total_bytes()
+        return sum(_slot_bytes(m, n, b) for m, n, b in self._all()
+                   if (m._buffers if b else m._parameters)[n] is not self._home[(id(m), n)]
+                   and on((m._buffers if b else m._parameters)[n]))
+
+    def fit(self, budget: float) -> int:
+        """Keep as many units resident as `budget` bytes of weights allow (the weights outside units first) and
+        put them on the device now; returns the bytes newly placed. A budget of at least the model's size makes
+        everything resident."""
+        if self.policy == "full":
+            return 0
+        before = self.loaded_bytes()
+        used = self.rest.nbytes()
+        if self.policy == "model" or budget >= self.total_bytes():
+            chosen = list(self.units)
+        else:
+            chosen = []
+            for unit in self.units:
+                if used + unit.nbytes() > budget:
+                    break
+                chosen.append(unit)
+                used += unit.nbytes()
+        for unit in self.units:
+            unit.resident = unit in chosen
+        if self.policy == "model" or budget >= self.rest.nbytes():
+            self._to_device(self.rest.slots + [s for u in chosen for s in u.slots])
+            for unit in chosen:
+                unit.on_device = True
+        return max(0, self.loaded_bytes() - before)
+
+    def shed(self, nbytes: float) -> int:
+        """Send resident units home, last first, until `nbytes` are freed; returns the bytes freed."""
+        freed = 0
+        for unit in reversed(self.units):
+            if freed >= nbytes:
+                break
+            if unit.resident or unit.on_device:
+                unit.resident = False
+                if not self._active:
+                    self._to_offload(unit.slots)
                     unit.on_device = False
+                    freed += unit.nbytes()
+        return freed
+
+    def unload(self) -> None:
+        """Everything back home (ComfyUI unloading the model). Deferred while the model runs."""
+        for unit in self.units:
+            unit.resident = False
+        if not self._active and self.policy != "full":
+            self._to_offload(self._all())
+            for unit in self.units:
+                unit.on_device = False
 
     def copy_model(self) -> tuple[nn.Module, "Residency"]:
         """A private copy of the model, weights in memory (read from the file where needed), under the same
@@ -323,11 +400,13 @@ def load(header, model_cls, *, policy: str, device: torch.device, dtype: torch.d
     lazy = device.type == "cpu" and policy in ("blocks", "sequential")
     # Offloaded models are loaded where they wait between runs (a dry run on `meta` therefore reads weights
     # for an explicit offload policy; its default, `auto`, keeps everything on `meta`).
-    target = device if policy == "full" else torch.device("cpu")
+    offload_device = host.offload_device()
+    managed = host.in_comfyui() and device.type != "meta"  # ComfyUI's manager places the weights (claim_device)
+    target = device if policy == "full" and not managed else offload_device
     model = load_model(header, model_cls, dtype=dtype, device=target, prefix=prefix, fp8=fp8, lazy=lazy,
                        **load_kwargs)
-    return model, Residency(model, policy, device, resident_blocks=resident_blocks, budget_bytes=budget_bytes,
-                            name=name)
+    return model, Residency(model, policy, device, offload_device=offload_device, resident_blocks=resident_blocks,
+                            budget_bytes=budget_bytes, name=name)
 
 
 def resolve_policy(policy: str, weight_bytes: int, device: torch.device, budget_bytes: int | None = None, *,

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -62,3 +63,34 @@ def test_native_loaders_do_not_list_the_packs_tiny_files():
     for loader in ("UNETLoader", "VAELoader", "CheckpointLoaderSimple", "CLIPLoader"):
         info = json.load(urllib.request.urlopen(f"{URL.rstrip('/')}/object_info/{loader}", timeout=60))
         assert "kineflow" not in json.dumps(info).lower(), loader
+
+
+def _post(path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{URL.rstrip('/')}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = response.read()
+    return json.loads(text) if text.strip() else {}
+
+
+def _get(path: str):
+    return json.load(urllib.request.urlopen(f"{URL.rstrip('/')}{path}", timeout=60))
+
+
+def test_comfyui_manages_kineflow_models_and_frees_them_on_request():
+    """After a run ComfyUI's model manager lists the KineFlow models; asking it to free memory unloads them."""
+    prompt = json.loads((ROOT / "workflows" / "api" / "text_to_video.json").read_text())
+    prompt["6"]["inputs"]["seed"] = int(time.time()) % 100000  # a new seed: the sampler really runs
+    prompt_id = _post("/prompt", {"prompt": prompt})["prompt_id"]
+    deadline = time.monotonic() + 300
+    while prompt_id not in _get(f"/history/{prompt_id}"):
+        assert time.monotonic() < deadline, "the workflow did not finish"
+        time.sleep(1)
+    assert _get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success"
+    names = {m["name"] for m in _get("/kineflow/loaded_models")}
+    assert "kineflow_tiny_dit.safetensors" in names, names
+    _post("/free", {"unload_models": True})
+    deadline = time.monotonic() + 30
+    while _get("/kineflow/loaded_models"):
+        assert time.monotonic() < deadline, _get("/kineflow/loaded_models")
+        time.sleep(0.5)
