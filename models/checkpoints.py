@@ -90,6 +90,10 @@ def read_header(path: str | os.PathLike) -> Header:
     if path.is_dir():
         return _read_folder_header(path)
     suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        from . import gguf
+
+        return gguf.read_header(path)
     if suffix in SAFETENSORS_EXTENSIONS or _looks_like_safetensors(path):
         return _read_safetensors_header(path)
     if suffix in PICKLE_EXTENSIONS:
@@ -420,6 +424,8 @@ def _torch_dtype(name: str, tensor: str) -> torch.dtype:
     """The torch dtype of a header's dtype name (safetensors spelling, or torch's for pickled checkpoints)."""
     if name in _SAFETENSORS_DTYPES:
         return _SAFETENSORS_DTYPES[name]
+    if name.startswith(("Q", "IQ", "TQ")):  # a GGUF block type: its values are floats
+        return torch.float32
     found = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(found, torch.dtype):
         raise ModelFileError(f"tensor {tensor!r} has dtype {name!r}, which KineFlow cannot load")
@@ -431,7 +437,12 @@ _SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 
 
 def quantization(header: Header) -> str | None:
-    """How a file stores its weights when not in plain floats: "fp8_scaled", "fp8_e4m3fn" or "fp8_e5m2"."""
+    """How a file stores its weights when not in plain floats: "gguf:<type>" (the most common quantized type),
+    "fp8_scaled", "fp8_e4m3fn" or "fp8_e5m2"."""
+    if header.path.suffix.lower() == ".gguf":
+        from . import gguf
+
+        return gguf.quantization(header)
     names = header.tensors
     if any(k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER) for k in names):
         return "fp8_scaled"
@@ -494,6 +505,12 @@ def load_tensors(
 
     if torch.device(device).type == "meta":
         return {name[len(prefix):]: cast(torch.empty(info.shape, dtype=_torch_dtype(info.dtype, name), device="meta"))
+                for name, info in header.tensors.items() if wanted(name)}
+    if path.suffix.lower() == ".gguf":
+        from . import gguf
+
+        return {name[len(prefix):]: cast(gguf.dequantize(gguf.read_raw(info), info.dtype, info.shape,
+                                                         gguf.FLOAT_TYPES.get(info.dtype, torch.float32)))
                 for name, info in header.tensors.items() if wanted(name)}
     out: dict[str, torch.Tensor] = {}
     files = _folder_weight_files(path) if path.is_dir() else [path]

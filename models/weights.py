@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelFileError
-from . import checkpoints
+from . import checkpoints, gguf
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -39,6 +39,21 @@ def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         weight = weight * self.weight_scale.to(dtype)  # scaled fp8 files: the stored value times a per-layer scale
     bias = None if self.bias is None else self.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias)
+
+
+def _gguf_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    dtype = self.compute_dtype
+    weight = gguf.dequantize(self.weight, self.gguf_type, self.gguf_shape, dtype)
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return F.linear(x.to(dtype), weight, bias)
+
+
+def gguf_linear(layer: nn.Linear, compute_dtype: torch.dtype, qtype: str, raw: torch.Tensor) -> None:
+    """Make an nn.Linear hold its weight as GGUF blocks (`raw` bytes) and dequantize them when it runs."""
+    layer.gguf_type, layer.gguf_shape = qtype, tuple(layer.weight.shape)
+    layer._parameters["weight"] = nn.Parameter(raw, requires_grad=False)
+    layer.compute_dtype = compute_dtype
+    layer.forward = types.MethodType(_gguf_linear_forward, layer)
 
 
 def fp8_linear(layer: nn.Linear, compute_dtype: torch.dtype, scale: torch.Tensor | None = None) -> None:
@@ -119,28 +134,50 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
     with torch.device("meta"):
         linear_keys = {f"{n}.weight" for n, m in model_cls(config).named_modules() if isinstance(m, nn.Linear)}
     fp8_keys = (file_fp8 | (linear_keys if fp8 else set())) & linear_keys
+    info_of = {k: header.tensors.get(prefix + source_of.get(id(t), "\0")) for k, t in converted.items()}
+    # GGUF blocks of nn.Linear weights stay blocks in memory (dequantized per layer); other tensors are
+    # dequantized once, at load.
+    gguf_keys = {k: info.dtype for k, info in info_of.items()
+                 if k in linear_keys and info is not None and info.dtype in gguf.BLOCKS}
     slices: dict[str, FileSlice] = {}
     if lazy and device.type != "meta":
         for name, t in converted.items():
-            info = header.tensors.get(prefix + source_of.get(id(t), "\0"))
-            if info is not None and info.offset is not None and (name in fp8_keys or t.dtype not in FP8_DTYPES):
+            info = info_of[name]
+            if info is None or info.offset is None:
+                continue
+            if name in gguf_keys:
+                slices[name] = FileSlice(info.file, info.offset, torch.uint8,
+                                         (gguf.storage_bytes(info.dtype, info.numel),))
+            elif name in fp8_keys or (t.dtype not in FP8_DTYPES and info.dtype not in gguf.BLOCKS):
                 slices[name] = FileSlice(info.file, info.offset, t.dtype, tuple(t.shape))
     if device.type == "meta":
         sd = converted
     elif len(slices) == len(converted):
         sd = dict(converted)  # nothing to read now
     else:
-        raw = checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, keep_dtypes=FP8_DTYPES)
+        # Everything not left in the file, except GGUF linear weights (read as blocks below).
+        later = {source_of[id(converted[k])] for k in gguf_keys}
+        names = {n for n in metas if n not in later} | set(scale_keys.values())
+        raw = checkpoints.load_tensors(header, prefix=prefix, dtype=dtype, keep_dtypes=FP8_DTYPES, names=names)
         sd = convert(checkpoints.split_scales(raw)[0])
         for key in file_fp8 - fp8_keys:  # fp8 tensors outside nn.Linear: dequantized once, here
             sd[key] = (sd[key].float() * scales[key].float() if key in scales else sd[key].float()).to(dtype)
+    for key in gguf_keys:
+        sd[key] = torch.empty(converted[key].shape, dtype=dtype, device="meta")
     for name in slices:
-        sd[name] = torch.empty(slices[name].shape, dtype=slices[name].dtype if name in fp8_keys else dtype,
+        sd[name] = torch.empty(converted[name].shape, dtype=slices[name].dtype if name in fp8_keys else dtype,
                                device="meta")
-    model = load_into_meta_model(model_cls, config, sd, dtype, fp8_keys=fp8_keys, device=device, lazy=set(slices))
+    model = load_into_meta_model(model_cls, config, sd, dtype, fp8_keys=fp8_keys, device=device,
+                                 lazy=set(slices) | set(gguf_keys))
     for key in fp8_keys:
         fp8_linear(model.get_submodule(key.removesuffix(".weight")), dtype,
                    scales[key].to(device) if key in scales and device.type != "meta" else scales.get(key))
+    for key, qtype in gguf_keys.items():
+        if device.type == "meta" or key in slices:  # shapes only, or read later from the file
+            raw = torch.empty(gguf.storage_bytes(qtype, info_of[key].numel), dtype=torch.uint8, device="meta")
+        else:
+            raw = gguf.read_raw(info_of[key]).to(device)
+        gguf_linear(model.get_submodule(key.removesuffix(".weight")), dtype, qtype, raw)
     model.file_slices = slices
     return model
 

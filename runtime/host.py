@@ -35,7 +35,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "animatediff_models": ("animatediff_models",),
     "animatediff_motion_lora": ("animatediff_motion_lora",),
 }
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".ckpt", ".bin")
 
 
 def in_comfyui() -> bool:
