@@ -10,7 +10,6 @@ so Apply Motion Module, motion LoRAs and the domain adapter return new handles (
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,13 +68,9 @@ class SD15VideoModel:
             raise KineFlowError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {self.prediction!r}")
         self.model_sampling = PREDICTIONS[self.prediction](DiscreteSchedule(**SCHEDULE))
 
-    def running(self) -> contextlib.ExitStack:
+    def running(self):
         """Entered around a sampling run: the offload policies bring the UNet and motion module to the device."""
-        stack = contextlib.ExitStack()
-        for residency in (self.residency, self.motion_residency if self.motion is not None else None):
-            if residency is not None:
-                stack.enter_context(residency.active())
-        return stack
+        return offload_mod.running(self.residency, self.motion_residency if self.motion is not None else None)
 
     @property
     def context_dim(self) -> int:
@@ -187,7 +182,7 @@ class SDVideoVAE:
         return torch.cat(chunks, dim=2)
 
     def running(self):
-        return self.residency.active() if self.residency is not None else contextlib.nullcontext()
+        return offload_mod.running(self.residency)
 
 
 # --------------------------------------------------------------------------- text encoder
@@ -210,7 +205,7 @@ class SDTextEncoder:
         """{"context": [B, 77, D] last hidden state, "pooled": [B, D] state at the end-of-text token}."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids, _mask = self.tokenizer.encode(prompts, CLIP_LENGTH)
-        with self.residency.active() if self.residency is not None else contextlib.nullcontext():
+        with offload_mod.running(self.residency):
             out = self.clip(ids.to(self.device or next(self.clip.parameters()).device))
         return {"context": out.last_hidden_state, "pooled": out.pooled_output}
 

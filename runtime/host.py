@@ -327,16 +327,19 @@ class _ComfyModel:
         return self.model
 
 
-def claim_device(residency) -> None:
-    """Before a KineFlow model runs inside ComfyUI: hand it to ComfyUI's memory manager, which frees what it needs
-    (unloading other models) and grants it a budget of resident weights. Standalone: nothing to do."""
-    if not residency.managed:
+def claim_device(*residencies) -> None:
+    """Before KineFlow models run inside ComfyUI: hand them to ComfyUI's memory manager in one request (models that
+    run together must not evict each other), which frees what they need (unloading other models) and grants each
+    a budget of resident weights. Standalone: nothing to do."""
+    managed = [r for r in residencies if r.managed]
+    if not managed:
         return
     import comfy.model_management as mm
 
-    if getattr(residency, "comfy_model", None) is None:
-        residency.comfy_model = _ComfyModel(residency)
-    mm.load_models_gpu([residency.comfy_model])
+    for residency in managed:
+        if getattr(residency, "comfy_model", None) is None:
+            residency.comfy_model = _ComfyModel(residency)
+    mm.load_models_gpu([r.comfy_model for r in managed])
 
 
 def loaded_kineflow_models() -> list[dict]:

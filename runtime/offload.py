@@ -264,12 +264,14 @@ class Residency:
         return hook
 
     @contextlib.contextmanager
-    def active(self):
-        """The model runs inside: the weights outside the units (and resident units) are on the device."""
+    def active(self, claim: bool = True):
+        """The model runs inside: the weights outside the units (and resident units) are on the device.
+        `claim=False` when `running()` has already asked ComfyUI for the device on behalf of several models."""
         self._active += 1
         try:
             if self._active == 1 and self.policy != "full":
-                host.claim_device(self)  # inside ComfyUI: its memory manager frees room and sets `resident`
+                if claim:
+                    host.claim_device(self)  # inside ComfyUI: its memory manager frees room and sets `resident`
                 self._to_device(self.rest.slots + [s for u in self.units if u.resident for s in u.slots])
                 for unit in self.units:
                     unit.on_device = unit.resident
@@ -385,6 +387,18 @@ def _all_slots(model: nn.Module):
     for module in model.modules():
         yield from ((module, n, False) for n, p in module._parameters.items() if p is not None)
         yield from ((module, n, True) for n, b in module._buffers.items() if b is not None)
+
+
+@contextlib.contextmanager
+def running(*residencies: "Residency | None"):
+    """Run several models together (a UNet and its motion module, LLaMA and CLIP): one claim of the device for all
+    of them, then each one's `active()`. None entries (models without a Residency) are skipped."""
+    present = [r for r in residencies if r is not None]
+    host.claim_device(*[r for r in present if r._active == 0 and r.policy != "full"])
+    with contextlib.ExitStack() as stack:
+        for residency in present:
+            stack.enter_context(residency.active(claim=False))
+        yield
 
 
 def load(header, model_cls, *, policy: str, device: torch.device, dtype: torch.dtype, name: str,

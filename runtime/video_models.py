@@ -10,7 +10,6 @@ from shapes, convert keys, and assign tensors already in the target dtype into a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -104,7 +103,7 @@ class HunyuanVideoModel:
 
     def running(self):
         """Entered around a sampling run: the offload policy brings the weights to the compute device."""
-        return self.residency.active() if self.residency is not None else contextlib.nullcontext()
+        return offload_mod.running(self.residency)
 
     @property
     def guidance_embedded(self) -> bool:
@@ -184,12 +183,12 @@ class VideoVAE:
     residency: offload_mod.Residency | None = None
 
     def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
-        with self.residency.active() if self.residency is not None else contextlib.nullcontext():
+        with offload_mod.running(self.residency):
             return self.vae.decode_latents(latents, tiling=tiling, memory_budget_bytes=memory_budget_bytes,
                                            callback=callback)
 
     def encode(self, video: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
-        with self.residency.active() if self.residency is not None else contextlib.nullcontext():
+        with offload_mod.running(self.residency):
             return self.vae.encode_latents(video, tiling=tiling, memory_budget_bytes=memory_budget_bytes,
                                            callback=callback)
 
@@ -225,9 +224,7 @@ class TextEncoders:
     residencies: tuple[offload_mod.Residency, ...]
 
     def encode(self, prompts) -> dict[str, torch.Tensor]:
-        with contextlib.ExitStack() as stack:
-            for residency in self.residencies:
-                stack.enter_context(residency.active())
+        with offload_mod.running(*self.residencies):
             return self.encoder.encode(prompts)
 
 

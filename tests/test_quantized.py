@@ -84,7 +84,7 @@ def test_fp8_dit_equals_its_dequantized_weights(dit_files, name, quantization, o
         with torch.inference_mode():
             expected = reference.net(*_dit_inputs())
     # Same dequantized weights, same arithmetic: exactly equal. (Against the unquantized shipped model the
-    # scaled e4m3 output differs by the quantization error: measured max |diff| / max |out| below 0.1.)
+    # output differs by the quantization error, max |diff| / max |out|: measured 2.8% scaled e4m3, 5.5% e5m2.)
     assert torch.equal(out, expected)
 
 
@@ -95,7 +95,7 @@ def test_scaled_fp8_dit_is_close_to_the_unquantized_model(dit_files):
         original = load_video_model("kineflow_tiny_dit.safetensors")
         with torch.inference_mode():
             a, b = quantized.net(*_dit_inputs()), original.net(*_dit_inputs())
-    assert (a - b).abs().max() <= 0.1 * b.abs().max()
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()  # measured 2.8%
 
 
 def test_scaled_fp8_file_with_a_missing_scale_is_a_clear_input_error(dit_files, tmp_path, capsys):
