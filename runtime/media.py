@@ -202,7 +202,8 @@ def save_video(frames: torch.Tensor, output_dir: str | os.PathLike, filename_pre
 def _write_av(frames: torch.Tensor, path: Path, fps: float, fmt: str, quality: int, metadata: dict | None) -> None:
     height, width = frames.shape[1], frames.shape[2]
     pad_h, pad_w = (height % 2, width % 2) if fmt == "mp4" else (0, 0)
-    options = {"movflags": "use_metadata_tags"} if fmt == "mp4" else {}
+    # bitexact: no random track/segment IDs or writing-library tags, so the same frames give the same bytes.
+    options = {"fflags": "+bitexact", **({"movflags": "use_metadata_tags"} if fmt == "mp4" else {})}
     with av.open(str(path), mode="w", format=fmt, options=options) as container:
         for key, value in (metadata or {}).items():
             container.metadata[key] = value if isinstance(value, str) else json.dumps(value)
@@ -210,8 +211,11 @@ def _write_av(frames: torch.Tensor, path: Path, fps: float, fmt: str, quality: i
         stream.width, stream.height = width + pad_w, height + pad_h
         stream.pix_fmt = "yuv420p"
         crf = str(quality_to_crf(quality, fmt))
+        # x264's macroblock tree is off: it reads memory it never wrote on some frame sizes (seen at 64x64), so the
+        # same frames encoded differently from one run to the next; without it the same seed gives the same file.
         # VP9 needs b=0 for constant-quality mode; cpu-used 4 keeps CPU encoding reasonably fast.
-        stream.options = {"crf": crf} if fmt == "mp4" else {"crf": crf, "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+        stream.options = ({"crf": crf, "x264-params": "mbtree=0"} if fmt == "mp4" else
+                          {"crf": crf, "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"})
         for index, frame in enumerate(frames):
             array = _to_uint8(frame)
             if pad_h or pad_w:
