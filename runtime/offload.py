@@ -124,18 +124,19 @@ class Residency:
     def _resident_count(self, requested: int | None, budget_bytes: int | None) -> int:
         if requested is not None and requested >= 0:
             return min(requested, len(self.units))
-        largest = max(u.nbytes() for u in self.units)
+        sizes = sorted((u.nbytes() for u in self.units), reverse=True)
+        in_flight = sum(sizes[:2])  # one unit running and the next one being fetched
         rest = self.rest.nbytes()
         budget = budget_bytes if budget_bytes is not None else int(AUTO_FULL_SHARE * _free_bytes(self.device))
-        # One unit in flight and one prefetched always need room beside the resident ones.
-        spare = budget - rest - 2 * largest
+        spare = budget - rest - in_flight
         if spare < 0:
             raise InputFileError(
-                f"the memory budget of {budget / 2**30:.2f} GiB is too small for {self.name}: the largest block "
-                f"needs {largest / 2**30:.2f} GiB, twice over (one running, one being fetched), plus "
+                f"the memory budget of {budget / 2**30:.2f} GiB is too small for {self.name}: its two largest "
+                f"blocks need {in_flight / 2**30:.2f} GiB (one running, one being fetched), plus "
                 f"{rest / 2**30:.2f} GiB of weights outside the blocks. Raise the budget to at least "
-                f"{(rest + 2 * largest) / 2**30:.2f} GiB, or use the 'sequential' policy.")
-        return min(len(self.units), spare // largest)
+                f"{(rest + in_flight) / 2**30:.2f} GiB, or use the 'sequential' policy.")
+        # Resident blocks are taken in run order, so count with the largest block (conservative).
+        return min(len(self.units), spare // sizes[0])
 
     def _units(self, policy: str, blocks: list[nn.Module]) -> tuple[list[_Unit], _Unit]:
         owner_of: dict[int, int] = {}
@@ -156,6 +157,16 @@ class Residency:
                 units[owner_of[id(module)]].slots += slots
             else:
                 rest.slots += slots
+        if policy == "blocks" and units:
+            # A layer outside the blocks as large as a block (LLaMA's 128k-token embedding table: 2 GB in fp32)
+            # is a unit of its own, fetched when it runs, instead of staying resident through the whole run.
+            largest = max(u.nbytes() for u in units)
+            owners = {id(m): m for m, _, _ in rest.slots}
+            for owner in owners.values():
+                mine = [slot for slot in rest.slots if slot[0] is owner]
+                if sum(_slot_bytes(*slot) for slot in mine) >= largest:
+                    units.append(_Unit(type(owner).__name__, mine))
+                    rest.slots = [slot for slot in rest.slots if slot[0] is not owner]
         return units, rest
 
     # ------------------------------------------------------------------ moving weights
