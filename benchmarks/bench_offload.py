@@ -13,8 +13,9 @@ measurement in a fresh process:
   resident (the GGUF linears stay quantized in memory and expand per layer).
 
 Each measurement runs the step twice (the first pass learns the order in which blocks run; fetching ahead
-starts with the second) and reports: the peak resident set size of the process over both (ru_maxrss: weights
-are read with pread, no file stays mapped), the seconds of the second step, and the GB read from files
+starts with the second) and reports: the peak resident set size of the process over both (VmHWM of the
+child's own image; ru_maxrss would include the parent's memory at fork; weights are read with pread, no file
+stays mapped), the seconds of the second step, and the GB read from files
 (/proc/self/io rchar) while loading and during the second step. The process computes in fp32 (the
 CPU default), so a bf16 block is read and widened when it runs.
 
@@ -183,7 +184,7 @@ def ensure_mid_size_files(cache: Path) -> None:
 PROMPT = "A cat walks on the grass, realistic style, golden hour light."
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from kineflow.runtime import host, generation
 kind, policy, cache, budget = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 host.configure(models_dir=cache, memory_budget=budget)
@@ -221,8 +222,8 @@ with host.quiet():
     read_first = rchar()
     run()
     seconds = time.monotonic() - start
-print(json.dumps({"kind": kind, "policy": policy, "seconds": seconds, "peak_gib": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 2**20, "read_load_gb": read_load / 1e9, "read_run_gb": (rchar() - read_first) / 1e9}))
+hwm_kib = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+print(json.dumps({"kind": kind, "policy": policy, "seconds": seconds, "peak_gib": hwm_kib / 2**20, "read_load_gb": read_load / 1e9, "read_run_gb": (rchar() - read_first) / 1e9}))
 """
 
 RUNS = {"dit": ["blocks", "sequential"], "llama": ["blocks", "sequential"], "sd": ["full", "blocks"],
