@@ -133,10 +133,10 @@ def ensure_mid_size_files(cache: Path) -> None:
     writes them (Q8_0 quantized by the gguf package; Q4_K from random blocks with small scales, which costs the
     same to store and to expand)."""
     import gguf
-    import numpy as np
     from safetensors.torch import save_file
 
     from kineflow.models import hunyuan_video_dit as dit_mod
+    from kineflow.training.tiny_models import comfy_dit_names, write_gguf
 
     folder = cache / "diffusion_models"
     if all((folder / name).exists() for name in MID_FILES):
@@ -146,38 +146,10 @@ def ensure_mid_size_files(cache: Path) -> None:
                                            mm_single_blocks_depth=8)
     torch.manual_seed(0)
     model = dit_mod.HunyuanVideoDiT(config)
-    comfy_of = {}
-    for key in json.loads((MANIFESTS / "hunyuan_video_dit_comfy.json").read_text())["tensors"]:
-        (internal,) = dit_mod.convert_state_dict({key: torch.empty(0)}, "comfy")
-        comfy_of[internal] = key
-    sd = {comfy_of[k]: (v * 0.5 if v.ndim > 1 else v).to(torch.bfloat16) for k, v in model.state_dict().items()}
+    sd = comfy_dit_names({k: (v * 0.5 if v.ndim > 1 else v).to(torch.bfloat16) for k, v in model.state_dict().items()})
     save_file(sd, str(folder / MID_FILES[0]))
-    rng = np.random.default_rng(0)
     for name, qtype in zip(MID_FILES[1:], (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_K)):
-        writer = gguf.GGUFWriter(str(folder / name), "hyvid")
-        for key, tensor in sd.items():
-            data = tensor.float().numpy()
-            if data.ndim == 2 and data.size % 256 == 0:
-                rows = data.reshape(-1, 256) if data.shape[-1] % 256 else data
-                if qtype == gguf.GGMLQuantizationType.Q8_0:
-                    blocks = gguf.quants.quantize(rows, qtype)
-                else:
-                    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
-                    blocks = rng.integers(0, 256, size=(data.size // values, nbytes), dtype=np.uint8)
-                    blocks[:, 0:2] = rng.uniform(1e-5, 2e-4, blocks.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-                    blocks[:, 2:4] = blocks[:, 0:2]
-                    blocks = blocks.reshape(data.size // 256, -1)
-                writer.add_tensor(key, blocks, raw_dtype=qtype)
-                writer.add_array(f"comfy.gguf.orig_shape.{key}", list(data.shape))
-            elif data.ndim > 4:
-                writer.add_tensor(key, data.reshape(-1).astype(np.float16))
-                writer.add_array(f"comfy.gguf.orig_shape.{key}", list(data.shape))
-            else:
-                writer.add_tensor(key, data.astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_gguf(folder / name, sd, qtype)
     print(f"wrote the mid-size transformer files ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)")
 
 

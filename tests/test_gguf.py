@@ -15,7 +15,8 @@ from kineflow.models import gguf as kf_gguf
 from kineflow.models.checkpoints import inspect_file
 from kineflow.runtime import cli, host
 from kineflow.runtime.video_models import load_video_model
-from test_quantized import _comfy_names, _dit_inputs
+from kineflow.training.tiny_models import comfy_dit_names, random_k_blocks, write_gguf
+from test_quantized import _dit_inputs
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # the gguf package quantizes these in numpy
@@ -26,21 +27,11 @@ K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]  # dequantize only: random blocks with sane 
 ERROR_BOUND = {"Q8_0": 0.02, "Q5_0": 0.15, "Q4_0": 0.15}
 
 
-def _random_blocks(qtype, rows: int, generator: np.random.Generator, scale: tuple = (0.001, 0.05)) -> np.ndarray:
-    """Valid blocks of a K-quant: random bytes with the float16 scales drawn from `scale`."""
-    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
-    blocks = generator.integers(0, 256, size=(rows * 256 // values, nbytes), dtype=np.uint8)
-    halves = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
-    for at in halves:
-        blocks[:, at:at + 2] = generator.uniform(*scale, size=blocks.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(rows, -1)
-
-
 @pytest.mark.parametrize("qtype", QUANTIZABLE + K_QUANTS, ids=lambda q: q.name)
 def test_dequantizers_match_the_gguf_package(qtype):
     generator = np.random.default_rng(0)
     if qtype in K_QUANTS:
-        blocks = _random_blocks(qtype, 4, generator)
+        blocks = random_k_blocks(qtype, 4, generator, scale=(0.001, 0.05))
     else:
         blocks = gguf.quants.quantize(generator.standard_normal((4, 512)).astype(np.float32), qtype)
     expected = gguf.quants.dequantize(blocks, qtype)
@@ -48,40 +39,13 @@ def test_dequantizers_match_the_gguf_package(qtype):
     assert torch.equal(got, torch.from_numpy(expected.astype(np.float32)))
 
 
-def _write_gguf(path: Path, tensors: dict[str, torch.Tensor], qtype) -> None:
-    """As ComfyUI-GGUF's converter: 2-D weights quantized (rows of 256 when the row does not divide, their shape
-    in comfy.gguf.orig_shape), 5-D ones flattened with their shape recorded, small tensors in F32."""
-    writer = gguf.GGUFWriter(str(path), "hyvid")
-    generator = np.random.default_rng(1)
-    for name, tensor in tensors.items():
-        data = tensor.float().numpy()
-        if data.ndim == 2 and data.size % 256 == 0:
-            shape = data.shape
-            if qtype in K_QUANTS:  # no numpy quantizer: blocks fitted by hand would be as random as these
-                blocks = _random_blocks(qtype, data.size // 256, generator, scale=(1e-5, 2e-4))
-            else:
-                rows = data.reshape(-1, 256) if data.shape[-1] % 256 else data
-                blocks = gguf.quants.quantize(rows, qtype)
-            writer.add_tensor(name, blocks, raw_dtype=qtype)
-            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
-        elif data.ndim > 4:
-            writer.add_tensor(name, data.reshape(-1).astype(np.float16))
-            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(data.shape))
-        else:
-            writer.add_tensor(name, data.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.fixture(scope="module")
 def gguf_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     (root / "diffusion_models").mkdir()
-    comfy = _comfy_names(load_file(str(WEIGHTS / "diffusion_models" / "kineflow_tiny_dit.safetensors")))
+    comfy = comfy_dit_names(load_file(str(WEIGHTS / "diffusion_models" / "kineflow_tiny_dit.safetensors")))
     for qtype in (Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q6_K, Q.Q4_K):
-        _write_gguf(root / "diffusion_models" / f"tiny_dit_{qtype.name}.gguf", comfy, qtype)
+        write_gguf(root / "diffusion_models" / f"tiny_dit_{qtype.name}.gguf", comfy, qtype, seed=1)
     return root
 
 

@@ -7,24 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint_fixtures import manifest
 from kineflow.errors import ModelFileError
-from kineflow.models import hunyuan_video_dit as dit_mod
 from kineflow.models.checkpoints import inspect_file
 from kineflow.runtime import cli, host
 from kineflow.runtime.video_models import load_text_tower, load_video_model
+from kineflow.training.tiny_models import comfy_dit_names
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-
-
-def _comfy_names(original: dict) -> dict:
-    """The tiny DiT's original-layout state dict under ComfyUI's names (from the real ComfyUI key set)."""
-    inverse = {}
-    for key in manifest("hunyuan_video_dit_comfy")["tensors"]:
-        (internal,) = dit_mod.convert_state_dict({key: torch.empty(0)}, "comfy")
-        inverse[internal] = key
-    return {inverse[k]: v for k, v in original.items()}
 
 
 def _quantize(sd: dict, fp8: torch.dtype, scaled: bool, prefix: str = "") -> tuple[dict, dict]:
@@ -52,7 +42,7 @@ def dit_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8") / "diffusion_models"
     root.mkdir()
     original = load_file(str(WEIGHTS / "diffusion_models" / "kineflow_tiny_dit.safetensors"))
-    comfy = _comfy_names(original)
+    comfy = comfy_dit_names(original)
     files = {}
     for name, fp8, scaled in (("scaled_e4m3", torch.float8_e4m3fn, True), ("plain_e5m2", torch.float8_e5m2, False)):
         quantized, reference = _quantize(comfy, fp8, scaled, prefix="model.diffusion_model.")

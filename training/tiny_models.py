@@ -150,6 +150,63 @@ def write_models(models_dir: str | Path, texts: list[str] = (), seed: int = 0) -
     return save_family(models_dir, family, dit, *parts)
 
 
+def comfy_dit_names(state_dict: dict) -> dict:
+    """A HunyuanVideo transformer's state dict (original names) under ComfyUI's names: the inverse of
+    models/hunyuan_video_dit.convert_state_dict(..., "comfy"), found from the real ComfyUI key set."""
+    from ..models import hunyuan_video_dit as dit_mod
+
+    manifest = Path(__file__).resolve().parent.parent / "tests" / "data" / "checkpoints" / "hunyuan_video_dit_comfy.json"
+    inverse = {}
+    for key in json.loads(manifest.read_text())["tensors"]:
+        (internal,) = dit_mod.convert_state_dict({key: torch.empty(0)}, "comfy")
+        inverse[internal] = key
+    return {inverse[k]: v for k, v in state_dict.items()}
+
+
+def random_k_blocks(qtype, rows: int, generator, scale: tuple[float, float] = (1e-5, 2e-4)):
+    """Valid GGUF blocks of a K-quant type (which the gguf package cannot quantize): random bytes whose float16
+    super-block scales are drawn from `scale`. [rows, bytes] for `rows` rows of 256 values."""
+    import gguf
+    import numpy as np
+
+    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = generator.integers(0, 256, size=(rows * 256 // values, nbytes), dtype=np.uint8)
+    for at in {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype.name]:
+        blocks[:, at:at + 2] = generator.uniform(*scale, size=len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path: Path, tensors: dict, qtype, seed: int = 0) -> Path:
+    """A GGUF file as ComfyUI-GGUF's converter writes a HunyuanVideo transformer ("hyvid"): 2-D weights of whole
+    rows of 256 values in `qtype` (regrouped into rows of 256 when a row does not divide, the real shape in
+    comfy.gguf.orig_shape.<name>), 5-D tensors flattened in F16 with their shape recorded, the rest F32. Types the
+    gguf package cannot quantize (K-quants) get random blocks with small scales."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "hyvid")
+    generator = np.random.default_rng(seed)
+    for name, tensor in tensors.items():
+        data = tensor.float().numpy()
+        if data.ndim == 2 and data.size % 256 == 0:
+            if qtype.name.endswith("_K"):
+                blocks = random_k_blocks(qtype, data.size // 256, generator)
+            else:
+                blocks = gguf.quants.quantize(data.reshape(-1, 256) if data.shape[-1] % 256 else data, qtype)
+            writer.add_tensor(name, blocks, raw_dtype=qtype)
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(data.shape))
+        elif data.ndim > 4:
+            writer.add_tensor(name, data.reshape(-1).astype(np.float16))
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(data.shape))
+        else:
+            writer.add_tensor(name, data.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _randomise_zero_inits(module: torch.nn.Module) -> None:
     """Zero-initialised output layers would make a random model's output ignore its input; fill them."""
     with torch.no_grad():
