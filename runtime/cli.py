@@ -10,11 +10,13 @@ A handler returns the exit code; errors propagate to `main`, which maps them to 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 from ..errors import InputFileError, InterruptedRun, KineFlowError
@@ -91,10 +93,15 @@ def _run(args: argparse.Namespace, ctx: Context) -> int:
         ctx.stderr.write(f"dry run: {len(results)} nodes in {time.monotonic() - start:.1f}s\n")
         return EXIT_OK
     results = run_workflow(args.file, **options)
+    saved = []
     for node_id, result in results.items():
         if result["ui"]:
             ctx.stdout.write(f"node {node_id}: {json.dumps(result['ui'], default=str)}\n")
+            saved += [Path(args.output_dir or "output") / entry.get("subfolder", "") / entry["filename"]
+                      for entry in result["ui"].get("images", ()) if entry.get("type") == "output"]
     ctx.stderr.write(f"done: {len(results)} nodes in {time.monotonic() - start:.1f}s\n")
+    for path in saved:
+        ctx.stderr.write(f"saved {path}\n")
     return EXIT_OK
 
 
@@ -297,9 +304,17 @@ COMMANDS: list[Command] = [
 ]
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kineflow")
+    except importlib.metadata.PackageNotFoundError:  # run from a ComfyUI custom_nodes folder, not pip-installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kineflow", description="Run KineFlow / ComfyUI workflows without the UI.")
     parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"kineflow {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         sp = sub.add_parser(command.name, help=command.help, description=command.help)

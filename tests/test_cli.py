@@ -1,6 +1,7 @@
 """The kineflow command: exit codes, messages, --debug, and the malformed-workflow corpus."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from kineflow.runtime.executor import OutputCache
 from conftest import DATA_DIR
 
 WORKFLOWS = DATA_DIR / "workflows"
+ROOT = Path(__file__).resolve().parent.parent
 MALFORMED = DATA_DIR / "malformed"
 MANIFEST = json.loads((MALFORMED / "manifest.json").read_text())
 
@@ -140,3 +142,17 @@ def test_usage_errors_exit_2(fixture_nodes, capsys):
 def test_commands_are_pluggable():
     assert {"run", "validate", "nodes", "inspect"} <= {c.name for c in cli.COMMANDS}
     assert all(callable(c.add_arguments) and callable(c.handler) for c in cli.COMMANDS)
+
+
+def test_run_ends_by_naming_the_saved_file(tmp_path, capsys):
+    code = cli.main(["run", str(ROOT / "workflows" / "api" / "shapes_video.json"), "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0
+    saved = Path(err.strip().splitlines()[-1].removeprefix("saved "))
+    assert saved.is_file() and saved.parent.parent == tmp_path
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("kineflow ")
