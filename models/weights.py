@@ -146,8 +146,9 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
         modules = dict(model_cls(config).named_modules())
     linear_keys = {f"{n}.weight" for n, m in modules.items() if isinstance(m, nn.Linear)}
     fp8_keys = (file_fp8 | (linear_keys if fp8 else set())) & linear_keys
-    # Embedding tables stored narrower than the compute dtype stay as stored (see compact_embedding).
-    compact_keys = {f"{n}.weight" for n, m in modules.items() if isinstance(m, nn.Embedding)
+    # When weights stay in the file (offloading on the CPU), embedding tables stored narrower than the compute
+    # dtype stay as stored (see compact_embedding). Not otherwise: a model loaded whole may be trained.
+    compact_keys = {f"{n}.weight" for n, m in modules.items() if lazy and isinstance(m, nn.Embedding)
                     and converted[f"{n}.weight"].is_floating_point()
                     and converted[f"{n}.weight"].dtype.itemsize < dtype.itemsize
                     and converted[f"{n}.weight"].dtype not in FP8_DTYPES}

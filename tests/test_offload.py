@@ -1,6 +1,8 @@
 """The offload helper: every policy gives the same frames as `full`, bounds what is resident, and moves
 weights correctly onto a non-CPU compute device (`meta`, checked op by op)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,25 @@ def test_loras_merge_into_private_copies_under_every_policy(sd_models):
         full = _merged_frames("full")
         for policy in ("blocks", "sequential"):
             assert torch.equal(_merged_frames(policy), full), policy
+
+
+def test_file_backed_bf16_embedding_gives_the_same_states_as_a_full_load(tmp_path):
+    """Under blocks on the CPU a bf16 embedding table stays bf16 and only looked-up rows are widened."""
+    from safetensors.torch import load_file, save_file
+
+    from kineflow.runtime.video_models import load_text_tower
+
+    folder = Path(__file__).resolve().parent.parent / "weights" / "text_encoders" / "kineflow_tiny_llm"
+    bf16 = {k: v.to(torch.bfloat16) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file(bf16, str(tmp_path / "llama_bf16.safetensors"))
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    ids = torch.tensor([[0, 5, 9, 11, 3]])
+    outputs = []
+    for policy in ("full", "blocks"):
+        llama, residency = load_text_tower(tmp_path / "llama_bf16.safetensors", "llama_text", torch.float32,
+                                           torch.device("cpu"), policy)
+        with residency.active(), torch.inference_mode():
+            outputs.append(llama(ids))
+        if policy == "blocks":
+            assert llama.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(*outputs)
