@@ -50,7 +50,6 @@ AUTO_FULL_SHARE = 0.6
 class _Unit:
     """A group of weights that move together: (owner module, parameter or buffer name) pairs."""
 
-    name: str
     slots: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, is_buffer)
     resident: bool = False  # stays on the device while the model is active
     on_device: bool = False
@@ -144,15 +143,15 @@ class Residency:
             for index, block in enumerate(blocks):
                 for module in block.modules():
                     owner_of.setdefault(id(module), index)
-        units = [_Unit(f"block {i}") for i in range(len(blocks))] if policy == "blocks" else []
-        rest = _Unit("rest")
+        units = [_Unit() for _ in blocks] if policy == "blocks" else []
+        rest = _Unit()
         for module in self.model.modules():
             slots = [(module, n, False) for n, p in module._parameters.items() if p is not None]
             slots += [(module, n, True) for n, b in module._buffers.items() if b is not None]
             if not slots:
                 continue
             if policy == "sequential":
-                units.append(_Unit(type(module).__name__, slots))
+                units.append(_Unit(slots))
             elif id(module) in owner_of:
                 units[owner_of[id(module)]].slots += slots
             else:
@@ -165,7 +164,7 @@ class Residency:
             for owner in owners.values():
                 mine = [slot for slot in rest.slots if slot[0] is owner]
                 if sum(_slot_bytes(*slot) for slot in mine) >= largest:
-                    units.append(_Unit(type(owner).__name__, mine))
+                    units.append(_Unit(mine))
                     rest.slots = [slot for slot in rest.slots if slot[0] is not owner]
         return units, rest
 
