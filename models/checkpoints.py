@@ -174,8 +174,33 @@ def _unwrap(obj) -> tuple[dict, str | None]:
     raise ModelFileError(f"expected a dictionary of tensors, found a {type(obj).__name__}")
 
 
-def _read_pickle_header(path: Path) -> Header:
+def _pickle_state_dict(path: Path) -> tuple[dict, str | None]:
+    """The tensors of a .pt/.ckpt file (and the wrapper key they were under). fp8 weights in a pickle are the
+    official HunyuanVideo FP8 release (`..._fp8.pt`), whose per-layer scales lie in a sibling `..._fp8_map.pt`
+    ({module name: scale}): they join the tensors as ComfyUI's scaled-fp8 layout spells them (`<module>.scale_weight`
+    and a `scaled_fp8` marker), so one loading path serves both."""
     sd, wrapper = _unwrap(_torch_load(path))
+    fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    if not fp8:
+        return sd, wrapper
+    scale_map = path.with_name(path.stem + "_map" + path.suffix)
+    if not scale_map.is_file():
+        raise ModelFileError(
+            f"{path.name!r} stores {len(fp8)} weights in fp8 (e.g. {fp8[0]!r}) without their scales: a .pt fp8 "
+            f"checkpoint (the official HunyuanVideo FP8 release) needs its scale map {scale_map.name!r} in the same "
+            "folder; download it from the same place as the checkpoint")
+    scales, _ = _unwrap(_torch_load(scale_map))
+    for module, scale in scales.items():
+        if scale.numel() != 1:
+            raise ModelFileError(f"{scale_map.name!r}: the scale of {module!r} has shape {tuple(scale.shape)}; "
+                                 "expected one number per layer")
+        sd[f"{module}.scale_weight"] = scale.float().reshape(())
+    sd[SCALED_FP8_MARKER] = torch.empty(0, dtype=sd[fp8[0]].dtype)
+    return sd, wrapper
+
+
+def _read_pickle_header(path: Path) -> Header:
+    sd, wrapper = _pickle_state_dict(path)
     tensors = {k: TensorInfo(_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in sd.items()}
     return Header(path, tensors, wrapper=wrapper)
 
@@ -301,6 +326,8 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
         hidden = shape(q[0])[0]
         return Detection("clip_text", "hf", {768: "clip_l", 1280: "clip_g", 1024: "clip_h"}.get(hidden, f"hidden{hidden}"),
                          prefix=q[0][: -len("text_model.encoder.layers.0.self_attn.q_proj.weight")])
+    if "token_embd.weight" in keys and "blk.0.attn_q.weight" in keys:  # llama.cpp's names (GGUF text encoders)
+        return Detection("llama_text", "gguf")
     q = [k for k in keys if k.endswith("layers.0.self_attn.q_proj.weight") and "text_model" not in k]
     if q and _has(keys, "embed_tokens.weight") and _has(keys, "mlp.gate_proj.weight"):
         return Detection("llama_text", "hf", prefix=q[0][: -len("layers.0.self_attn.q_proj.weight")].removesuffix("model."))
@@ -526,7 +553,7 @@ def load_tensors(
             except Exception as e:  # safetensors raises its own error types for damaged files
                 raise ModelFileError(f"could not read tensors from {f.name!r}: {e}") from None
         else:
-            sd, _ = _unwrap(_torch_load(f))
+            sd, _ = _pickle_state_dict(f)
             for name, t in sd.items():
                 if wanted(name):
                     out[name[len(prefix):]] = cast(t)

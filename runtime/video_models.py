@@ -250,7 +250,8 @@ def load_text_encoders(llm_name: str, clip_name: str, tokenizer_path: str = "", 
     if tokenizer is not None and not tokenizer.is_absolute():
         tokenizer = host.model_path("text_encoders", tokenizer_path.strip())
     if tokenizer is None:
-        tokenizer = llm_path if llm_path.is_dir() else llm_path.parent
+        # A folder or a GGUF carries its own tokenizer; a single .safetensors has it in its folder.
+        tokenizer = llm_path if llm_path.is_dir() or llm_path.suffix.lower() == ".gguf" else llm_path.parent
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
     llama, llama_residency = load_text_tower(llm_path, "llama_text", dtype, device, offload)

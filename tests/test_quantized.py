@@ -118,3 +118,47 @@ def test_scaled_fp8_llama_in_the_hugging_face_layout(tmp_path):
     ids = torch.tensor([[0, 5, 9, 11, 3]])
     with torch.inference_mode():
         assert torch.equal(llama(ids), expected(ids))
+
+
+def _official_fp8_release(folder: Path) -> tuple[Path, Path]:
+    """As Tencent's mp_rank_00_model_states_fp8.pt: the original layout under "module", the block linears in fp8
+    e4m3fn, and their per-layer scales in a sibling ..._fp8_map.pt ({module name: scale})."""
+    original = load_file(str(WEIGHTS / "diffusion_models" / "kineflow_tiny_dit.safetensors"))
+    blocks = {k: v for k, v in original.items() if k.startswith(("double_blocks.", "single_blocks."))}
+    quantized, reference = _quantize(blocks, torch.float8_e4m3fn, scaled=True)
+    scale_map = {k.removesuffix(".scale_weight"): quantized.pop(k) for k in list(quantized) if k.endswith(".scale_weight")}
+    del quantized["scaled_fp8"]
+    rest = {k: v.to(torch.bfloat16) for k, v in original.items() if k not in blocks}
+    checkpoint = folder / "mp_rank_00_model_states_fp8.pt"
+    torch.save({"module": {**rest, **quantized}}, checkpoint)
+    torch.save(scale_map, folder / "mp_rank_00_model_states_fp8_map.pt")
+    save_file({**{k: v.float() for k, v in rest.items()}, **reference}, str(folder / "official_reference.safetensors"))
+    return checkpoint, folder / "mp_rank_00_model_states_fp8_map.pt"
+
+
+def test_official_hunyuan_fp8_release_with_its_scale_map(tmp_path):
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    checkpoint, _ = _official_fp8_release(folder)
+    assert inspect_file(checkpoint)["quantization"] == "fp8_scaled"
+    with host.configured(models_dir=tmp_path):
+        quantized = load_video_model(checkpoint.name, offload="blocks", resident_blocks=1)
+        reference = load_video_model("official_reference.safetensors")
+        assert quantized.net.double_blocks[0].img_attn_qkv.weight.dtype == torch.float8_e4m3fn
+        with quantized.running(), torch.inference_mode():
+            out = quantized.net(*_dit_inputs())
+        with torch.inference_mode():
+            expected = reference.net(*_dit_inputs())
+    assert torch.equal(out, expected)
+
+
+def test_official_fp8_release_without_its_scale_map_is_a_clear_input_error(tmp_path, capsys):
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    checkpoint, scale_map = _official_fp8_release(folder)
+    scale_map.unlink()
+    code = cli.main(["run", "workflows/api/text_to_video.json", "--models-dir", str(tmp_path), "--output-dir",
+                     str(tmp_path), "--set", f'1.model_name="{checkpoint.name}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and checkpoint.name in err and "mp_rank_00_model_states_fp8_map.pt" in err
+    assert not list(tmp_path.glob("*.mp4"))
