@@ -58,6 +58,8 @@ def read_header(path: Path):
             orig_shapes[name[len(ORIG_SHAPE_KEY):]] = tuple(int(field.parts[i][0]) for i in field.data)
         elif field.types and field.types[0] == GGUFValueType.STRING:
             metadata[name] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+        elif len(field.types) == 1 and field.types[0] != GGUFValueType.ARRAY:  # numbers, booleans
+            metadata[name] = str(field.parts[field.data[0]].tolist()[0])
     tensors = {}
     for t in reader.tensors:
         qtype = t.tensor_type.name
@@ -71,6 +73,18 @@ def read_header(path: Path):
                                  f"fill its shape {list(shape)} in {qtype} blocks")
         tensors[t.name] = TensorInfo(qtype, shape, path, int(t.data_offset))
     return Header(path, tensors, metadata)
+
+
+def read_array(path: Path, key: str) -> list | None:
+    """A metadata array of a .gguf file (e.g. `tokenizer.ggml.tokens`), or None when the file has no such key."""
+    from gguf import GGUFReader, GGUFValueType
+
+    field = GGUFReader(str(path), "r").fields.get(key)
+    if field is None:
+        return None
+    if field.types[-1] == GGUFValueType.STRING:
+        return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+    return [field.parts[i].tolist()[0] for i in field.data]
 
 
 def quantization(header) -> str | None:

@@ -139,7 +139,9 @@ def text_tower(path: str | os.PathLike, family: str) -> TextTower:
     header = checkpoints.read_header(path)
     prefix, layout = module.locate(header.tensors)
     tower = prefix + (_TOWER_LEVEL[family] if layout == "hf" else "")
-    if family == "llama_text":
+    if family == "llama_text" and layout == "gguf":
+        config_from = lambda shapes: _gguf_llama_config(shapes, header)  # noqa: E731
+    elif family == "llama_text":
         config_from = lambda shapes: _llama_config(shapes, Path(path))  # noqa: E731
     else:
         config_from = module.config_from_state_dict
@@ -172,6 +174,24 @@ def _folder_config(path: Path) -> dict:
         return json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         raise ModelFileError(f"cannot read {config_file}: {e}") from None
+
+
+def _gguf_llama_config(shapes: dict, header: checkpoints.Header) -> llama_text.LlamaTextConfig:
+    """A GGUF's metadata (`llama.*`) gives the head count, RoPE theta and norm eps; its q/k rows are in llama.cpp's
+    order, so rotary pairs are adjacent (see models/llama_text.py)."""
+    declared = header.metadata
+    hidden = llama_text._shape(shapes["model.embed_tokens.weight"])[1]
+    try:
+        heads = int(declared.get("llama.attention.head_count", hidden // llama_text.LLAMA_HEAD_DIM))
+    except ValueError:
+        heads = 0
+    if heads <= 0 or hidden % heads:
+        raise ModelFileError(f"{header.path.name!r} declares llama.attention.head_count="
+                             f"{declared.get('llama.attention.head_count')!r}, which does not divide the hidden size {hidden}")
+    config = llama_text.config_from_state_dict(shapes, head_dim=hidden // heads)
+    fields = {"rope_theta": "llama.rope.freq_base", "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon"}
+    return dataclasses.replace(config, rope_interleaved=True,
+                               **{k: float(declared[key]) for k, key in fields.items() if key in declared})
 
 
 def _llama_config(shapes: dict, path: Path) -> llama_text.LlamaTextConfig:

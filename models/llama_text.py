@@ -7,6 +7,12 @@ Internal key layout (transformers `LlamaModel` under `model.`): `model.embed_tok
 `model.layers.N.self_attn.{q,k,v,o}_proj.weight`, `model.layers.N.mlp.{gate,up,down}_proj.weight`,
 `model.layers.N.{input,post_attention}_layernorm.weight`, `model.norm.weight`. Files saved from a
 `LlamaForCausalLM` also hold `lm_head.weight`; an encoder never uses it, so it is dropped.
+
+GGUF text encoders use llama.cpp's names (`token_embd`, `blk.N.attn_q`, `blk.N.ffn_gate`, `output_norm`, ...),
+renamed here. llama.cpp's converter also permutes the rows of q and k within each head so that rotary pairs are
+adjacent (its "normal" RoPE) instead of half a head apart (transformers' rotate_half). The rows stay as stored
+(still quantized) and the model rotates adjacent pairs instead (`rope_interleaved`): q and k get the same
+permutation, so the attention scores, and everything after them, are those of the original model.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class LlamaTextConfig:
     num_key_value_heads: int = 8
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
+    rope_interleaved: bool = False  # rotary pairs adjacent (llama.cpp's row order), not half a head apart
 
     @classmethod
     def full(cls) -> "LlamaTextConfig":
@@ -66,17 +73,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [L, head_dim] for rotary embeddings in the half-split (rotate_half) convention."""
+def rope_cos_sin(length: int, head_dim: int, theta: float, device: torch.device,
+                 interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [L, head_dim] for rotary embeddings: pairs (i, i + head_dim/2) (rotate_half), or
+    (2i, 2i+1) when `interleaved`."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    if interleaved:
+        rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
@@ -86,6 +98,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
+        self.rope_interleaved = cfg.rope_interleaved
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -96,7 +109,7 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # grouped-query attention: each KV head serves `group` query heads
             k = k.repeat_interleave(group, dim=1)
@@ -166,7 +179,8 @@ class LlamaTextEncoder(nn.Module):
         body = self.model
         x = body.embed_tokens(input_ids)
         mask = attention_mask_4d(attention_mask, b, n, x.device)
-        cos, sin = rope_cos_sin(n, self.config.head_dim, self.config.rope_theta, x.device)
+        cos, sin = rope_cos_sin(n, self.config.head_dim, self.config.rope_theta, x.device,
+                                self.config.rope_interleaved)
         for layer in body.layers[:index]:
             x = layer(x, cos, sin, mask)
         return body.norm(x) if index == n_layers else x
@@ -176,9 +190,31 @@ class LlamaTextEncoder(nn.Module):
 EMBED_SUFFIX = "embed_tokens.weight"
 
 
+# llama.cpp's names (GGUF files) -> the Hugging Face names: whole keys, then the parts of `blk.N.<part>`.
+_GGUF_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_name(key: str) -> str | None:
+    """The Hugging Face name (under `model.`) of a llama.cpp tensor name; None for tensors an encoder never uses."""
+    if key in _GGUF_NAMES:
+        return "model." + _GGUF_NAMES[key]
+    parts = key.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
 def locate(keys: Iterable[str]) -> tuple[str, str]:
-    """(prefix, layout): layout "hf" has `<prefix>model.embed_tokens...`, "hf_bare" has `<prefix>embed_tokens...`."""
+    """(prefix, layout): layout "hf" has `<prefix>model.embed_tokens...`, "hf_bare" has `<prefix>embed_tokens...`,
+    "gguf" llama.cpp's `token_embd.weight`, `blk.N...` (no prefix)."""
     keys = list(keys)
+    if any(k == "token_embd.weight" or k.startswith("blk.") for k in keys):
+        return "", "gguf"
     heads = sorted({k[: -len(EMBED_SUFFIX)] for k in keys if k.endswith(EMBED_SUFFIX)})
     if len(heads) != 1:
         raise ModelFileError(f"expected one LLaMA model (one key ending in {EMBED_SUFFIX!r}); found {len(heads)}"
@@ -190,7 +226,8 @@ def locate(keys: Iterable[str]) -> tuple[str, str]:
 
 
 def detect_layout(keys: Iterable[str]) -> str:
-    """'hf' (`model.layers...`, transformers and ComfyUI files) or 'hf_bare' (the same names without `model.`)."""
+    """'hf' (`model.layers...`, transformers and ComfyUI files), 'hf_bare' (the same names without `model.`) or
+    'gguf' (llama.cpp's names)."""
     return locate(keys)[1]
 
 
@@ -200,6 +237,8 @@ def convert_state_dict(sd: Mapping[str, object], layout: str | None = None) -> d
     prefix, found = locate(sd)
     if layout is not None and layout != found:
         raise ModelFileError(f"expected a LLaMA state dict in the {layout!r} layout, found the {found!r} layout")
+    if found == "gguf":
+        return {name: value for key, value in sd.items() if (name := _gguf_name(key)) is not None}
     start = prefix + ("model." if found == "hf" else "")
     out = {}
     for key, value in sd.items():

@@ -2,6 +2,8 @@
 
 - `load_tokenizer(path)`: a Hugging Face tokenizer folder (with tokenizer.json) or a tokenizer.json file,
   e.g. the LLaVA-LLaMA-3 tokenizer HunyuanVideo uses.
+- `gguf_tokenizer(path)`: the byte-level BPE tokenizer a LLaMA-3 GGUF file carries in its metadata
+  (`tokenizer.ggml.*`), rebuilt with the LLaMA-3 split pattern, so a GGUF text encoder needs no tokenizer.json.
 - `clip_l_tokenizer()`: the CLIP ViT-L/14 tokenizer shipped in `models/vocab/clip_l/tokenizer.json`, made by
   `build_clip_tokenizer` from OpenAI's BPE vocabulary `bpe_simple_vocab_16e6.txt.gz` (MIT licence). To rebuild it:
   `python -m kineflow.models.tokenization bpe_simple_vocab_16e6.txt.gz models/vocab/clip_l/tokenizer.json`.
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from ..errors import InputFileError, ModelFileError
@@ -106,8 +108,11 @@ def _pad_id(tokenizer: Tokenizer, folder: Path | None, pad_token: str | int | No
 
 
 def load_tokenizer(path: str | os.PathLike, pad_token: str | int | None = None) -> TextTokenizer:
-    """Load a tokenizer from a Hugging Face tokenizer folder (containing tokenizer.json) or a tokenizer.json file."""
+    """Load a tokenizer from a Hugging Face tokenizer folder (containing tokenizer.json), a tokenizer.json file,
+    or a .gguf file that carries one."""
     path = Path(path).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return gguf_tokenizer(path)
     folder = path if path.is_dir() else path.parent
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
@@ -123,6 +128,47 @@ def load_tokenizer(path: str | os.PathLike, pad_token: str | int | None = None) 
     except Exception as exc:  # the tokenizers library raises bare Exceptions on malformed files
         raise ModelFileError(f"{file} is not a valid tokenizer.json: {exc}") from exc
     return TextTokenizer(tokenizer, _pad_id(tokenizer, folder, pad_token), str(file))
+
+
+# LLaMA-3's pre-tokenisation (as in its tokenizer.json and llama.cpp's "llama-bpe"): contractions, letter runs
+# with one leading non-letter, digit groups of up to three, symbol runs, newlines, other whitespace.
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPECIAL_TYPES = (3, 4)  # llama.cpp token types CONTROL and USER_DEFINED: matched whole, never split
+
+
+def gguf_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer stored in a LLaMA-3 GGUF file's metadata: vocabulary, merges, token types, BOS and padding."""
+    from . import gguf
+
+    path = Path(path)
+    header = gguf.read_header(path)
+    meta = header.metadata
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2" or pre not in ("llama-bpe", "llama3", "default"):
+        raise ModelFileError(
+            f"{path.name!r} carries a {kind or 'missing'!r} tokenizer (pre-tokenizer {pre!r}); KineFlow rebuilds "
+            "only LLaMA-3's byte-level BPE from GGUF metadata. Name the model's tokenizer.json folder in Load Text "
+            "Encoders' llm_tokenizer instead")
+    tokens = gguf.read_array(path, "tokenizer.ggml.tokens") or []
+    merges = gguf.read_array(path, "tokenizer.ggml.merges") or []
+    types = gguf.read_array(path, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or not merges:
+        raise ModelFileError(f"{path.name!r} has no complete tokenizer in its metadata (tokens: {len(tokens)}, "
+                             f"merges: {len(merges)}); name a tokenizer.json folder in Load Text Encoders' llm_tokenizer")
+    tokenizer = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
+                              ignore_merges=True, fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([t for t, kind in zip(tokens, types) if kind in _GGUF_SPECIAL_TYPES])
+    if meta.get("tokenizer.ggml.add_bos_token", "True") == "True" and "tokenizer.ggml.bos_token_id" in meta:
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos_id]} $A", special_tokens=[(tokens[bos_id], bos_id)])
+    return TextTokenizer(tokenizer, int(meta.get("tokenizer.ggml.padding_token_id", 0)), str(path))
 
 
 def clip_l_tokenizer() -> TextTokenizer:
