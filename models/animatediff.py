@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError
-from . import checkpoints
+from . import checkpoints, weights
 from .sd15_unet import Attention, FeedForward, SD15UNet, diffusers_module_to_ldm
 
 VERSIONS = ("v1", "v2", "v3")
@@ -312,12 +312,11 @@ def _merge(module: nn.Module, name: str, up: torch.Tensor, down: torch.Tensor, s
         layer = module.get_submodule(name)
     except AttributeError:
         raise ModelFileError(f"the LoRA targets {name!r}, which this model does not have") from None
-    weight = layer.weight
-    delta = up.float() @ down.float()
-    if delta.shape != weight.shape:
-        raise ModelFileError(f"the LoRA for {name!r} gives a {list(delta.shape)} update, the layer is {list(weight.shape)}")
-    with torch.no_grad():
-        weight.copy_((weight.float() + strength * delta.to(weight.device)).to(weight.dtype))
+    update, shape = (up.shape[0], down.shape[-1]), weights.linear_shape(layer)
+    if up.shape[-1] != down.shape[0] or tuple(update) != shape:
+        raise ModelFileError(f"the LoRA for {name!r} gives a {list(update)} update (up {list(up.shape)}, down "
+                             f"{list(down.shape)}), the layer is {list(shape)}")
+    weights.merge_lora(layer, up, down, strength)
 
 
 def apply_motion_lora(module: MotionModule, lora_sd: Mapping[str, torch.Tensor], strength: float = 1.0) -> None:

@@ -11,6 +11,10 @@ fp8 storage keeps every nn.Linear weight as torch.float8_e4m3fn (1 byte per valu
 directly, as ComfyUI's "fp8_e4m3fn" weight dtype does) and upcasts one layer's weight to the compute dtype
 when that layer runs. Parameter names never change, so state dicts, LoRA patching by name and saving keep
 working; only the storage of the weights differs.
+
+LoRAs on quantized layers (fp8 or GGUF weights) are not merged, which would need the weight in full precision and
+would quantize the LoRA's small update away: `add_lora` keeps the low-rank pair beside the layer and adds
+`strength * up @ (down @ x)` to its output when it runs (`merge_lora` picks merge or on-the-fly per layer).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelFileError
-from . import checkpoints, gguf
+from . import checkpoints, gguf, gguf_blocks
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -43,7 +47,7 @@ def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _gguf_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = self.compute_dtype
-    weight = gguf.dequantize(self.weight, self.gguf_type, self.gguf_shape, dtype)
+    weight = gguf_blocks.dequantize(self.weight, self.gguf_type, self.gguf_shape, dtype)
     bias = None if self.bias is None else self.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias)
 
@@ -54,6 +58,47 @@ def gguf_linear(layer: nn.Linear, compute_dtype: torch.dtype, qtype: str, raw: t
     layer._parameters["weight"] = nn.Parameter(raw, requires_grad=False)
     layer.compute_dtype = compute_dtype
     layer.forward = types.MethodType(_gguf_linear_forward, layer)
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether a layer's weight is stored quantized (fp8, GGUF blocks) and expanded when it runs."""
+    return hasattr(layer, "gguf_type") or getattr(layer, "weight", None) is not None and layer.weight.dtype in FP8_DTYPES
+
+
+def _lora_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = self.base_forward(x)
+    x = x.to(out.dtype)
+    for up, down, strength in self.loras:
+        low = F.linear(x, down.to(device=x.device, dtype=out.dtype))
+        out = out + strength * F.linear(low, up.to(device=x.device, dtype=out.dtype))
+    return out
+
+
+def add_lora(layer: nn.Module, up: torch.Tensor, down: torch.Tensor, strength: float) -> None:
+    """Add `strength * up @ down` to a linear layer's weight on the fly: its output gains `strength * up(down(x))`.
+    The pair stays on the CPU and meets the input on its device (LoRAs are small). Several LoRAs add up."""
+    if "loras" not in layer.__dict__:
+        layer.base_forward = layer.forward  # the layer's own (possibly quantized) forward
+        layer.loras = []
+        layer.forward = types.MethodType(_lora_forward, layer)
+    layer.loras.append((up, down, float(strength)))
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The logical [out, in] shape of a linear layer's weight, also when it is stored as GGUF bytes."""
+    return tuple(getattr(layer, "gguf_shape", None) or layer.weight.shape)
+
+
+def merge_lora(layer: nn.Module, up: torch.Tensor, down: torch.Tensor, strength: float) -> None:
+    """Apply one LoRA pair to a linear layer: merged into a full-precision weight (W += strength * up @ down, so
+    the layer runs at its usual cost), kept beside a quantized one (`add_lora`)."""
+    if is_quantized(layer):
+        add_lora(layer, up, down, strength)
+        return
+    weight = layer.weight
+    with torch.no_grad():
+        delta = (up.float() @ down.float()).to(weight.device)
+        weight.copy_((weight.float() + strength * delta).to(weight.dtype))
 
 
 def _compact_embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -198,7 +243,7 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
         if device.type == "meta" or key in slices:  # shapes only, or read later from the file
             raw = torch.empty(gguf.storage_bytes(qtype, info_of[key].numel), dtype=torch.uint8, device="meta")
         else:
-            raw = gguf.read_raw(info_of[key]).to(device)
+            raw = gguf_blocks.read_raw(info_of[key]).to(device)
         gguf_linear(model.get_submodule(key.removesuffix(".weight")), dtype, qtype, raw)
     model.file_slices = slices
     return model

@@ -162,3 +162,55 @@ def test_official_fp8_release_without_its_scale_map_is_a_clear_input_error(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and checkpoint.name in err and "mp_rank_00_model_states_fp8_map.pt" in err
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_loras_on_fp8_and_gguf_layers_run_on_the_fly_beside_the_quantized_weights():
+    """A LoRA is not merged into a quantized weight (that would quantize its update away): the layer keeps its
+    fp8 / GGUF weight and adds strength * up(down(x)); the result is that of the merged dequantized weight."""
+    import gguf
+    import numpy as np
+
+    from kineflow.models import weights
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(64, 256, generator=g) * 0.05
+    up, down, x = torch.randn(64, 4, generator=g) * 0.1, torch.randn(4, 256, generator=g) * 0.1, torch.randn(3, 256, generator=g)
+    fp8 = torch.nn.Linear(256, 64, bias=False)
+    fp8.weight = torch.nn.Parameter(full.to(torch.float8_e4m3fn), requires_grad=False)
+    weights.fp8_linear(fp8, torch.float32)
+    gguf_layer = torch.nn.Linear(256, 64, bias=False)
+    blocks = gguf.quants.quantize(full.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    weights.gguf_linear(gguf_layer, torch.float32, "Q8_0", torch.from_numpy(np.ascontiguousarray(blocks)).reshape(-1))
+    for layer, dequantized in ((fp8, full.to(torch.float8_e4m3fn).float()),
+                               (gguf_layer, torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)))):
+        stored = layer.weight.clone()
+        weights.merge_lora(layer, up, down, 0.7)
+        weights.merge_lora(layer, up, down, 0.3)
+        assert torch.equal(layer.weight, stored)
+        expected = x @ (dequantized + up @ down).T
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_motion_lora_on_an_fp8_motion_module(tmp_path):
+    from kineflow.runtime import animatediff as ad_runtime
+    from kineflow.training import tiny_sd
+
+    paths = tiny_sd.write_models(tmp_path, seed=0)
+    quantized, reference = _quantize(load_file(str(paths["mm_v2"])), torch.float8_e4m3fn, scaled=False)
+    folder = paths["mm_v2"].parent
+    save_file(quantized, str(folder / "mm_fp8.safetensors"))
+    save_file(reference, str(folder / "mm_reference.safetensors"))
+    lora = paths["motion_lora"].name
+    with host.configured(models_dir=tmp_path):
+        model, _vae, text_encoder = ad_runtime.load_sd_checkpoint(paths["checkpoint"].name)
+        outputs, q_proj = [], "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q"
+        for name in ("mm_fp8.safetensors", "mm_reference.safetensors"):
+            motion = ad_runtime.apply_motion_lora(ad_runtime.load_motion_module(name), lora, 0.8)
+            layer = motion.module.get_submodule(q_proj)
+            # fp8: the weight stays fp8 and the LoRA runs beside it; float: the LoRA is merged in
+            assert (layer.weight.dtype == torch.float8_e4m3fn) == hasattr(layer, "loras") == (name == "mm_fp8.safetensors")
+            video_model = ad_runtime.apply_motion_module(model, motion)
+            x = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                outputs.append(video_model.net_fn(x, torch.tensor([500.0]), text_encoder.encode(["a red circle"])["context"]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
