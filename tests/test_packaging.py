@@ -112,3 +112,12 @@ def test_layers_import_only_downwards():
             bad = _imported_packages(rel) - ok
             offenders += [f"{rel} imports {sorted(bad)}"] if bad else []
     assert not offenders, offenders
+
+
+def test_ci_installs_torch_the_way_the_readme_tells_cpu_users():
+    """CI must test the torch build users get: the same CPU-only command as the README's Quick start."""
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "install" in line and "torch" in line]
+    assert len(ci) == 1 and "--index-url https://download.pytorch.org/whl/cpu" in ci[0]
+    command = ci[0].split("pip install", 1)[1].replace(" -q", "").strip()
+    quick_start = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert f"pip install {command}" in quick_start
