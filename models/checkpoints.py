@@ -277,6 +277,14 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
     if _has(keys, ".attentions.") and all(".processor." in k and "_lora." in k for k in keys):
         return Detection("animatediff_domain_adapter", "diffusers", prefix=_common_prefix(keys, "down_blocks."))
 
+    # ---- HunyuanVideo transformer LoRAs (before the transformer: ComfyUI-style LoRAs use its module names)
+    from . import lora
+
+    if lora.is_hunyuan_video_lora(keys):
+        info = lora.describe(tensors)
+        return Detection("hunyuan_video_lora", info["format"], f"rank {info['rank']}",
+                         note=f"targets {info['targets']} layers")
+
     # ---- HunyuanVideo transformer
     if _has(keys, "double_blocks.") and _has(keys, "single_blocks."):
         prefix = _common_prefix(keys, "double_blocks.")
@@ -443,6 +451,7 @@ FAMILY_TITLES = {
     "sd15_checkpoint": "SD1.5 checkpoint (Load SD Checkpoint)",
     "animatediff_motion_module": "AnimateDiff motion module (Load Motion Module)",
     "animatediff_motion_lora": "AnimateDiff motion LoRA (Load Motion LoRA)",
+    "hunyuan_video_lora": "HunyuanVideo LoRA (Load LoRA)",
     "animatediff_domain_adapter": "AnimateDiff v3 domain adapter (Apply Domain Adapter)",
 }
 

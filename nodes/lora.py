@@ -1,0 +1,48 @@
+"""Load LoRA: HunyuanVideo transformer LoRAs (kohya / musubi-tuner, diffusers / PEFT and ComfyUI-style files).
+
+The work is in runtime/lora.py, imported when the node runs.
+"""
+
+from ._common import model_choices
+
+
+class KineFlowLoadLoRA:
+    DESCRIPTION = ("Applies a HunyuanVideo LoRA (kohya / musubi-tuner, diffusers / PEFT or ComfyUI-style file) to a "
+                   "copy of the video model; the input model is left unchanged. Chain several to combine them.")
+    CATEGORY = "KineFlow/loaders"
+    RETURN_TYPES = ("KINEFLOW_VIDEO_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("KINEFLOW_VIDEO_MODEL", {"tooltip": "From Load Video Model or another Load LoRA."}),
+            "lora_name": (model_choices("loras"), {"tooltip": "HunyuanVideo LoRA in models/loras."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "How much of the LoRA to apply; 0 leaves the model as it is."}),
+        }, "optional": {
+            "block_strengths": ("STRING", {"default": "", "multiline": False, "tooltip": (
+                "Optional factors per block, multiplied with strength, e.g. 'double_blocks=1, single_blocks.20-39=0.5'. "
+                "The most specific entry wins; blocks not named get 1.")}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, block_strengths=""):
+        from ..errors import KineFlowError
+        from ..models.lora import block_strengths as parse
+
+        try:
+            parse(block_strengths or "")
+        except KineFlowError as e:
+            return str(e)
+        return True
+
+    def apply(self, model, lora_name, strength, block_strengths=""):
+        from ..runtime import lora
+
+        return (lora.apply_lora(model, lora_name, strength, block_strengths),)
+
+
+NODE_CLASS_MAPPINGS = {"KineFlowLoadLoRA": KineFlowLoadLoRA}
+NODE_DISPLAY_NAME_MAPPINGS = {"KineFlowLoadLoRA": "Load LoRA (KineFlow)"}
