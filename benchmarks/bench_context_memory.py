@@ -26,8 +26,8 @@ from kineflow.samplers.context import ContextOptions
 torch.set_num_threads(2)
 models_dir, frames, windowed = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 host.configure(models_dir=models_dir)
-unet, vae, text = load_sd_checkpoint("kineflow_tiny_sd15.safetensors")
-model = apply_motion_module(unet, load_motion_module("kineflow_tiny_mm_v3.safetensors"), 1.0)
+unet, vae, text = load_sd_checkpoint("kineflow_random_sd15.safetensors")
+model = apply_motion_module(unet, load_motion_module("kineflow_random_mm_v3.safetensors"), 1.0)
 cond = generation.encode_prompts(text, "a red circle moves to the left", "")
 context = ContextOptions(length=16, overlap=4) if windowed else None
 def run(n, h):

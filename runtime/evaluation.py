@@ -28,24 +28,42 @@ from . import generation, host
 from .media import write_video
 from .video_models import load_text_encoders, load_video_model, load_video_vae
 
-# What the AnimateDiff trainer ships (training/train_animatediff.py NAMES, folder-relative).
-# Frames per family by default: 9 (1 + 4k for the 4x temporal VAE) and AnimateDiff's 16-frame clips.
-DEFAULT_FRAMES = {"hunyuan_video": 9, "animatediff": 16}
-# The size each shipped tiny model was trained at (the dataset draws shapes in fractions of the frame).
-DEFAULT_SIZE = {"hunyuan_video": 128, "animatediff": 64}
+# The workflow (workflows/api/) that runs each family's shipped tiny model: `kineflow eval` samples as it does.
+SHIPPED_WORKFLOWS = {"hunyuan_video": "text_to_video.json", "animatediff": "animatediff_tiny.json"}
 
 
 @dataclass
 class EvalSettings:
-    steps: int = 8
-    cfg: float = 1.0
-    shift: float = 7.0
-    sampler_name: str = "euler"
-    scheduler: str = "default"
-    seed: int = 0
-    width: int = 64
-    height: int = 64
-    frames: int = 9
+    steps: int
+    cfg: float
+    shift: float  # flow shift (the AnimateDiff family ignores it)
+    sampler_name: str
+    scheduler: str
+    width: int
+    height: int
+    frames: int
+    seed: int = 0  # of the first prompt (prompt i uses seed + i), and of the held-out set drawn
+
+
+def shipped_workflow_settings(family: str) -> EvalSettings:
+    """The sampler settings and video size of the family's shipped workflow (its Sampler and Empty Video Latent
+    nodes), so that `kineflow eval` measures what the workflow makes and cannot drift from it. The seed stays 0: it
+    also picks the held-out prompts, which must not change with the workflow's seed."""
+    path = host.PACK_DIR / "workflows" / "api" / SHIPPED_WORKFLOWS[family]
+    nodes = json.loads(path.read_text(encoding="utf-8")).values()
+    sampler, latent = ([node["inputs"] for node in nodes if node["class_type"] == kind][0]
+                       for kind in ("KineFlowSampler", "KineFlowEmptyVideoLatent"))
+    return EvalSettings(steps=sampler["steps"], cfg=sampler["cfg"], shift=sampler["shift"],
+                        sampler_name=sampler["sampler_name"], scheduler=sampler["scheduler"],
+                        width=latent["width"], height=latent["height"], frames=latent["frames"])
+
+
+def describe_settings(settings: EvalSettings, flow_shift: bool) -> str:
+    """The settings of a generating run, in one line (`flow_shift`: the family samples with a flow shift)."""
+    shift = f", shift {settings.shift:g}" if flow_shift else ""
+    return (f"{settings.width}x{settings.height}, {settings.frames} frames, {settings.sampler_name} "
+            f"({settings.scheduler} schedule), {settings.steps} steps, cfg {settings.cfg:g}{shift}, "
+            f"first seed {settings.seed}")
 
 
 @dataclass
@@ -115,9 +133,8 @@ def reconstruct_clip(models: EvalModels, clip: torch.Tensor) -> torch.Tensor:
         return generation.decode_video(models.vae, generation.encode_video(models.vae, clip, None), None)
 
 
-def evaluate(models: EvalModels, prompts: list[str] | None = None, *, heldout: int = 60,
-             settings: EvalSettings = EvalSettings(), save_dir: str | Path | None = None,
-             reconstruct: bool = False) -> dict:
+def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: EvalSettings, heldout: int = 60,
+             save_dir: str | Path | None = None, reconstruct: bool = False) -> dict:
     """Generate (or, with `reconstruct`, round-trip the held-out clips through the VAE) and judge; returns
     {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}."""
     specs = None
@@ -172,10 +189,10 @@ def format_report(result: dict) -> str:
     run = result["settings"]
     if result["mode"] == "reconstruct":
         lines = [f"{result['models']}: VAE reconstructions of {result['prompts']} held-out clips, "
-                 f"{run['frames']} frames"]
+                 f"{run['width']}x{run['height']}, {run['frames']} frames"]
     else:
-        lines = [f"{result['models']}: {result['prompts']} prompts, {run['frames']} frames, {run['steps']} steps, "
-                 f"cfg {run['cfg']}"]
+        settings = describe_settings(EvalSettings(**run), flow_shift=result["latent_format"] == "hunyuan_video")
+        lines = [f"{result['models']}: {result['prompts']} prompts, {settings}"]
     lines.append(f"{'attribute':<14}{'accuracy':>9}{'correct':>9}{'scored':>8}")
     for attribute, acc in result["accuracy"].items():
         c = result["counts"][attribute]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import host
-from .media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .validation import combo_options, declared_inputs
 from .workflow import widget_slots
 

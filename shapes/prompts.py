@@ -1,8 +1,9 @@
 """Held-out evaluation prompts and a parser from free text to the attributes the judge can check.
 
-`parse_prompt` understands the dataset's vocabulary (and a few common extra synonyms) in any word order the
-caption templates use, so `kineflow eval --prompts FILE` can score prompts written by a user. Attributes it
-cannot find are "unknown" and are skipped when scoring; words it does not know are listed in `unknown_words`.
+`parse_prompt` understands the dataset's vocabulary (and the synonyms of shapes/vocabulary.py, plus plurals) in
+any word order the caption templates use, so `kineflow eval --prompts FILE` can score prompts written by a user.
+Attributes it cannot find are "unknown" and are skipped when scoring; words it does not know are listed in
+`unknown_words`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from ..errors import KineFlowError
 from .dataset import COLOURS, SHAPE_WORDS, ClipSpec, caption, sample_spec
+from .vocabulary import replace_synonyms
 
 UNKNOWN = "unknown"
 
@@ -57,9 +59,8 @@ def heldout_prompts(
 
 # --------------------------------------------------------------------------- parsing
 _SHAPE_LOOKUP = {w: k for k, words in SHAPE_WORDS.items() for w in words}
-_SHAPE_LOOKUP.update({"circles": "circle", "balls": "circle", "disk": "circle", "sphere": "circle", "orb": "circle",
-                      "squares": "square", "boxes": "square", "cube": "square", "blocks": "square",
-                      "triangles": "triangle"})
+_SHAPE_LOOKUP.update({"circles": "circle", "balls": "circle", "squares": "square", "boxes": "square",
+                      "blocks": "square", "triangles": "triangle"})
 _COLOUR_LOOKUP = {c: c for c in COLOURS}
 _COLOUR_LOOKUP.update({"grey": UNKNOWN, "gray": UNKNOWN})  # named but not in the palette
 
@@ -136,7 +137,7 @@ def parse_prompt(text: str) -> PromptAttributes:
     Each shape's motion words are read from the text between its mention and the next shape's mention; for the
     first shape, words missing there are also looked for before it (e.g. "moving left, a red ball ...").
     """
-    lowered = " " + re.sub(r"[^a-z'\- ]+", " ", text.lower().replace("_", " ")) + " "
+    lowered = " " + re.sub(r"[^a-z'\- ]+", " ", replace_synonyms(text.lower())[0].replace("_", " ")) + " "
     background, rest = UNKNOWN, lowered
     for pattern in _BACKGROUND_PATTERNS:
         m = pattern.search(rest)

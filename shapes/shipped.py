@@ -1,4 +1,5 @@
-"""File names of the tiny shapes-world models shipped in weights/ (what `kineflow eval` loads by default)."""
+"""File names of the tiny shapes-world models shipped in weights/ (what `kineflow eval` loads by default), and the
+captions their text encoders learned the words of (shapes/vocabulary.py)."""
 
 # HunyuanVideo family, by part (diffusion_models/, vae/, text_encoders/ x2).
 HUNYUAN_VIDEO = {
@@ -10,3 +11,12 @@ HUNYUAN_VIDEO = {
 # AnimateDiff family: an SD1.5 checkpoint (checkpoints/) and its motion module (animatediff_models/).
 ANIMATEDIFF_CHECKPOINT = "kineflow_tiny_sd15.safetensors"
 ANIMATEDIFF_MOTION_MODULE = "kineflow_tiny_mm.safetensors"
+
+# The caption sentence forms (shapes/dataset.py template sets) whose words each shipped text encoder file knows:
+# the HunyuanVideo family's word-level tokenizer holds the training and held-out captions' words; the AnimateDiff
+# CLIP also trained on the extra sentence forms.
+TEXT_ENCODER_TEMPLATES = {
+    HUNYUAN_VIDEO["llm"]: ("train", "heldout"),
+    ANIMATEDIFF_CHECKPOINT: ("train", "heldout", "extra"),
+}
+

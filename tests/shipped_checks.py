@@ -6,26 +6,21 @@ from pathlib import Path
 import av
 import torch
 
-from kineflow.runtime.evaluation import EvalSettings
 from kineflow.runtime.executor import OutputCache, run_workflow
 from kineflow.shapes.judge import judge, score
 from kineflow.shapes.prompts import parse_prompt
 
-
-def workflow_settings(nodes: dict) -> EvalSettings:
-    """The sampler settings and video size of a shipped API workflow's nodes (node 5 the empty latent, node 6
-    the sampler)."""
-    sampler, latent = nodes["6"]["inputs"], nodes["5"]["inputs"]
-    return EvalSettings(steps=sampler["steps"], cfg=sampler["cfg"], shift=sampler["shift"],
-                        sampler_name=sampler["sampler_name"], frames=latent["frames"], width=latent["width"],
-                        height=latent["height"])
+# The sections of a model card, in order (training/train.py and train_animatediff.py write them).
+CARD_SECTIONS = ["## Intended use", "## Vocabulary", "## Recommended settings", "## Limitations", "## Evaluation",
+                 "## Training data", "## Training"]
 
 
 def run_to_mp4(workflow: Path, models_dir: Path, output_dir: Path) -> torch.Tensor:
     """Run a shipped workflow; check it saved an mp4 of the workflow's size with every decoded frame (node 7
     decodes, node 8 saves) and return those frames [F, H, W, 3]."""
-    settings = workflow_settings(json.loads(workflow.read_text()))
-    width, height = settings.width, settings.height
+    latent = next(node["inputs"] for node in json.loads(workflow.read_text()).values()
+                  if node["class_type"] == "KineFlowEmptyVideoLatent")
+    width, height = latent["width"], latent["height"]
     results = run_workflow(str(workflow), models_dir=models_dir, output_dir=output_dir, cache=OutputCache())
     frames = results["7"]["outputs"][0]
     assert frames.shape[1:] == (height, width, 3)

@@ -1,6 +1,10 @@
-"""The kineflow command: exit codes, messages, --debug, and the malformed-workflow corpus."""
+"""The kineflow command: exit codes, messages, --debug, start-up, and the malformed-workflow corpus."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +160,104 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.build_parser().parse_args(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("kineflow ")
+
+
+# --------------------------------------------------------------------------- start-up
+# Runs `kineflow ARGS` in a fresh interpreter, then reports which heavy packages the command imported.
+_IMPORTS_OF = """
+import sys
+from kineflow.runtime.cli import main
+code = main(sys.argv[1:])
+print("exit", code, "heavy:", *sorted(m for m in ("torch", "av", "PIL") if m in sys.modules), file=sys.stderr)
+"""
+
+
+def _tiny_gguf(path: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "hyvid")
+    writer.add_tensor("img_in.proj.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"],
+    ["run", "--help"],
+    ["inspect", str(ROOT / "weights" / "vae" / "kineflow_tiny_vae.safetensors")],
+    ["inspect", "--json", "GGUF"],
+    ["convert", str(ROOT / "workflows" / "text_to_video.json"), "--to", "api"],
+    ["validate", str(ROOT / "workflows" / "api" / "text_to_video.json")],
+    ["nodes"],
+], ids=["help", "run-help", "inspect", "inspect-gguf", "convert", "validate", "nodes"])
+def test_commands_that_compute_nothing_start_without_torch(argv, tmp_path):
+    argv = [str(_tiny_gguf(tmp_path / "tiny.gguf")) if a == "GGUF" else a for a in argv]
+    done = subprocess.run([sys.executable, "-c", _IMPORTS_OF, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.stderr.splitlines()[-1] == "exit 0 heavy:", done.stderr
+
+
+def test_help_names_the_default_models_folder(capsys):
+    assert cli.main(["run", "--help"]) == 0
+    assert "./kineflow_models" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc to see torch being loaded")
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path):
+    """SIGINT while the command is still importing torch (its shared library is being mapped) ends it like a later
+    Ctrl-C: exit 130 and one line. Should torch be loaded before the signal arrives, it lands in the run: same."""
+    proc = subprocess.Popen([sys.executable, "-m", "kineflow", "run", str(ROOT / "workflows" / "api" /
+                            "text_to_video.json"), "--output-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the command ended before loading torch"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.splitlines()[-1] == "error: interrupted; nothing more was run."
+
+
+# --------------------------------------------------------------------------- missing and damaged model files
+def test_missing_model_file_names_the_folders_searched_and_where_it_belongs(tmp_path, capsys):
+    missing = tmp_path / "no_such_dir"
+    code = cli.main(["validate", str(ROOT / "workflows" / "api" / "hunyuan_video_t2v.json"), "--models-dir",
+                     str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"warning: the models folder {missing} (--models-dir) does not exist")
+    [line] = [l for l in err.splitlines() if "'hunyuan_video_t2v_720p_bf16.safetensors'" in l]
+    assert "input 'model_name'" in line
+    assert f"not found in {missing / 'diffusion_models'}, {missing / 'unet'} or the shipped models" in line
+    assert f"it belongs in {missing / 'diffusion_models'}/" in line and "'Where model files go'" in line
+
+
+def test_models_folder_from_the_environment_is_checked_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KINEFLOW_MODELS", str(tmp_path / "gone"))
+    assert cli.main(["validate", str(ROOT / "workflows" / "api" / "shapes_video.json")]) == 0
+    assert f"{tmp_path / 'gone'} ($KINEFLOW_MODELS) does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["missing.safetensors", "damaged.safetensors"])
+def test_eval_with_a_missing_or_damaged_model_exits_2(model, tmp_path, capsys):
+    (tmp_path / "diffusion_models").mkdir()
+    (tmp_path / "diffusion_models" / "damaged.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}x")
+    code = cli.main(["eval", "-n", "1", "--steps", "1", "--model", model, "--models-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and model in err
+
+
+# --------------------------------------------------------------------------- constants where a link belongs
+@pytest.mark.parametrize("value", ["1", '"abc"', "null", "[1, 2, 3]", '["1", 0]'])
+def test_set_replacing_a_link_with_a_constant_fails_validation(value, tmp_path, capsys):
+    code = cli.main(["run", str(ROOT / "workflows" / "api" / "text_to_video.json"), "--set", f"6.model={value}",
+                     "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "node 6 (KineFlowSampler) input 'model': Input needs a link from a node's KINEFLOW_VIDEO_MODEL output" in err
+

@@ -1,17 +1,24 @@
 """`kineflow eval` mechanics on tiny random-weight models (scores are meaningless there; the plumbing is not)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+import kineflow
 from kineflow.runtime import cli
+from kineflow.runtime.evaluation import SHIPPED_WORKFLOWS
+from kineflow.shapes.shipped import ANIMATEDIFF_CHECKPOINT, HUNYUAN_VIDEO
 from kineflow.training.tiny_models import write_models
+
+PACK = Path(kineflow.__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    write_models(root, texts=["a red circle moves to the left on a blue background"], seed=0)
+    # under the shipped names, so that eval's default models are these
+    write_models(root, texts=["a red circle moves to the left on a blue background"], seed=0, names=HUNYUAN_VIDEO)
     return root
 
 
@@ -67,11 +74,12 @@ def animatediff_dir(tmp_path_factory):
     from kineflow.training import tiny_sd
 
     root = tmp_path_factory.mktemp("ad_models")
-    tiny_sd.write_models(root, seed=0)
+    checkpoint = tiny_sd.write_models(root, seed=0)["checkpoint"]
+    checkpoint.rename(checkpoint.with_name(ANIMATEDIFF_CHECKPOINT))  # eval's default checkpoint
     return root
 
 
-@pytest.mark.parametrize("motion", ["kineflow_tiny_mm_v2.safetensors", "none"])
+@pytest.mark.parametrize("motion", ["kineflow_random_mm_v2.safetensors", "none"])
 def test_eval_animatediff_with_and_without_motion_module(animatediff_dir, tmp_path, capsys, motion):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moves to the left on a blue background\n")
@@ -114,3 +122,28 @@ def test_eval_reconstruct_refuses_a_prompt_file(models_dir, tmp_path, capsys):
     prompts.write_text("a red circle moves to the left on a blue background\n")
     assert cli.main(["eval", "--reconstruct", "--prompts", str(prompts), "--models-dir", str(models_dir)]) == 2
     assert "argument --prompts: not allowed with argument --reconstruct" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "animatediff"])
+def test_eval_samples_as_the_familys_shipped_workflow_unless_told_otherwise(family, models_dir, animatediff_dir,
+                                                                            capsys):
+    nodes = json.loads((PACK / "workflows" / "api" / SHIPPED_WORKFLOWS[family]).read_text()).values()
+    sampler = next(node["inputs"] for node in nodes if node["class_type"] == "KineFlowSampler")
+    latent = next(node["inputs"] for node in nodes if node["class_type"] == "KineFlowEmptyVideoLatent")
+    folder = animatediff_dir if family == "animatediff" else models_dir
+    assert cli.main(["eval", "--family", family, "--motion-module", "none", "-n", "1", "--models-dir", str(folder),
+                     "--json"]) == 0
+    out, err = capsys.readouterr()
+    settings = json.loads(out)["settings"]
+    sampling = ("steps", "cfg", "shift", "sampler_name", "scheduler")
+    assert {name: settings[name] for name in sampling} == {name: sampler[name] for name in sampling}
+    assert {name: settings[name] for name in ("width", "height", "frames")} == \
+        {name: latent[name] for name in ("width", "height", "frames")}
+    assert f"{sampler['steps']} steps, cfg {sampler['cfg']:g}" in err  # the settings used are printed
+
+    if family == "hunyuan_video":  # given flags still win
+        assert cli.main(["eval", "-n", "1", "--steps", "1", "--cfg", "2.5", "--shift", "5", "--sampler", "ddim",
+                         "--models-dir", str(folder), "--json"]) == 0
+        settings = json.loads(capsys.readouterr().out)["settings"]
+        assert {name: settings[name] for name in sampling} == \
+            {"steps": 1, "cfg": 2.5, "shift": 5.0, "sampler_name": "ddim", "scheduler": "default"}

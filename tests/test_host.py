@@ -49,6 +49,31 @@ def test_users_files_come_before_the_shipped_ones(fake_comfyui):
     assert dirs[0] == Path(fake_comfyui.models_dir) / "diffusion_models"
 
 
+def test_missing_model_inside_comfyui_names_comfyuis_folder(fake_comfyui):
+    host.register_comfyui_folders()
+    message = host.missing_model("vae", "hunyuan_video_vae_bf16.safetensors")
+    home = Path(fake_comfyui.models_dir) / "vae"
+    assert f"not found in {home} or the shipped models (available: kineflow_tiny_vae.safetensors)" in message
+    assert f"it belongs in {home}/," in message and "--models-dir" not in message
+    assert host.missing_model("vae", "kineflow_tiny_vae.safetensors") is None
+
+
+def test_default_models_folder_is_not_a_folder_of_the_pack():
+    """Run from the repository, ./models would be the pack's own source package."""
+    assert not (host.PACK_DIR / host.DEFAULT_MODELS_DIR).exists()
+    assert host.DEFAULT_MODELS_DIR not in {p.name for p in host.PACK_DIR.iterdir()}
+
+
+def test_tiny_random_models_never_take_a_shipped_models_name(tmp_path):
+    """A models folder is searched before weights/: a random file of a shipped name would replace that model."""
+    from kineflow.training import tiny_models, tiny_sd
+
+    shipped = {p.name for p in host.SHIPPED_WEIGHTS_DIR.glob("*/*")}
+    written = {p.name for p in tiny_models.write_models(tmp_path / "hv").values()}
+    written |= {p.name for p in tiny_sd.write_models(tmp_path / "ad").values()}
+    assert written and not written & shipped
+
+
 @pytest.mark.parametrize("device, message", [("cuda", "sees no CUDA device"), ("tpu", "expected one of"),
                                              ("xla", "not supported")])
 def test_a_device_this_machine_lacks_is_a_clear_input_error(device, message, capsys, tmp_path):

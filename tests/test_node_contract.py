@@ -49,3 +49,14 @@ def test_every_input_has_tooltip_and_numeric_bounds(name, cls):
             for key in ("default", "min", "max", "step"):
                 assert key in opts, f"{name}.{input_name} lacks {key}"
             assert opts["min"] <= opts["default"] <= opts["max"], f"{name}.{input_name} default out of range"
+
+
+def test_torch_free_choice_lists_name_what_the_runtime_implements():
+    """The nodes offer choices from torch-free modules (samplers/__init__.py); the runtime's tables must match."""
+    from kineflow import samplers
+    from kineflow.runtime import animatediff
+    from kineflow.samplers.sampling import SAMPLERS
+
+    assert tuple(SAMPLERS) == samplers.SAMPLER_NAMES
+    assert tuple(animatediff.PREDICTIONS) == samplers.PREDICTION_NAMES
+    assert tuple(animatediff.SCHEDULERS) == samplers.SCHEDULER_NAMES

@@ -13,16 +13,16 @@ import kineflow
 import pytest
 import torch
 from kineflow.runtime.cli import main as cli_main
-from kineflow.runtime.evaluation import evaluate, generate_clip, load_animatediff
+from kineflow.runtime.evaluation import evaluate, generate_clip, load_animatediff, shipped_workflow_settings
 from kineflow.shapes.judge import judge
 from kineflow.shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
-from shipped_checks import obeys, run_to_mp4, workflow_settings
+from shipped_checks import obeys, run_to_mp4
 
 PACK = Path(kineflow.__file__).resolve().parent
 WORKFLOW = PACK / "workflows" / "api" / "animatediff_tiny.json"
 WEIGHTS = PACK / "weights"
 NODES = json.loads(WORKFLOW.read_text())
-SETTINGS = workflow_settings(NODES)
+SETTINGS = shipped_workflow_settings("animatediff")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

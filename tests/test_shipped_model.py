@@ -14,17 +14,18 @@ import torch
 
 import kineflow
 from kineflow.runtime.cli import main as cli_main
-from kineflow.runtime.evaluation import evaluate, generate_clip, load_hunyuan_video, load_vae_only
+from kineflow.runtime.evaluation import (evaluate, generate_clip, load_hunyuan_video, load_vae_only,
+                                         shipped_workflow_settings)
 from kineflow.shapes.judge import judge
 from kineflow.shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
-from shipped_checks import obeys, run_to_mp4, workflow_settings
+from shipped_checks import obeys, run_to_mp4
 
 PACK = Path(kineflow.__file__).resolve().parent
 WORKFLOW = PACK / "workflows" / "api" / "text_to_video.json"
 WEIGHTS = PACK / "weights"
 NODES = json.loads(WORKFLOW.read_text())
 PROMPT = NODES["4"]["inputs"]["prompt"]
-SETTINGS = workflow_settings(NODES)
+SETTINGS = shipped_workflow_settings("hunyuan_video")
 FOLDERS = {"dit": "diffusion_models", "vae": "vae", "llm": "text_encoders", "clip": "text_encoders"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")

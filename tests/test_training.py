@@ -19,6 +19,7 @@ from kineflow.training import train
 from kineflow.training.common import Budget, load_checkpoint, step_rngs
 from kineflow.shapes.dataset import ShapesVideoDataset
 from kineflow.training.tiny_models import write_word_tokenizer
+from shipped_checks import CARD_SECTIONS
 
 VAE = train.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=1, crop=16, clips=4, save_every=1, log_every=1)
 DIT = train.DiTSettings(steps=4, batch_size=4, clips=6, warmup=2, save_every=2, log_every=1)
@@ -290,8 +291,9 @@ def test_export_loads_back_through_the_runtime_loaders(trained_run, tmp_path, mo
     paths = train.export(trained_run, out)
     sizes = sum(train._size_mb(p) for p in paths.values())
     assert sizes < train.SIZE_LIMIT_MB
-    assert "KineFlow tiny" in paths["card"].read_text()
-    assert "Generate 9 frames of 64x64, the size its transformer last" in paths["card"].read_text()
+    card = paths["card"].read_text()
+    assert "KineFlow tiny" in card and "The transformer last trained on 9-frame clips of 64x64" in card
+    assert [line for line in card.splitlines() if line.startswith("## ")] == CARD_SECTIONS
 
     monkeypatch.setattr(host._Standalone, "models_dir", host._Standalone.models_dir)
     host.configure(models_dir=out)
@@ -330,7 +332,7 @@ def test_export_quotes_eval_reports_in_the_model_card(trained_run, tmp_path, mon
     measured = json.loads(stdout.getvalue())["accuracy"]
     assert train.main(["export", "--run-dir", str(trained_run), "--out", str(out), "--scores", str(report)]) == 0
     card = (out / "MODEL_CARD.md").read_text()
-    row = next(line for line in card.splitlines() if line.startswith("| kineflow_tiny_dit.safetensors | 64x64, 1 steps euler, cfg 1, shift 7 |"))
+    row = next(line for line in card.splitlines() if line.startswith("| kineflow_tiny_dit.safetensors | 64x64, 1 steps euler, cfg 1, shift 3 |"))
     assert row.split(" | ")[2:8] == ["2", *(f"{measured[c]:.0%}" if measured[c] is not None else "-"
                                            for c in ("colour", "shape", "direction", "scale_change", "background"))]
     report.write_text("[1, 2]")

@@ -27,6 +27,7 @@ from kineflow.training import train_animatediff as ta
 from kineflow.training.common import Budget, load_checkpoint
 from kineflow.shapes.dataset import ShapesVideoDataset
 from kineflow.training.tiny_sd import TINY_UNET, TINY_VAE, tiny_motion_config
+from shipped_checks import CARD_SECTIONS
 
 VAE = ta.VAESettings(encoder_steps=1, decoder_steps=1, steps=2, batch_size=2, crop=16, clips=4, save_every=1,
                      log_every=1)
@@ -226,7 +227,9 @@ def test_export_loads_back_through_the_runtime_and_the_nodes(trained_run, tmp_pa
     out = tmp_path / "weights"
     paths = ta.export(trained_run, out)
     assert sum(train._size_mb(p) for p in paths.values()) < train.SIZE_LIMIT_MB
-    assert "KineFlow tiny AnimateDiff" in paths["card"].read_text()
+    card = paths["card"].read_text()
+    assert "KineFlow tiny AnimateDiff" in card
+    assert [line for line in card.splitlines() if line.startswith("## ")] == CARD_SECTIONS
     checkpoint, motion_info = cli_inspect(paths["checkpoint"]), cli_inspect(paths["motion"])
     assert (checkpoint["family"], checkpoint["layout"]) == ("sd15_checkpoint", "ldm")
     assert (motion_info["family"], motion_info["version"]) == ("animatediff_motion_module", MOTION.version)
@@ -237,6 +240,10 @@ def test_export_loads_back_through_the_runtime_and_the_nodes(trained_run, tmp_pa
     model, vae, encoder = ad_runtime.load_sd_checkpoint("kineflow_tiny_sd15.safetensors")
     motion = ad_runtime.load_motion_module("kineflow_tiny_mm.safetensors")
     animated = ad_runtime.apply_motion_module(model, motion)
+    # The checkpoint carries latent -> RGB preview factors fitted to its VAE, and the model previews with them.
+    fitted = json.loads(ta.preview_factors_metadata(vae.vae, VAE.seed, VAE.clips))
+    assert torch.allclose(animated.preview_factors[0], torch.tensor(fitted["factors"]), atol=1e-5)
+    assert torch.allclose(animated.preview_factors[1], torch.tensor(fitted["bias"]), atol=1e-5)
 
     # The shipped CLIP and VAE reproduce the cached training data (fp16 weights, computed in float32).
     cache = torch.load(ta.cache_path(trained_run), weights_only=True)
@@ -263,7 +270,8 @@ def test_export_loads_back_through_the_runtime_and_the_nodes(trained_run, tmp_pa
     torch.testing.assert_close(got, expected.unflatten(0, (1, ta.CLIP_FRAMES)).transpose(1, 2), rtol=1e-3, atol=1e-3)
 
     # The loader nodes in the AnimateDiff workflow: checkpoint -> motion module -> sampler (with CFG) -> decode.
-    results = run_workflow(str(WORKFLOW), overrides=['2.model_name="kineflow_tiny_mm.safetensors"', "6.cfg=2.0",
+    results = run_workflow(str(WORKFLOW), overrides=['1.ckpt_name="kineflow_tiny_sd15.safetensors"',
+                                                     '2.model_name="kineflow_tiny_mm.safetensors"', "6.cfg=2.0",
                                                      "6.steps=2"],
                            models_dir=out, output_dir=tmp_path / "output")
     frames_out = results["7"]["outputs"][0]

@@ -22,6 +22,9 @@ import torch
 
 from ..errors import KineFlowError
 from ..runtime.media import atomic_write
+from ..shapes import dataset as shapes
+from ..shapes import vocabulary
+from ..shapes.vocabulary import Vocabulary
 
 STAGE_IDS = {"vae": 1, "dit": 2, "cache": 3, "fit": 4, "vae_encoder": 5, "vae_decoder": 6,
              "vae_refine": 7, "unet": 8, "motion": 9, "text": 10, "vae_adapt": 11}
@@ -206,5 +209,87 @@ def scores_section(reports: list[dict]) -> str:
                     + f" | {'-' if tc is None else f'{tc:.2f}'} |")
     header = "| models | run | prompts | " + " | ".join(c.replace("_", " ") for c in SCORE_COLUMNS) + \
              " | temporal consistency |"
-    return ("\nMeasured scores (`kineflow eval --json` reports given to `export --scores`; held-out prompts, seeds "
-            "0..n-1):\n\n" + header + "\n" + "|---" * (len(SCORE_COLUMNS) + 4) + "|\n" + "\n".join(rows) + "\n")
+    return ("Measured scores (`kineflow eval --json` reports given to `export --scores`; held-out prompts, seeds "
+            "0..n-1; `kineflow eval -n PROMPTS --width W --height H --steps S --sampler X --cfg C [--shift F]` "
+            "reproduces a row):\n\n" + header + "\n" + "|---" * (len(SCORE_COLUMNS) + 4) + "|\n" + "\n".join(rows)
+            + "\n")
+
+
+NO_SCORES = ("Not measured at export: `export --scores REPORT.json ...` quotes `kineflow eval --json` reports of the "
+             "exported files here.\n")
+
+
+# --------------------------------------------------------------------------- model card sections
+def _phrases(*tables: tuple[str, ...]) -> str:
+    """Caption phrases without the connective that joins them to a verb ("and grows" -> "grows"), each once."""
+    bare = (p.split(" ", 1)[1] if p.startswith(("and ", "while ")) else p for table in tables for p in table)
+    return ", ".join(dict.fromkeys(bare))
+
+
+def vocabulary_section(template_sets: tuple[str, ...]) -> str:
+    """The model card's "Vocabulary": the words of the captions written with the sentence forms `template_sets`
+    (those a shipped text encoder learned, shapes/shipped.py), the synonyms KineFlow rewrites into them, and what
+    becomes of any other word."""
+    rows = {
+        "colour (of a shape or the background)": ", ".join(shapes.COLOURS),
+        "shape": "; ".join(", ".join(options) for options in shapes.SHAPE_WORDS.values()),
+        "motion": ", ".join(verb for verb, _ in shapes.MOVE_VERBS) + " (" +
+                  ", ".join(participle for _, participle in shapes.MOVE_VERBS) + ")",
+        **{f"direction {name}": ", ".join(options) for name, options in shapes.DIRECTION_WORDS.items()},
+        "standing still": _phrases(shapes.STILL_VERB, shapes.STILL_PARTICIPLE),
+        "growing": _phrases(shapes.GROW_VERB, shapes.GROW_PARTICIPLE),
+        "shrinking": _phrases(shapes.SHRINK_VERB, shapes.SHRINK_PARTICIPLE),
+    }
+    scene_words = {w for phrase in rows.values() for w in vocabulary.words(phrase)}
+    rows["the rest of the captions"] = ", ".join(sorted(Vocabulary.of_captions(template_sets).words - scene_words))
+    by_phrase: dict[str, list[str]] = {}
+    for word, phrase in vocabulary.SYNONYMS.items():
+        by_phrase.setdefault(phrase, []).append(word)
+    table = "\n".join(f"| {meaning} | {words} |" for meaning, words in rows.items())
+    synonyms = "\n".join(f"| {', '.join(found)} | {phrase} |" for phrase, found in by_phrase.items())
+    return f"""The model reads prompts in the words of its training captions, and only those:
+
+| meaning | words |
+|---|---|
+{table}
+
+A prompt names one or two shapes, each with a colour and a motion, and the background colour: "a red circle moves
+to the right on a blue background", "a yellow square slides up and grows, black backdrop", "a red ball moves left
+and a green triangle moves up on a white background". Any other word means nothing to the model: for this model,
+KineFlow logs a warning naming such words and the words above. Before that it rewrites these synonyms into caption
+words (and logs it); a colour outside the palette (grey, orange, purple, ...) matches none of its colours and is
+left as it is:
+
+| written | read as |
+|---|---|
+{synonyms}
+"""
+
+
+# The model cards' first "Limitations" (every model trained on the shapes world has them).
+SHAPES_WORLD_LIMITATIONS = """\
+- It knows the words above and no others; KineFlow warns about other words in a prompt for it.
+- One or two shapes (circle, square, triangle) in eight flat colours over a flat background: no textures,
+  scenes, camera motion or other objects."""
+
+
+def training_data_section() -> str:
+    """The model card's "Training data": the shapes world's train split."""
+    return f"""\
+KineFlow's procedural shapes world (`shapes/dataset.py`), train split, rendered on the fly (no external data):
+clips of one or two circles, squares or triangles in eight colours, moving in eight directions or standing still,
+growing or shrinking, on a background of another of the colours, each with a plain-English caption in one of the
+training sentence forms. {shapes.HELDOUT_FRACTION:.0%} of the colour x shape x direction x background combinations
+are held out of training; the Evaluation prompts use them.
+"""
+
+
+def workflow_settings_line(family: str) -> str:
+    """What the family's shipped workflow samples with (`kineflow eval`'s defaults), for a model card."""
+    from ..runtime.evaluation import SHIPPED_WORKFLOWS, shipped_workflow_settings
+
+    run = shipped_workflow_settings(family)
+    shift = f", shift {run.shift:g}" if family == "hunyuan_video" else ""
+    return (f"`workflows/api/{SHIPPED_WORKFLOWS[family]}` (and `kineflow eval` by default) makes {run.frames} "
+            f"frames of {run.width}x{run.height} with {run.sampler_name}, {run.steps} steps, cfg {run.cfg:g}{shift} "
+            f"and an empty negative prompt")

@@ -5,7 +5,10 @@ tokenizer.json) and CLIP-L text encoder under ComfyUI's folder names, so the rea
 inspect` and workflows use them exactly like full-size files. With random weights they are the fixtures of
 the end-to-end tests; the trainer saves its trained weights through the same functions.
 
-    python -m kineflow.training.tiny_models --out models/ [--family animatediff]   # random weights
+Random-weight files are named `kineflow_random_*`, never like the shipped models: a models folder is searched
+before the pack's weights/, so a random file of a shipped name would silently replace the shipped model.
+
+    python -m kineflow.training.tiny_models [--out kineflow_models/] [--family animatediff]   # random weights
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from ..models.hunyuan_video_dit import (
 )
 from ..models.hunyuan_video_vae import HunyuanVideoVAE, HunyuanVideoVAEConfig
 from ..models.llama_text import LlamaTextConfig, LlamaTextEncoder
+from ..runtime.host import DEFAULT_MODELS_DIR
 from ..runtime.media import atomic_write
 from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>", "[UNK]"]
 WORD_PATTERN = r"\w+|[^\w\s]+"  # what pre_tokenizers.Whitespace splits on
 CLIP_VOCAB = 49408  # the shipped CLIP-L tokenizer's ids
+RANDOM_NAMES = {"dit": "kineflow_random_dit.safetensors", "vae": "kineflow_random_vae.safetensors",
+                "llm": "kineflow_random_llm", "clip": "kineflow_random_clip.safetensors"}
 
 
 @dataclass
@@ -102,6 +108,21 @@ def save_safetensors(state_dict: dict, path: Path, metadata: dict | None = None)
     return path
 
 
+def set_metadata(path: Path, entries: dict) -> Path:
+    """Add or replace metadata entries of a safetensors file, in place and atomically; the tensor bytes stay as
+    they are (only the header is rewritten, its metadata sorted as `save_safetensors` writes it)."""
+    raw = Path(path).read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    metadata = {**header.pop("__metadata__", {}), **{k: str(v) for k, v in entries.items()}}
+    text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data stays 8-byte aligned
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
+    return Path(path)
+
+
 def _with_sorted_metadata(data: bytes) -> bytes:
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + length])
@@ -137,12 +158,15 @@ def save_family(models_dir: Path, family: TinyFamily, dit: HunyuanVideoDiT, vae:
     return paths
 
 
-def write_models(models_dir: str | Path, texts: list[str] = (), seed: int = 0) -> dict[str, Path]:
-    """Random-weight tiny models + tokenizer under `models_dir` (ComfyUI folder names). Returns the paths."""
+def write_models(models_dir: str | Path, texts: list[str] = (), seed: int = 0,
+                 names: dict[str, str] = RANDOM_NAMES) -> dict[str, Path]:
+    """Random-weight tiny models + tokenizer under `models_dir` (ComfyUI folder names), as `names` by part.
+    Returns the paths."""
     models_dir = Path(models_dir)
-    tok_dir = write_word_tokenizer(models_dir / "text_encoders" / "kineflow_tiny_llm", list(texts))
+    tok_dir = write_word_tokenizer(models_dir / "text_encoders" / names["llm"], list(texts))
     vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
     family = tiny_family(vocab)
+    family.names = dict(names)
     torch.manual_seed(seed)
     dit = HunyuanVideoDiT(family.dit)
     _randomise_zero_inits(dit)
@@ -217,7 +241,9 @@ def _randomise_zero_inits(module: torch.nn.Module) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write random-weight tiny model files in the real layouts.")
-    parser.add_argument("--out", default="models", help="models folder (ComfyUI sub-folder names are created)")
+    parser.add_argument("--out", default=DEFAULT_MODELS_DIR,
+                        help=f"models folder; ComfyUI's sub-folder names are created (default ./{DEFAULT_MODELS_DIR}, "
+                             "where `kineflow` looks by default)")
     parser.add_argument("--family", choices=["hunyuan_video", "animatediff"], default="hunyuan_video")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

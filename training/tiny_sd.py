@@ -2,23 +2,24 @@
 written in the real file layouts, for tests and for trying the AnimateDiff workflow wiring.
 
 What each file looks like (same key names as the released files, much smaller widths):
-- `checkpoints/kineflow_tiny_sd15.safetensors`: one LDM file, `model.diffusion_model.*` (UNet),
+- `checkpoints/kineflow_random_sd15.safetensors`: one LDM file, `model.diffusion_model.*` (UNet),
   `first_stage_model.*` (KL-f8 VAE: 4 levels, so latents are 1/8 of the size as in SD1.5) and
   `cond_stage_model.transformer.text_model.*` (CLIP text tower with the full 49408-token vocabulary, so the
   shipped CLIP-L tokenizer works, but 64 wide).
 - the same three parts as separate files in `diffusion_models/`, `vae/` and `text_encoders/`.
-- `animatediff_models/kineflow_tiny_mm_{v1,v2,v3}.safetensors`: original AnimateDiff names
+- `animatediff_models/kineflow_random_mm_{v1,v2,v3}.safetensors`: original AnimateDiff names
   (`down_blocks.N.motion_modules.M.temporal_transformer.*`, every attention's `pos_encoder.pe`), positional
   tables of 24 (v1) or 32 (v2, v3) frames, a mid-block module for v2 only.
-- `animatediff_motion_lora/kineflow_tiny_motion_lora.safetensors`: the released motion-LoRA names
+- `animatediff_motion_lora/kineflow_random_motion_lora.safetensors`: the released motion-LoRA names
   (`...attention_blocks.K.processor.to_q_lora.down.weight`), covering the v2 module (mid block included).
-- `loras/kineflow_tiny_v3_adapter.safetensors`: the v3 domain adapter format (diffusers UNet names with
+- `loras/kineflow_random_v3_adapter.safetensors`: the v3 domain adapter format (diffusers UNet names with
   processor LoRAs on the spatial attention layers).
 
 Zero-initialised output layers (the motion modules' proj_out) are filled with small random values, so the
-temporal path of a random module changes the output as a trained one does.
+temporal path of a random module changes the output as a trained one does. The names are never the shipped
+models' (see training/tiny_models.py).
 
-    python -m kineflow.training.tiny_models --family animatediff --out models/
+    python -m kineflow.training.tiny_models --family animatediff [--out kineflow_models/]
 """
 
 from __future__ import annotations
@@ -48,15 +49,15 @@ TINY_UNET = SD15UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_block
 TINY_VAE = SDVAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 
 NAMES = {
-    "checkpoint": "checkpoints/kineflow_tiny_sd15.safetensors",
-    "unet": "diffusion_models/kineflow_tiny_sd15_unet.safetensors",
-    "vae": "vae/kineflow_tiny_sd_vae.safetensors",
-    "clip": "text_encoders/kineflow_tiny_sd_clip.safetensors",
-    "mm_v1": "animatediff_models/kineflow_tiny_mm_v1.safetensors",
-    "mm_v2": "animatediff_models/kineflow_tiny_mm_v2.safetensors",
-    "mm_v3": "animatediff_models/kineflow_tiny_mm_v3.safetensors",
-    "motion_lora": "animatediff_motion_lora/kineflow_tiny_motion_lora.safetensors",
-    "adapter": "loras/kineflow_tiny_v3_adapter.safetensors",
+    "checkpoint": "checkpoints/kineflow_random_sd15.safetensors",
+    "unet": "diffusion_models/kineflow_random_sd15_unet.safetensors",
+    "vae": "vae/kineflow_random_sd_vae.safetensors",
+    "clip": "text_encoders/kineflow_random_sd_clip.safetensors",
+    "mm_v1": "animatediff_models/kineflow_random_mm_v1.safetensors",
+    "mm_v2": "animatediff_models/kineflow_random_mm_v2.safetensors",
+    "mm_v3": "animatediff_models/kineflow_random_mm_v3.safetensors",
+    "motion_lora": "animatediff_motion_lora/kineflow_random_motion_lora.safetensors",
+    "adapter": "loras/kineflow_random_v3_adapter.safetensors",
 }
 
 

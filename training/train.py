@@ -55,9 +55,12 @@ from ..models.tokenization import clip_l_tokenizer, load_tokenizer
 from ..errors import InterruptedRun, KineFlowError
 from ..runtime.media import atomic_write
 from ..shapes import dataset as shapes
-from .common import (STAGE_IDS, Budget, LossLog, TrainProgress, check_resumable, ema_update, file_digest,
-                     hardware_line, load_checkpoint, read_eval_reports, save_checkpoint, scores_section, set_threads,
-                     step_rngs)
+from ..shapes.shipped import TEXT_ENCODER_TEMPLATES
+from ..shapes.vocabulary import caption_phrases
+from .common import (NO_SCORES, SHAPES_WORLD_LIMITATIONS, STAGE_IDS, Budget, LossLog, TrainProgress, check_resumable,
+                     ema_update, file_digest, hardware_line, load_checkpoint, read_eval_reports, save_checkpoint,
+                     scores_section, set_threads, step_rngs, training_data_section, vocabulary_section,
+                     workflow_settings_line)
 from .tiny_models import TinyFamily, save_family, save_safetensors, tiny_family, write_word_tokenizer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -214,18 +217,9 @@ def _resume_keys(settings) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- vocabulary and model family
 def caption_vocabulary() -> list[str]:
-    """Every phrase the dataset's captions are built from (templates with placeholders removed, synonyms,
-    colours, articles), train and held-out templates alike, so a word-level tokenizer never sees an unknown word."""
-    texts = [re.sub(r"\{\w+\}", " ", t) for table in (shapes.SINGLE_TEMPLATES, shapes.TWO_TEMPLATES)
-             for group in table.values() for t in group]
-    texts += list(shapes.COLOURS) + ["a", "an"]
-    texts += [w for words in shapes.SHAPE_WORDS.values() for w in words]
-    texts += [w for words in shapes.DIRECTION_WORDS.values() for w in words]
-    texts += [w for pair in shapes.MOVE_VERBS for w in pair]
-    for table in (shapes.STILL_VERB, shapes.STILL_PARTICIPLE, shapes.GROW_VERB, shapes.GROW_PARTICIPLE,
-                  shapes.SHRINK_VERB, shapes.SHRINK_PARTICIPLE):
-        texts += list(table)
-    return texts
+    """Every phrase the dataset's captions are built from, train, held-out and extra templates alike, so a
+    word-level tokenizer never sees an unknown word."""
+    return caption_phrases()
 
 
 def build_family(llama_vocab: int) -> TinyFamily:
@@ -1104,8 +1098,8 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     sizes = {part: _size_mb(path) for part, path in paths.items()}
     commands_file = run_dir / COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
-    card = model_card(family, vae_ckpts, vae_settings, dit_ckpt, vae_meta, sizes, dtype_name, commands, base)
-    card += scores_section(list(scores))
+    card = model_card(family, vae_ckpts, vae_settings, dit_ckpt, vae_meta, sizes, dtype_name, commands, base,
+                      list(scores))
     with atomic_write(out / "MODEL_CARD.md") as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
@@ -1123,7 +1117,8 @@ BASE_RUN_MARKERS = re.compile(r"^(\(base run\) )+")
 
 
 def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt: dict, vae_meta: dict,
-               sizes: dict, dtype_name: str, commands: list[str], base: dict | None = None) -> str:
+               sizes: dict, dtype_name: str, commands: list[str], base: dict | None = None,
+               scores: list[dict] = ()) -> str:
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     with torch.device("meta"):
         counts = {"dit": params(dit_mod.HunyuanVideoDiT(family.dit)), "vae": params(HunyuanVideoVAE(family.vae)),
@@ -1140,25 +1135,54 @@ def model_card(family: TinyFamily, vae_ckpts: dict, vae_settings: dict, dit_ckpt
                       f"(`{base['from']}`) for {transformer}"
         # One marker for every earlier generation: each command's --run-dir tells them apart.
         commands = ["(base run) " + BASE_RUN_MARKERS.sub("", line) for line in base["commands"]] + commands
-    size = dit_ckpt["settings"].get("size", 64)
+    dit_settings = dit_ckpt["settings"]
+    size = dit_settings.get("size", 64)
     return f"""# KineFlow tiny HunyuanVideo-family model
 
-Trained from scratch on KineFlow's procedural shapes dataset (`shapes/dataset.py`, train split: flat shapes
-moving over flat backgrounds, plain-English captions). It shows the pipeline working end to end; it knows
-nothing beyond that dataset's vocabulary. Generate 9 frames of {size}x{size}, the size its transformer last
-trained at.
+A HunyuanVideo-architecture model set (transformer, causal 3D VAE, LLaMA and CLIP text encoders) trained from
+scratch on KineFlow's procedural shapes world, in the file layouts of the released HunyuanVideo files, so the
+normal loader nodes, `kineflow inspect` and `kineflow eval` read it.
 
 | part | file | parameters | size ({dtype_name}) |
 |---|---|---|---|
 {rows}
 
+## Intended use
+
+Trying KineFlow's HunyuanVideo pipeline end to end (loaders, Text Encode, Sampler, VAE Decode, Save Video,
+`kineflow eval`) on any machine, a CPU included, with videos that follow the prompt. It draws one or two flat
+shapes moving over a flat background and nothing else: a test model, not a general text-to-video model.
+
+## Vocabulary
+
+{vocabulary_section(TEXT_ENCODER_TEMPLATES[family.names["llm"]])}
+## Recommended settings
+
+{workflow_settings_line("hunyuan_video")}. The transformer last trained on 9-frame clips of {size}x{size} at
+flow shift {dit_settings['shift']:g}. It has no guidance embedding, so the Sampler's embedded guidance is ignored;
+cfg above 1 is classifier-free guidance against the empty prompt ({dit_settings['caption_dropout']:.0%} of the
+training captions were empty). The Evaluation table compares step counts and cfg.
+
+## Limitations
+
+{SHAPES_WORLD_LIMITATIONS}
+- Trained on 9-frame clips of {size}x{size} only.
+
+## Evaluation
+
+{scores_section(list(scores)) or NO_SCORES}
+## Training data
+
+{training_data_section()}
+## Training
+
 - VAE: {vae_phases} (training/README.md explains the phases);
   settings `{json.dumps(vae_settings)}`;
   scaling_factor {float(vae_meta['scaling_factor']):.5f} (1 / latent std {float(vae_meta['kineflow.latent_std']):.4f},
   latent mean {float(vae_meta['kineflow.latent_mean']):.4f}).
-- Transformer: {transformer}; settings `{json.dumps(dit_ckpt['settings'])}`.
-  Flow matching (velocity ε − x0, timestep σ·1000), trained sigma shift {dit_ckpt['settings']['shift']}; no
-  guidance embedding (use cfg > 1 with the empty prompt as negative; embedded guidance is ignored).
+- Transformer: {transformer}; settings `{json.dumps(dit_settings)}`.
+  Flow matching (velocity ε − x0, timestep σ·1000), trained sigma shift {dit_settings['shift']}; no guidance
+  embedding.
 - Text encoders: LLaMA ({family.llama.num_hidden_layers} layers, width {family.llama.hidden_size}, word-level
   tokenizer over the caption vocabulary), trained to parse captions and then frozen (`text` stage), and CLIP
   (width {family.clip.hidden_size}) frozen at its seeded random initialisation; the transformer learned to read

@@ -57,16 +57,19 @@ from ..models.clip_text import CLIPTextModel
 from ..models.sd15_unet import LDM_PREFIX as UNET_PREFIX
 from ..models.sd15_unet import SD15UNet, SD15UNetConfig
 from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
-from ..models.sd_vae import SDVAE, SDVAEConfig
+from ..models.sd_vae import SDVAE, SDVAEConfig, fit_latent_rgb_factors
 from ..models.tokenization import clip_l_tokenizer
 from ..runtime.animatediff import CLIP_LENGTH, SCHEDULE, SDTextEncoder, load_sd_checkpoint_file
 from ..errors import KineFlowError
 from ..runtime.media import atomic_write
+from ..runtime.previews import FACTORS_METADATA_KEY
 from ..samplers.schedules import DiscreteSchedule
 from ..shapes import dataset as shapes
+from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, TEXT_ENCODER_TEMPLATES
 from . import train
-from .common import (Budget, TrainProgress, file_digest, hardware_line, load_checkpoint, scores_section, step_rngs,
-                     weights_digest)
+from .common import (NO_SCORES, SHAPES_WORLD_LIMITATIONS, Budget, TrainProgress, file_digest, hardware_line,
+                     load_checkpoint, scores_section, step_rngs, training_data_section, vocabulary_section,
+                     weights_digest, workflow_settings_line)
 from .tiny_models import save_safetensors
 from .tiny_sd import CLIP_PREFIX, TINY_CLIP, TINY_UNET, TINY_VAE, tiny_motion_config
 
@@ -326,6 +329,15 @@ def finalize_vae(run_dir: Path, vae: SDVAE, data: shapes.ShapesVideoDataset, set
         "kineflow.latent_std_before_fold": raw_std, "kineflow.latent_mean_before_fold": raw_mean,
         "kineflow.scaled_latent_std": std * SD15_SCALING_FACTOR,
         "kineflow.scaled_latent_mean": mean * SD15_SCALING_FACTOR})
+
+
+def preview_factors_metadata(vae: SDVAE, seed: int, clips: int) -> str:
+    """The checkpoint metadata entry of the Sampler's live preview for this VAE (runtime/previews.py): latent -> RGB
+    factors fitted on every frame of train.FIT_CLIPS clips of the train split the VAE trained on (its seed and
+    clip count)."""
+    data = shapes.ShapesVideoDataset(length=clips, seed=seed, split="train")
+    factors, bias = fit_latent_rgb_factors(vae, _fit_frames(data, VAESettings(seed=seed, clips=clips)))
+    return json.dumps({"factors": factors.tolist(), "bias": bias.tolist()})
 
 
 def load_trained_vae(run_dir: Path) -> tuple[SDVAE, dict]:
@@ -659,9 +671,13 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
                               for k, v in m.state_dict().items()}
     earlier = motion_history(Path(settings.init_module)) if settings.init_module else []
     training = {**record, "motion_steps": motion_ckpt["step"], "motion": motion_ckpt["settings"]}
+    checkpoint_meta = {"kineflow.training": json.dumps(training)}
+    if "vae" in record:  # a VAE KineFlow trained (here or in the base's run): fit its preview factors
+        checkpoint_meta[FACTORS_METADATA_KEY] = preview_factors_metadata(
+            train.round_to(vae, dtype), record["vae"]["seed"], record["vae"]["clips"])
     paths = {
         "checkpoint": save_safetensors({**cast(UNET_PREFIX, unet), **cast(VAE_PREFIX, vae), **cast(CLIP_PREFIX, clip)},
-                                       out / NAMES["checkpoint"], {"kineflow.training": json.dumps(training)}),
+                                       out / NAMES["checkpoint"], checkpoint_meta),
         "motion": save_safetensors(cast("", motion), out / NAMES["motion"],
                                    {"kineflow.training": json.dumps({"motion_steps": motion_ckpt["step"],
                                                                      "motion": motion_ckpt["settings"],
@@ -671,7 +687,7 @@ def export(run_dir: Path, out: Path, dtype_name: str = "fp16", scores: list[dict
     commands_file = run_dir / train.COMMANDS_FILE
     commands = commands_file.read_text().splitlines() if commands_file.exists() else []
     card = model_card({"unet": unet, "vae": vae, "clip": clip, "motion": motion}, image_notes, motion_ckpt, sizes,
-                      dtype_name, commands, earlier) + scores_section(list(scores))
+                      dtype_name, commands, earlier, list(scores))
     with atomic_write(out / CARD_NAME) as tmp:
         tmp.write_text(card)
     total = sum(sizes.values())
@@ -744,7 +760,7 @@ def _base_image_notes(base: Path) -> tuple[str, dict]:
 
 
 def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, dtype_name: str,
-               commands: list[str], earlier: list[dict] = ()) -> str:
+               commands: list[str], earlier: list[dict] = (), scores: list[dict] = ()) -> str:
     params = {part: sum(p.numel() for p in m.parameters()) for part, m in models.items()}
     hardware = hardware_line()
     settings = motion_ckpt["settings"]
@@ -771,18 +787,45 @@ def model_card(models: dict, image_notes: str, motion_ckpt: dict, sizes: dict, d
                    f"this one):\n" + (runs or "  (not recorded: the init module's file was not found)\n"))
     return f"""# KineFlow tiny AnimateDiff-family model
 
-Trained from scratch on KineFlow's procedural shapes dataset (`shapes/dataset.py`, train split: flat shapes
-moving over flat backgrounds, 64x64, plain-English captions), the AnimateDiff way: an SD1.5-style image model on
-single frames, then a motion module on 16-frame clips with the image model frozen but for what the motion
-settings below train with it. It shows the pipeline working end to end; it knows nothing beyond that dataset's
-vocabulary.
+An SD1.5-architecture checkpoint (UNet, SD VAE, CLIP text encoder) and an AnimateDiff {version} motion module,
+trained from scratch on KineFlow's procedural shapes world the AnimateDiff way (an image model on single frames,
+then a motion module on {CLIP_FRAMES}-frame clips), in the file layouts of released SD1.5 checkpoints and motion
+modules, so Load SD Checkpoint, Load Motion Module, `kineflow inspect` and `kineflow eval` read them.
 
 | file | parts | parameters | size ({dtype_name}) |
 |---|---|---|---|
 {rows}
 
-Use: Load SD Checkpoint (prediction eps) -> Load Motion Module -> Apply Motion Module, 16 frames of 64x64, cfg > 1
-with the empty prompt as negative.
+## Intended use
+
+Trying KineFlow's AnimateDiff pipeline end to end (Load SD Checkpoint, Load Motion Module, Apply Motion Module,
+Text Encode, Sampler, VAE Decode, Save Video, `kineflow eval`) on any machine, a CPU included, with videos that
+follow the prompt. It draws one or two flat shapes moving over a flat background and nothing else: a test model,
+not a general text-to-video model.
+
+## Vocabulary
+
+{vocabulary_section(TEXT_ENCODER_TEMPLATES[ANIMATEDIFF_CHECKPOINT])}
+## Recommended settings
+
+Load SD Checkpoint (prediction eps) -> Load Motion Module -> Apply Motion Module.
+{workflow_settings_line("animatediff")}. The model trained on {CLIP_FRAMES}-frame clips of 64x64
+with {settings['caption_dropout']:.0%} of the captions empty, the unconditional branch that cfg above 1 pushes away
+from.
+
+## Limitations
+
+{SHAPES_WORLD_LIMITATIONS}
+- Trained on {CLIP_FRAMES}-frame clips of 64x64 only. Without the motion module the image model
+  draws each frame on its own: the shapes do not move as the prompt says.
+
+## Evaluation
+
+{scores_section(list(scores)) or NO_SCORES}
+## Training data
+
+{training_data_section()}
+## Training
 
 {image_notes}- Motion module ({version}): {motion_ckpt['step']} steps, {_minutes(motion_ckpt):.1f} min; settings
   `{json.dumps(settings)}`; trained on {CLIP_FRAMES}-frame clips with {frozen}; {start}.

@@ -1,0 +1,37 @@
+"""What a shapes-world clip is made of: colours, shapes, directions and scale changes.
+
+Plain Python, so that the Shapes Video node offers these choices without importing torch or numpy (the node
+registry loads on every `kineflow` command); shapes/dataset.py renders them.
+"""
+
+import math
+
+# The eight corners of the RGB cube (pulled slightly inside it): every pair is >= 0.8 apart in 0..1 units,
+# which leaves a wide margin for the colour shifts and blur of a tiny VAE.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (25, 230, 25),
+    "blue": (25, 25, 230),
+    "yellow": (230, 230, 25),
+    "cyan": (25, 230, 230),
+    "magenta": (230, 25, 230),
+    "white": (235, 235, 235),
+    "black": (20, 20, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Unit vectors in image coordinates (x to the right, y downwards).
+_D = 1.0 / math.sqrt(2.0)
+DIRECTIONS: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "up": (0.0, -1.0),
+    "down": (0.0, 1.0),
+    "up-left": (-_D, -_D),
+    "up-right": (_D, -_D),
+    "down-left": (-_D, _D),
+    "down-right": (_D, _D),
+    "still": (0.0, 0.0),
+}
+SCALE_CHANGES: tuple[str, ...] = ("none", "grows", "shrinks")
+# Linear size factor between the first and the last frame of a growing clip (area factor 2.56).
+GROWTH_FACTOR = 1.6
