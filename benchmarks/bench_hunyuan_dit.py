@@ -1,18 +1,29 @@
 """HunyuanVideo DiT forward on the CPU: KineFlow vs diffusers, same weights and inputs, fp32.
 
     python benchmarks/bench_hunyuan_dit.py [--runs 5] [--profile]
+    python benchmarks/bench_hunyuan_dit.py --compile [--runs 5] [--threads N]
 
 Prints, per scenario, the median time of each implementation, the median per-round ratio diffusers/KineFlow
 (runs alternate, so both see the same machine load), and KineFlow's achieved GFLOP/s (matmul + attention
 FLOPs counted analytically) against a large square fp32 matmul timed in the same process.
 Scenario "full text": every text token is real. Scenario "padded text": the prompt is right-padded to 256
 tokens as the HunyuanVideo pipelines do; KineFlow drops the padding exactly, diffusers masks it.
+
+`--compile` instead times KineFlow eager against KineFlow with its blocks compiled by torch.compile (inductor, the
+loaders' `compile` option) on the "full text" scenario: the first compiled forward with an empty compile cache and
+with the cache that run filled (as a later process finds it), then eager and compiled forwards alternately: wall
+and process CPU time, median and best of each, and the speed-ups (median of the per-run ratios, ratio of the bests).
+On a machine shared with other jobs both clocks swing with their load: the median of the per-run ratios is the
+figure to quote.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -100,11 +111,69 @@ def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> float:
     return 2 * size**3 / median_seconds(lambda: a @ b, runs, warmup=2) / 1e9
 
 
+def bench_compile(runs: int) -> None:
+    """Eager vs regionally compiled KineFlow (runtime/acceleration.py), same weights and inputs."""
+    from kineflow.models.hunyuan_video_dit import HunyuanVideoDiT
+    from kineflow.runtime.acceleration import compile_blocks
+
+    # An empty compile cache, as on a user's first run (the cache is kept in a temporary folder and removed).
+    cache = tempfile.TemporaryDirectory(prefix="kineflow-bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
+    torch.manual_seed(0)
+    eager = HunyuanVideoDiT(CONFIG).eval()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0.0, 0.02)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, None)
+    x, t, text, mask, pooled, guidance = make_inputs(128, 128)
+    with torch.inference_mode():
+        forward_eager = lambda: eager(x, t, text, mask, pooled, guidance)  # noqa: E731
+        forward_compiled = lambda: compiled(x, t, text, mask, pooled, guidance)  # noqa: E731
+        start = time.perf_counter()
+        out = forward_compiled()
+        first_cold = time.perf_counter() - start
+        torch._dynamo.reset()  # forget the compiled code; the on-disk cache stays, as for a later process
+        start = time.perf_counter()
+        forward_compiled()
+        first_warm = time.perf_counter() - start
+        max_err = (out - forward_eager()).abs().max().item()
+        forward_eager(), forward_compiled()  # warm-up
+        rounds = [(_wall_and_cpu(forward_eager), _wall_and_cpu(forward_compiled)) for _ in range(runs)]
+    cache.cleanup()
+    n_img = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
+    print(f"HunyuanVideo DiT, CPU fp32, {torch.get_num_threads()} threads, hidden {CONFIG.hidden_size}, "
+          f"{CONFIG.mm_double_blocks_depth}+{CONFIG.mm_single_blocks_depth} blocks, {n_img} video tokens + 128 text; "
+          f"torch {torch.__version__}; {runs} alternating runs")
+    print(f"first compiled forward: {first_cold:.1f} s with an empty compile cache, {first_warm:.1f} s with a "
+          f"filled one; max|diff| to eager {max_err:.1e}")
+    for clock, name in ((0, "wall"), (1, "CPU ")):
+        eager_s = [e[clock] for e, _ in rounds]
+        compiled_s = [c[clock] for _, c in rounds]
+        ratio = statistics.median(e / c for e, c in zip(eager_s, compiled_s))
+        print(f"{name} eager median {statistics.median(eager_s):.3f} s best {min(eager_s):.3f} s | compiled median "
+              f"{statistics.median(compiled_s):.3f} s best {min(compiled_s):.3f} s | speed-up {ratio:.2f}x (median "
+              f"ratio), {min(eager_s) / min(compiled_s):.2f}x (bests)")
+
+
+def _wall_and_cpu(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of KineFlow's forward")
+    parser.add_argument("--compile", action="store_true", help="KineFlow eager vs compiled blocks (no diffusers)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        bench_compile(args.runs)
+        return
 
     ref, ours = build_models()
     n_img = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFileError
+from .attention import attend
 
 # Every OpenAI/OpenCLIP text tower (B, L, H, G, bigG) uses 64-wide attention heads; shapes alone cannot
 # tell the head count, so config_from_state_dict relies on this.
@@ -71,6 +72,8 @@ def _activation(name: str):
 
 
 class CLIPAttention(nn.Module):
+    attention_backend = "sdpa"
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -83,8 +86,8 @@ class CLIPAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         split = lambda t: t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                             attn_mask=mask)
+        out = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask,
+                     self.attention_backend)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 

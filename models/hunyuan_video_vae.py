@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KineFlowError, ModelFileError
+from .attention import attend
+from .tiling import tiling_problem
 
 HUNYUAN_VAE_SCALING_FACTOR = 0.476986
 Layout = Literal["original", "diffusers", "comfy"]
@@ -171,6 +173,8 @@ class CausalFrameAttention(nn.Module):
     block-causal mask but never builds the [N, N] mask.
     """
 
+    attention_backend = "sdpa"
+
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
@@ -188,7 +192,8 @@ class CausalFrameAttention(nn.Module):
         for t in range(frames):
             rows = slice(t * per_frame, (t + 1) * per_frame)
             visible = (t + 1) * per_frame
-            out[:, rows] = F.scaled_dot_product_attention(q[:, rows], k[:, :visible], v[:, :visible])
+            out[:, rows] = attend(q[:, None, rows], k[:, None, :visible], v[:, None, :visible],
+                                  backend=self.attention_backend)[:, 0]
         out = self.to_out(out).reshape(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
         return x + out
 
@@ -319,18 +324,10 @@ class TilingOptions:
     frame_overlap: int = 4
 
     def check(self, config: HunyuanVideoVAEConfig) -> None:
-        s, r = config.spatial_compression_ratio, config.temporal_compression_ratio
-        for name, value, unit in (
-            ("tile_size", self.tile_size, s),
-            ("tile_overlap", self.tile_overlap, s),
-            ("tile_frames", self.tile_frames, r),
-            ("frame_overlap", self.frame_overlap, r),
-        ):
-            if value < 0 or value % unit:
-                raise KineFlowError(f"{name} must be a non-negative multiple of {unit}; found {value}")
-        for size, overlap, what in ((self.tile_size, self.tile_overlap, "tile_size"), (self.tile_frames, self.frame_overlap, "tile_frames")):
-            if size == 0 or 2 * overlap > size:
-                raise KineFlowError(f"{what} must be positive and at least twice its overlap; found {size} with overlap {overlap}")
+        problem = tiling_problem(self.tile_size, self.tile_overlap, self.tile_frames, self.frame_overlap,
+                                 config.spatial_compression_ratio, config.temporal_compression_ratio)
+        if problem:
+            raise KineFlowError(problem)
 
 
 @dataclass(frozen=True)
@@ -635,13 +632,20 @@ def fit_latent_rgb_factors(
     voxel is the mean colour of the video voxels it covers. Returns (factors [C, 3], bias [3]) such that
     rgb ~= latents^T @ factors + bias.
     """
-    features, targets = [], []
+    pairs = []
     with torch.no_grad():
         for video in videos:
-            latents = vae.encode_latents(video)
-            colour = latent_frame_targets(video.float(), vae.config)
-            features.append(latents.movedim(1, -1).reshape(-1, latents.shape[1]))
-            targets.append(colour.movedim(1, -1).reshape(-1, colour.shape[1]))
+            pairs.append((vae.encode_latents(video), latent_frame_targets(video.float(), vae.config)))
+    return least_squares_rgb(pairs)
+
+
+def least_squares_rgb(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factors [C, 3], bias [3]) minimising |latent^T @ factors + bias - colour|^2 over every latent pixel of the
+    (latents [B, C, ...], colours [B, 3, ...]) pairs, colours in -1..1."""
+    features, targets = [], []
+    for latents, colours in pairs:
+        features.append(latents.movedim(1, -1).reshape(-1, latents.shape[1]))
+        targets.append(colours.movedim(1, -1).reshape(-1, colours.shape[1]))
     x = torch.cat(features).double()
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
     solution = torch.linalg.lstsq(x, torch.cat(targets).double()).solution

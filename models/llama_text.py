@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFileError
+from .attention import attend
 from .clip_text import attention_mask_4d
 
 # LLaMA-family checkpoints use 128-wide heads; shapes alone cannot tell the head count, so
@@ -93,6 +94,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 class LlamaAttention(nn.Module):
+    attention_backend = "sdpa"
+
     def __init__(self, cfg: LlamaTextConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -114,7 +117,7 @@ class LlamaAttention(nn.Module):
         if group > 1:  # grouped-query attention: each KV head serves `group` query heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask, self.attention_backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KineFlowError, ModelFileError
-from .hunyuan_video_vae import LatentDistribution
+from .attention import attend
+from .hunyuan_video_vae import LatentDistribution, least_squares_rgb
 
 LDM_PREFIX = "first_stage_model."
 
@@ -71,6 +72,8 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, projections as 1x1 convs (LDM naming)."""
 
+    attention_backend = "sdpa"
+
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = _norm(channels, groups)
@@ -83,7 +86,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         n = self.norm(x)
         q, k, v = (proj(n).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        out = attend(q, k, v, backend=self.attention_backend)[:, 0]
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
 
@@ -246,6 +249,16 @@ class SDVAE(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the posterior mean."""
         return self.decode(self.encode(images).mean)
+
+
+def fit_latent_rgb_factors(vae: SDVAE, images: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares linear map from *scaled* latents to RGB (-1..1) for cheap previews: (factors [4, 3], bias [3]).
+
+    Each batch of images [N, 3, H, W] in -1..1 is encoded (posterior mean x scaling_factor); the target of a latent
+    pixel is the mean colour of the image pixels it covers."""
+    with torch.no_grad():
+        return least_squares_rgb([(vae.encode_latents(x), F.avg_pool2d(x.float(), vae.config.downscale))
+                                  for x in images])
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -1,13 +1,16 @@
 """AnimateDiff family nodes: SD1.5 loaders, motion modules, motion LoRAs and the v3 domain adapter.
 
 Prompts, latents, sampling and decoding use the shared generation nodes (Text Encode, Empty Video Latent with
-latent_format "sd15", Sampler, Context Options, VAE Decode / Encode).
+latent_format "sd15", Sampler, Context Options, VAE Decode / Encode). The work is in runtime/animatediff.py,
+imported when a node runs.
 """
 
-from ..runtime import animatediff as ad_runtime
-from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, OFFLOAD_INPUT, model_choices as _choices
+from ..runtime.validation import check_declared
+from ..samplers import PREDICTION_NAMES
+from ._common import (ATTENTION_INPUT, COMPILE_INPUT, DTYPE_CHOICES, DTYPE_TOOLTIP, OFFLOAD_INPUT, check_model_files,
+                      model_choices as _choices)
 
-PREDICTION_INPUT = (list(ad_runtime.PREDICTIONS), {
+PREDICTION_INPUT = (list(PREDICTION_NAMES), {
     "default": "eps",
     "tooltip": "What the UNet predicts: eps (noise; SD1.5 and nearly every fine-tune) or v (v-prediction fine-tunes).",
 })
@@ -29,10 +32,16 @@ class KineFlowLoadSDCheckpoint:
             "ckpt_name": (_choices("checkpoints"), {"tooltip": "SD1.5 checkpoint (.safetensors, or .ckpt loadable safely) in models/checkpoints."}),
             "prediction": PREDICTION_INPUT,
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }, "optional": {"offload": OFFLOAD_INPUT}}
+        }, "optional": {"offload": OFFLOAD_INPUT, "attention": ATTENTION_INPUT, "compile": COMPILE_INPUT}}
 
-    def load(self, ckpt_name, prediction, dtype, offload="auto"):
-        return ad_runtime.load_sd_checkpoint(ckpt_name, prediction, dtype, offload)
+    @classmethod
+    def VALIDATE_INPUTS(cls, ckpt_name=None):
+        return check_model_files(("checkpoints", ckpt_name, "sd15_checkpoint"))
+
+    def load(self, ckpt_name, prediction, dtype, offload="auto", attention="auto", compile="auto"):
+        from ..runtime import animatediff as ad_runtime
+
+        return ad_runtime.load_sd_checkpoint(ckpt_name, prediction, dtype, offload, attention, compile)
 
 
 class KineFlowLoadSDComponents:
@@ -51,10 +60,18 @@ class KineFlowLoadSDComponents:
             "clip_name": (_choices("text_encoders"), {"tooltip": "CLIP-L text encoder in models/text_encoders (or models/clip)."}),
             "prediction": PREDICTION_INPUT,
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }, "optional": {"offload": OFFLOAD_INPUT}}
+        }, "optional": {"offload": OFFLOAD_INPUT, "attention": ATTENTION_INPUT, "compile": COMPILE_INPUT}}
 
-    def load(self, unet_name, vae_name, clip_name, prediction, dtype, offload="auto"):
-        return ad_runtime.load_sd_components(unet_name, vae_name, clip_name, prediction, dtype, offload)
+    @classmethod
+    def VALIDATE_INPUTS(cls, unet_name=None, vae_name=None, clip_name=None):
+        return check_model_files(("diffusion_models", unet_name, "sd15_unet"), ("vae", vae_name, "sd_vae"),
+                                 ("text_encoders", clip_name, "clip_text"))
+
+    def load(self, unet_name, vae_name, clip_name, prediction, dtype, offload="auto", attention="auto", compile="auto"):
+        from ..runtime import animatediff as ad_runtime
+
+        return ad_runtime.load_sd_components(unet_name, vae_name, clip_name, prediction, dtype, offload, attention,
+                                             compile)
 
 
 class KineFlowLoadMotionModule:
@@ -70,10 +87,16 @@ class KineFlowLoadMotionModule:
         return {"required": {
             "model_name": (_choices("animatediff_models"), {"tooltip": "Motion module (e.g. mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt) in models/animatediff_models."}),
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }, "optional": {"offload": OFFLOAD_INPUT}}
+        }, "optional": {"offload": OFFLOAD_INPUT, "attention": ATTENTION_INPUT}}
 
-    def load(self, model_name, dtype, offload="auto"):
-        return (ad_runtime.load_motion_module(model_name, dtype, offload),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name=None):
+        return check_model_files(("animatediff_models", model_name, "animatediff_motion_module"))
+
+    def load(self, model_name, dtype, offload="auto", attention="auto"):
+        from ..runtime import animatediff as ad_runtime
+
+        return (ad_runtime.load_motion_module(model_name, dtype, offload, attention),)
 
 
 class KineFlowLoadMotionLoRA:
@@ -92,7 +115,16 @@ class KineFlowLoadMotionLoRA:
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How much of the LoRA to merge; 0 leaves the module as it is."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name=None, strength=None):
+        declared = check_declared(cls, strength=strength)
+        if declared is not True:
+            return declared
+        return check_model_files(("animatediff_motion_lora", lora_name, "animatediff_motion_lora"))
+
     def apply(self, motion_module, lora_name, strength):
+        from ..runtime import animatediff as ad_runtime
+
         return (ad_runtime.apply_motion_lora(motion_module, lora_name, strength),)
 
 
@@ -112,7 +144,13 @@ class KineFlowApplyMotionModule:
             "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Motion strength: multiplies every temporal layer's contribution; 0 gives independent frames."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, scale=None):
+        return check_declared(cls, scale=scale)
+
     def apply(self, model, motion_module, scale):
+        from ..runtime import animatediff as ad_runtime
+
         return (ad_runtime.apply_motion_module(model, motion_module, scale),)
 
 
@@ -132,7 +170,16 @@ class KineFlowApplyDomainAdapter:
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How much of the adapter to merge: 1 = as trained, 0 = the model unchanged."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, adapter_name=None, strength=None):
+        declared = check_declared(cls, strength=strength)
+        if declared is not True:
+            return declared
+        return check_model_files(("loras", adapter_name, "animatediff_domain_adapter"))
+
     def apply(self, model, adapter_name, strength):
+        from ..runtime import animatediff as ad_runtime
+
         return (ad_runtime.apply_domain_adapter(model, adapter_name, strength),)
 
 

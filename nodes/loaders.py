@@ -1,7 +1,9 @@
-"""Loader nodes for the HunyuanVideo family: diffusion model, VAE, text encoders."""
+"""Loader nodes for the HunyuanVideo family: diffusion model, VAE, text encoders (runtime/video_models.py, imported
+when a node runs)."""
 
-from ..runtime.video_models import load_text_encoders, load_video_model, load_video_vae
-from ._common import DTYPE_CHOICES, DTYPE_TOOLTIP, OFFLOAD_INPUT, model_choices as _choices
+from ..runtime.model_files import llm_tokenizer_problem
+from ._common import (ATTENTION_INPUT, COMPILE_INPUT, DTYPE_CHOICES, DTYPE_TOOLTIP, OFFLOAD_INPUT, check_model_files,
+                      model_choices as _choices)
 
 
 class KineFlowLoadVideoModel:
@@ -21,11 +23,20 @@ class KineFlowLoadVideoModel:
         }, "optional": {
             "offload": OFFLOAD_INPUT,
             "resident_blocks": ("INT", {"default": -1, "min": -1, "max": 1000, "step": 1, "tooltip": "With offload 'blocks': how many transformer blocks stay on the device; -1 = as many as the memory budget allows."}),
+            "attention": ATTENTION_INPUT,
+            "compile": COMPILE_INPUT,
         }}
 
-    def load(self, model_name, weight_dtype, fp8, offload="auto", resident_blocks=-1):
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name=None):
+        return check_model_files(("diffusion_models", model_name, "hunyuan_video_dit"))
+
+    def load(self, model_name, weight_dtype, fp8, offload="auto", resident_blocks=-1, attention="auto", compile="auto"):
+        from ..runtime.video_models import load_video_model
+
         return (load_video_model(model_name, weight_dtype, fp8=fp8 == "e4m3fn", offload=offload,
-                                 resident_blocks=None if resident_blocks < 0 else resident_blocks),)
+                                 resident_blocks=None if resident_blocks < 0 else resident_blocks, attention=attention,
+                                 compile=compile),)
 
 
 class KineFlowLoadVideoVAE:
@@ -40,10 +51,16 @@ class KineFlowLoadVideoVAE:
         return {"required": {
             "vae_name": (_choices("vae", folders=True), {"tooltip": "VAE checkpoint (file, or diffusers folder with config.json) in models/vae."}),
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
-        }, "optional": {"offload": OFFLOAD_INPUT}}
+        }, "optional": {"offload": OFFLOAD_INPUT, "attention": ATTENTION_INPUT}}
 
-    def load(self, vae_name, dtype, offload="auto"):
-        return (load_video_vae(vae_name, dtype, offload),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name=None):
+        return check_model_files(("vae", vae_name, "hunyuan_video_vae"))
+
+    def load(self, vae_name, dtype, offload="auto", attention="auto"):
+        from ..runtime.video_models import load_video_vae
+
+        return (load_video_vae(vae_name, dtype, offload, attention),)
 
 
 class KineFlowLoadTextEncoders:
@@ -66,10 +83,20 @@ class KineFlowLoadTextEncoders:
             "llm_tokenizer": ("STRING", {"default": "", "tooltip": "tokenizer.json (or its folder) for the LLaMA encoder: an absolute path or a name inside text_encoders/. Empty = look beside the model."}),
             "crop_start": ("INT", {"default": -1, "min": -1, "max": 1024, "step": 1, "tooltip": "Template tokens cut from the LLaMA states; -1 = count them from the template (95 for HunyuanVideo's video template)."}),
             "offload": OFFLOAD_INPUT,
+            "attention": ATTENTION_INPUT,
         }}
 
-    def load(self, llm_name, clip_name, dtype, llm_tokenizer="", crop_start=-1, offload="auto"):
-        return (load_text_encoders(llm_name, clip_name, llm_tokenizer, dtype, crop_start, offload),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, llm_name=None, clip_name=None, llm_tokenizer=""):
+        files = check_model_files(("text_encoders", llm_name, None, "llama_text"), ("text_encoders", clip_name))
+        if files is not True or llm_name is None or llm_tokenizer is None:
+            return files
+        return llm_tokenizer_problem(llm_name, llm_tokenizer) or True
+
+    def load(self, llm_name, clip_name, dtype, llm_tokenizer="", crop_start=-1, offload="auto", attention="auto"):
+        from ..runtime.video_models import load_text_encoders
+
+        return (load_text_encoders(llm_name, clip_name, llm_tokenizer, dtype, crop_start, offload, attention),)
 
 
 NODE_CLASS_MAPPINGS = {
