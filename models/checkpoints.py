@@ -6,6 +6,9 @@ version from those names and shapes, and `load_tensors` reads the data only when
 
 Only `.safetensors` is read natively. `.pt/.pth/.ckpt/.bin` go through `torch.load(weights_only=True)`;
 a file that needs arbitrary unpickling is refused, never executed.
+
+torch is imported by the functions that read tensor data or pickles only: reading a .safetensors or .gguf header
+(`kineflow inspect`) needs none of it.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from ..errors import ModelFileError
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
@@ -28,13 +33,14 @@ PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 WRAPPER_KEYS = ("module", "state_dict", "model", "ema")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
+# safetensors dtype name -> (torch's name for it, bytes per value)
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
-_DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+_DTYPE_NAMES = {torch_name: name for name, (torch_name, _) in _SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,35 @@ class Header:
         return {k: v.shape for k, v in self.tensors.items()}
 
 
+# The numbers loaders take from a file's metadata (what tensor shapes cannot tell), by family: each a finite number
+# above 0, an int where an int is read. Validation checks them from the header before anything loads.
+METADATA_NUMBERS: dict[str, dict[str, type]] = {
+    "hunyuan_video_vae": {"scaling_factor": float, "norm_num_groups": int},
+    "llama_text": {"llama.attention.head_count": int, "llama.rope.freq_base": float,
+                   "llama.attention.layer_norm_rms_epsilon": float},
+}
+
+
+def metadata_numbers(header: Header, family: str) -> dict[str, int | float]:
+    """The numbers of METADATA_NUMBERS[family] that the file's metadata gives; one that is unusable is a ModelFileError
+    naming the file and the key."""
+    numbers = {}
+    for key, kind in METADATA_NUMBERS.get(family, {}).items():
+        if key not in header.metadata:
+            continue
+        text = header.metadata[key]
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            expected = "a whole number" if kind is int else "a finite number"
+            raise ModelFileError(f"{header.path.name!r} has metadata {key} = {text[:40]!r}; expected {expected} "
+                                 "above 0")
+        numbers[key] = value
+    return numbers
+
+
 @dataclass
 class Detection:
     family: str | None  # hunyuan_video_dit, hunyuan_video_vae, clip_text, llama_text, sd15_unet, sd_vae, ...
@@ -89,6 +124,8 @@ def read_header(path: str | os.PathLike) -> Header:
         raise ModelFileError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
         return _read_folder_header(path)
+    if not path.is_file():  # opening a FIFO would wait forever for a writer; a device never ends
+        raise ModelFileError(f"{str(path)!r} is not a regular file (a pipe, device or socket); expected a checkpoint file")
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         from . import gguf
@@ -127,25 +164,67 @@ def _read_safetensors_header(path: Path) -> Header:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError(f"__metadata__ is a {type(metadata).__name__}; expected an object of strings")
         tensors = {}
         data_len = size - 8 - n
         for name, info in header.items():
-            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype, shape, start, end = _tensor_entry(name, info)
             if end > data_len or start > end:
                 raise ValueError(f"tensor {name!r} lies outside the file's data region (truncated download?)")
-            if dtype in _SAFETENSORS_DTYPES and end - start != math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize:
+            if dtype in _SAFETENSORS_DTYPES and end - start != math.prod(shape) * _SAFETENSORS_DTYPES[dtype][1]:
                 raise ValueError(f"tensor {name!r} of shape {list(shape)} and dtype {dtype} needs "
-                                 f"{math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize} bytes; the header gives it "
+                                 f"{math.prod(shape) * _SAFETENSORS_DTYPES[dtype][1]} bytes; the header gives it "
                                  f"{end - start}")
             tensors[name] = TensorInfo(str(dtype), shape, path, 8 + n + int(start))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path.name!r} is not a valid safetensors file: {e}") from None
+    except RecursionError:
+        raise ModelFileError(f"{path.name!r} is not a valid safetensors file: its header nests too deeply") from None
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
+def _tensor_entry(name: str, info) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, each checked for its JSON type (a ValueError if wrong)."""
+    if not isinstance(info, dict):
+        raise ValueError(f"entry {name!r} is a {type(info).__name__}; expected an object with dtype, shape, data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ValueError(f"tensor {name!r} has dtype {dtype!r}; expected a name such as 'BF16'")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has shape {str(shape)[:80]}; expected a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
+        raise ValueError(f"tensor {name!r} has data_offsets {str(offsets)[:80]}; expected two non-negative integers")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+# Bytes a file may take in memory once read; a legacy (non-zip) pickle larger than this is refused, as torch.load reads
+# it whole. runtime/host.py sets it to the user's memory budget; None: no limit.
+read_budget: Callable[[], int | None] = lambda: None
+
+# torch.load(weights_only=True) has published bypasses before this release (CVE-2025-32434 below 2.6.0;
+# GHSA-63cw-57p8-fm3p, memory corruption from crafted checkpoints, up to 2.9.1).
+SAFE_PICKLE_TORCH = (2, 10)
+
+
 def _torch_load(path: Path):
+    import torch
+
+    found = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if found < SAFE_PICKLE_TORCH:
+        raise ModelFileError(
+            f"refused to load {path.name!r}: .pt/.ckpt files are pickles, and this PyTorch ({torch.__version__}) "
+            f"has known ways for a crafted pickle to escape weights_only loading; fixed in "
+            f"{'.'.join(map(str, SAFE_PICKLE_TORCH))}. Update PyTorch, or use the model's .safetensors release")
+    zipped, size, budget = _is_zip(path), path.stat().st_size, read_budget()
+    if not zipped and budget is not None and size > budget:
+        raise ModelFileError(
+            f"refused to load {path.name!r}: it is a legacy (non-zip) PyTorch pickle of {size / 2**30:.2f} GiB, "
+            f"which torch.load reads whole into memory, more than the memory budget of {budget / 2**30:.2f} GiB. "
+            "Convert it to .safetensors (or re-save it with a current torch.save), or raise the memory budget "
+            "(--memory-budget or $KINEFLOW_MEMORY_BUDGET, in GiB)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError wrapping it) for unsafe content
         text = str(e)
         if "weights_only" in text or "Unpickl" in type(e).__name__ or "unpickl" in text.lower():
@@ -165,6 +244,8 @@ def _is_zip(path: Path) -> bool:
 
 def _unwrap(obj) -> tuple[dict, str | None]:
     """Return the flat name->tensor dict of a loaded pickle and the wrapper key it was under, if any."""
+    import torch
+
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in WRAPPER_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -179,6 +260,8 @@ def _pickle_state_dict(path: Path) -> tuple[dict, str | None]:
     official HunyuanVideo FP8 release (`..._fp8.pt`), whose per-layer scales lie in a sibling `..._fp8_map.pt`
     ({module name: scale}): they join the tensors as ComfyUI's scaled-fp8 layout spells them (`<module>.scale_weight`
     and a `scaled_fp8` marker), so one loading path serves both."""
+    import torch
+
     sd, wrapper = _unwrap(_torch_load(path))
     fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
     if not fp8:
@@ -201,7 +284,7 @@ def _pickle_state_dict(path: Path) -> tuple[dict, str | None]:
 
 def _read_pickle_header(path: Path) -> Header:
     sd, wrapper = _pickle_state_dict(path)
-    tensors = {k: TensorInfo(_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in sd.items()}
+    tensors = {k: TensorInfo(_DTYPE_NAMES.get(str(v.dtype).removeprefix("torch."), str(v.dtype)), tuple(v.shape)) for k, v in sd.items()}
     return Header(path, tensors, wrapper=wrapper)
 
 
@@ -225,11 +308,12 @@ def _read_folder_header(folder: Path) -> Header:
     config = folder / "config.json"
     if config.is_file():
         try:
-            cls = json.loads(config.read_text()).get("_class_name") or ",".join(json.loads(config.read_text()).get("architectures", []))
+            declared = json.loads(config.read_text())
+            cls = declared.get("_class_name") or ",".join(map(str, declared.get("architectures", [])))
             if cls:
                 metadata["class_name"] = str(cls)
-        except (ValueError, AttributeError):
-            pass
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            pass  # the class name only helps detection; the weights' names decide
     return Header(folder, tensors, metadata)
 
 
@@ -458,8 +542,10 @@ FAMILY_TITLES = {
 
 def _torch_dtype(name: str, tensor: str) -> torch.dtype:
     """The torch dtype of a header's dtype name (safetensors spelling, or torch's for pickled checkpoints)."""
+    import torch
+
     if name in _SAFETENSORS_DTYPES:
-        return _SAFETENSORS_DTYPES[name]
+        return getattr(torch, _SAFETENSORS_DTYPES[name][0])
     if name.startswith(("Q", "IQ", "TQ")):  # a GGUF block type: its values are floats
         return torch.float32
     found = getattr(torch, name.removeprefix("torch."), None)
@@ -529,6 +615,8 @@ def load_tensors(
     With `device="meta"` nothing beyond the header is read: the tensors are shapes and dtypes only (dry runs).
     `names` (with the prefix stripped) limits the load to those tensors.
     """
+    import torch
+
     def wanted(name: str) -> bool:
         return name.startswith(prefix) and (names is None or name[len(prefix):] in names)
 
@@ -543,10 +631,10 @@ def load_tensors(
         return {name[len(prefix):]: cast(torch.empty(info.shape, dtype=_torch_dtype(info.dtype, name), device="meta"))
                 for name, info in header.tensors.items() if wanted(name)}
     if path.suffix.lower() == ".gguf":
-        from . import gguf
+        from . import gguf_blocks
 
-        return {name[len(prefix):]: cast(gguf.dequantize(gguf.read_raw(info), info.dtype, info.shape,
-                                                         gguf.FLOAT_TYPES.get(info.dtype, torch.float32)))
+        return {name[len(prefix):]: cast(gguf_blocks.dequantize(gguf_blocks.read_raw(info), info.dtype, info.shape,
+                                                                _torch_dtype(info.dtype, name)))
                 for name, info in header.tensors.items() if wanted(name)}
     out: dict[str, torch.Tensor] = {}
     files = _folder_weight_files(path) if path.is_dir() else [path]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,27 +172,27 @@ def _folder_config(path: Path) -> dict:
     if not path.is_dir() or not config_file.exists():
         return {}
     try:
-        return json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
+        declared = json.loads(config_file.read_text())
+    except (OSError, ValueError, RecursionError) as e:
         raise ModelFileError(f"cannot read {config_file}: {e}") from None
+    if not isinstance(declared, dict):
+        raise ModelFileError(f"{config_file} holds a JSON {type(declared).__name__}; expected an object")
+    return declared
 
 
 def _gguf_llama_config(shapes: dict, header: checkpoints.Header) -> llama_text.LlamaTextConfig:
     """A GGUF's metadata (`llama.*`) gives the head count, RoPE theta and norm eps; its q/k rows are in llama.cpp's
     order, so rotary pairs are adjacent (see models/llama_text.py)."""
-    declared = header.metadata
+    declared = checkpoints.metadata_numbers(header, "llama_text")
     hidden = llama_text._shape(shapes["model.embed_tokens.weight"])[1]
-    try:
-        heads = int(declared.get("llama.attention.head_count", hidden // llama_text.LLAMA_HEAD_DIM))
-    except ValueError:
-        heads = 0
+    heads = declared.get("llama.attention.head_count", hidden // llama_text.LLAMA_HEAD_DIM)
     if heads <= 0 or hidden % heads:
-        raise ModelFileError(f"{header.path.name!r} declares llama.attention.head_count="
-                             f"{declared.get('llama.attention.head_count')!r}, which does not divide the hidden size {hidden}")
+        raise ModelFileError(f"{header.path.name!r} declares llama.attention.head_count={heads}, which does not "
+                             f"divide the hidden size {hidden}")
     config = llama_text.config_from_state_dict(shapes, head_dim=hidden // heads)
     fields = {"rope_theta": "llama.rope.freq_base", "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon"}
     return dataclasses.replace(config, rope_interleaved=True,
-                               **{k: float(declared[key]) for k, key in fields.items() if key in declared})
+                               **{k: declared[key] for k, key in fields.items() if key in declared})
 
 
 def _llama_config(shapes: dict, path: Path) -> llama_text.LlamaTextConfig:
@@ -201,14 +202,24 @@ def _llama_config(shapes: dict, path: Path) -> llama_text.LlamaTextConfig:
         config = llama_text.config_from_state_dict(shapes)
     else:
         hidden = llama_text._shape(shapes["model.embed_tokens.weight"])[1]
-        heads = int(declared["num_attention_heads"])
+        heads = _declared(declared, "num_attention_heads", int, path)
         if heads <= 0 or hidden % heads:
             raise ModelFileError(f"{path / 'config.json'} declares {heads} attention heads, which do not divide the "
                                  f"hidden size {hidden} of the weights")
         config = llama_text.config_from_state_dict(shapes, head_dim=hidden // heads)
-        kv_heads = int(declared.get("num_key_value_heads", heads))
+        kv_heads = _declared(declared, "num_key_value_heads", int, path) if "num_key_value_heads" in declared else heads
         if kv_heads != config.num_key_value_heads:
             raise ModelFileError(f"{path / 'config.json'} declares {kv_heads} key/value heads; the weights hold "
                                  f"{config.num_key_value_heads} of width {hidden // heads}")
-    fields = {"rope_theta": float, "rms_norm_eps": float}
-    return dataclasses.replace(config, **{k: cast(declared[k]) for k, cast in fields.items() if k in declared})
+    fields = ("rope_theta", "rms_norm_eps")
+    return dataclasses.replace(config, **{k: _declared(declared, k, float, path) for k in fields if k in declared})
+
+
+def _declared(declared: dict, key: str, kind: type, folder: Path):
+    """A number from config.json: an int for `kind=int`, a finite positive-or-zero float for `kind=float`."""
+    value = declared[key]
+    ok = type(value) is int if kind is int else type(value) in (int, float) and math.isfinite(value) and value >= 0
+    if not ok:
+        raise ModelFileError(f"{folder / 'config.json'}: {key} is {str(value)[:40]!r}; expected "
+                             f"{'an integer' if kind is int else 'a finite non-negative number'}")
+    return kind(value)

@@ -18,6 +18,7 @@ Recognising a LoRA file (`kineflow inspect`) needs no torch; it is imported wher
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
@@ -199,10 +200,12 @@ def block_strengths(spec: str) -> Callable[[str], float]:
     rules = []
     for entry in filter(None, (e.strip() for e in spec.replace("\n", ",").split(","))):
         target, sep, value = entry.partition("=")
-        match = re.fullmatch(r"(double_blocks|single_blocks)(?:\.(\d+)(?:-(\d+))?)?", target.strip())
+        match = re.fullmatch(r"(double_blocks|single_blocks)(?:\.([0-9]{1,6})(?:-([0-9]{1,6}))?)?", target.strip())
         try:
             factor = float(value)
         except ValueError:
+            factor = None
+        if factor is not None and not math.isfinite(factor):
             factor = None
         if not sep or match is None or factor is None:
             raise KineFlowError(f"block strength {entry!r} is not understood; expected entries such as "

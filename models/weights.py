@@ -188,7 +188,9 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
                                  f"{len(missing)} fp8 weights have no scale_weight (e.g. {missing[:3]}); the file "
                                  "is incomplete or was converted wrongly")
     with torch.device("meta"):
-        modules = dict(model_cls(config).named_modules())
+        meta_model = model_cls(config)
+    check_fits(model_cls, meta_model.state_dict(), converted)  # before any tensor data is read
+    modules = dict(meta_model.named_modules())
     linear_keys = {f"{n}.weight" for n, m in modules.items() if isinstance(m, nn.Linear)}
     fp8_keys = (file_fp8 | (linear_keys if fp8 else set())) & linear_keys
     # When weights stay in the file (offloading on the CPU), embedding tables stored narrower than the compute
@@ -249,21 +251,9 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
     return model
 
 
-def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype, fp8: bool = False,
-                         device: torch.device | str = "cpu", lazy: set[str] = frozenset(),
-                         fp8_keys: set[str] | None = None, keep_keys: set[str] = frozenset()) -> nn.Module:
-    """Build `model_cls(config)` on the meta device, assign `state_dict` (internal layout) into it and move it to
-    `device` (in eval mode, without gradients).
-
-    Each tensor is converted once, straight to its final dtype (`dtype`, or fp8 for the nn.Linear weights named in
-    `fp8_keys`, all of them when `fp8`), so no full-precision copy of the model ever exists. Raises ModelFileError on missing or
-    unexpected keys or mismatched shapes. On `device="meta"` (a dry run) the state dict holds shapes only; the
-    weights named in `lazy` stay `meta` placeholders on any device (their data is read later, by the offloader)."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    if fp8_keys is None:
-        fp8_keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if fp8 else set()
-    expected = model.state_dict()
+def check_fits(model_cls, expected: dict, state_dict: dict) -> None:
+    """Raise ModelFileError unless `state_dict` (tensors or meta tensors) has exactly the keys and shapes of
+    `expected` (the model's own state dict)."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
@@ -280,6 +270,23 @@ def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype
                 f"found {tuple(state_dict[k].shape)})"
             )
         raise ModelFileError(f"weights do not fit {model_cls.__name__} with the derived config: " + "; ".join(details))
+
+
+def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype, fp8: bool = False,
+                         device: torch.device | str = "cpu", lazy: set[str] = frozenset(),
+                         fp8_keys: set[str] | None = None, keep_keys: set[str] = frozenset()) -> nn.Module:
+    """Build `model_cls(config)` on the meta device, assign `state_dict` (internal layout) into it and move it to
+    `device` (in eval mode, without gradients).
+
+    Each tensor is converted once, straight to its final dtype (`dtype`, or fp8 for the nn.Linear weights named in
+    `fp8_keys`, all of them when `fp8`), so no full-precision copy of the model ever exists. Raises ModelFileError on missing or
+    unexpected keys or mismatched shapes. On `device="meta"` (a dry run) the state dict holds shapes only; the
+    weights named in `lazy` stay `meta` placeholders on any device (their data is read later, by the offloader)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    if fp8_keys is None:
+        fp8_keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if fp8 else set()
+    check_fits(model_cls, model.state_dict(), state_dict)
     converted = {}
     for key, tensor in state_dict.items():
         if key in fp8_keys:

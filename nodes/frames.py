@@ -1,8 +1,9 @@
-"""Frame utilities on IMAGE batches: select, thin, concatenate, resize, inspect (logic in runtime/media.py)."""
+"""Frame utilities on IMAGE batches: select, thin, concatenate, resize, inspect (logic in runtime/media.py, imported
+when a node runs)."""
 
 from __future__ import annotations
 
-from ..runtime import media
+from ..runtime import files
 
 CATEGORY = "KineFlow/video"
 _IMAGES = ("IMAGE", {"tooltip": "Frames [frames, height, width, 3]."})
@@ -26,6 +27,8 @@ class KineFlowSelectFrames:
         }
 
     def select(self, images, start, count):
+        from ..runtime import media
+
         return (media.select_frames(images, start, count),)
 
 
@@ -47,6 +50,8 @@ class KineFlowEveryNthFrame:
         }
 
     def thin(self, images, n, offset):
+        from ..runtime import media
+
         return (media.every_nth_frame(images, n, offset),)
 
 
@@ -63,11 +68,13 @@ class KineFlowConcatenateFrames:
             "required": {
                 "images_a": ("IMAGE", {"tooltip": "The first clip."}),
                 "images_b": ("IMAGE", {"tooltip": "The clip appended after the first one."}),
-                "resize": (["disabled", *media.RESIZE_METHODS], {"default": "disabled", "tooltip": "When the sizes differ: 'disabled' stops with an error; a method scales clip B to clip A's size (centre crop, no stretching)."}),
+                "resize": (["disabled", *files.RESIZE_METHODS], {"default": "disabled", "tooltip": "When the sizes differ: 'disabled' stops with an error; a method scales clip B to clip A's size (centre crop, no stretching)."}),
             }
         }
 
     def concat(self, images_a, images_b, resize):
+        from ..runtime import media
+
         return (media.concat_frames(images_a, images_b, None if resize == "disabled" else resize),)
 
 
@@ -85,12 +92,14 @@ class KineFlowResizeFrames:
                 "images": _IMAGES,
                 "width": ("INT", {"default": 512, "min": 0, "max": 8192, "step": 1, "tooltip": "Target width in pixels; 0 = keep / follow the aspect ratio."}),
                 "height": ("INT", {"default": 512, "min": 0, "max": 8192, "step": 1, "tooltip": "Target height in pixels; 0 = keep / follow the aspect ratio."}),
-                "method": (list(media.RESIZE_METHODS), {"default": "bilinear", "tooltip": "Interpolation; bilinear and bicubic are antialiased when shrinking; area suits large reductions."}),
-                "crop": (list(media.CROP_MODES), {"default": "disabled", "tooltip": "center: crop the centre to the target aspect ratio first, so nothing is stretched."}),
+                "method": (list(files.RESIZE_METHODS), {"default": "bilinear", "tooltip": "Interpolation; bilinear and bicubic are antialiased when shrinking; area suits large reductions."}),
+                "crop": (list(files.CROP_MODES), {"default": "disabled", "tooltip": "center: crop the centre to the target aspect ratio first, so nothing is stretched."}),
             }
         }
 
     def resize(self, images, width, height, method, crop):
+        from ..runtime import media
+
         return (media.resize_frames(images, width, height, method, crop),)
 
 
@@ -106,6 +115,8 @@ class KineFlowFrameInfo:
         return {"required": {"images": _IMAGES}}
 
     def info(self, images):
+        from ..runtime import media
+
         frames = media.check_frames(images)
         return (int(frames.shape[0]), int(frames.shape[2]), int(frames.shape[1]))
 

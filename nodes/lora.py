@@ -3,7 +3,8 @@
 The work is in runtime/lora.py, imported when the node runs.
 """
 
-from ._common import model_choices
+from ..runtime.validation import check_declared
+from ._common import check_model_files, model_choices
 
 
 class KineFlowLoadLoRA:
@@ -28,15 +29,18 @@ class KineFlowLoadLoRA:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, block_strengths=""):
+    def VALIDATE_INPUTS(cls, lora_name=None, strength=None, block_strengths=""):
         from ..errors import KineFlowError
         from ..models.lora import block_strengths as parse
 
+        declared = check_declared(cls, strength=strength)
+        if declared is not True:
+            return declared
         try:
             parse(block_strengths or "")
         except KineFlowError as e:
             return str(e)
-        return True
+        return check_model_files(("loras", lora_name, "hunyuan_video_lora"))
 
     def apply(self, model, lora_name, strength, block_strengths=""):
         from ..runtime import lora

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..shapes import dataset
+from ..runtime.validation import check_declared
+from ..shapes import attributes
 
 
 class KineFlowShapesVideo:
@@ -21,24 +20,24 @@ class KineFlowShapesVideo:
 
     @classmethod
     def INPUT_TYPES(cls):
-        colours = list(dataset.COLOURS)
+        colours = list(attributes.COLOURS)
         return {
             "required": {
-                "shape": (list(dataset.SHAPES), {"default": "circle", "tooltip": "The shape to draw."}),
+                "shape": (list(attributes.SHAPES), {"default": "circle", "tooltip": "The shape to draw."}),
                 "colour": (
                     colours,
                     {"default": "red", "tooltip": "Colour of the shape; must differ from the background."},
                 ),
                 "background": (colours, {"default": "blue", "tooltip": "Flat background colour."}),
                 "direction": (
-                    list(dataset.DIRECTIONS),
+                    list(attributes.DIRECTIONS),
                     {"default": "right", "tooltip": "Where the shape moves over the clip ('still' keeps it in place)."},
                 ),
                 "scale_change": (
-                    list(dataset.SCALE_CHANGES),
+                    list(attributes.SCALE_CHANGES),
                     {
                         "default": "none",
-                        "tooltip": f"Whether the shape grows or shrinks by {dataset.GROWTH_FACTOR}x over the clip.",
+                        "tooltip": f"Whether the shape grows or shrinks by {attributes.GROWTH_FACTOR}x over the clip.",
                     },
                 ),
                 "frames": (
@@ -70,7 +69,11 @@ class KineFlowShapesVideo:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, colour=None, background=None, frames=None, **_):
+    def VALIDATE_INPUTS(cls, colour=None, background=None, frames=None):
+        # ComfyUI skips its own list and range checks for the inputs named here: check_declared makes them.
+        declared = check_declared(cls, colour=colour, background=background, frames=frames)
+        if declared is not True:
+            return declared
         if colour is not None and colour == background:
             return f"the shape colour and the background must differ; both are {colour!r}"
         if frames is not None and (frames < 1 or frames % 4 != 1):
@@ -78,6 +81,10 @@ class KineFlowShapesVideo:
         return True
 
     def render(self, shape, colour, background, direction, scale_change, frames, width, height, seed):
+        import numpy as np
+
+        from ..shapes import dataset
+
         rng = np.random.default_rng(seed)
         placed = dataset.place_shape(
             rng, shape, colour, direction, scale_change, frames=frames, height=height, width=width

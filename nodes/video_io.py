@@ -1,31 +1,42 @@
-"""Save Video, Load Video and Load Image nodes (thin wrappers over runtime/media.py)."""
+"""Save Video, Load Video and Load Image nodes (thin wrappers over runtime/media.py, imported when a node runs)."""
 
 from __future__ import annotations
 
 import os
 
-from ..runtime import host, media
+from ..runtime import files, host
+from ..runtime.validation import check_declared
 from ..errors import InputFileError
 
 
 def _chosen_file(choice, override=""):
-    """The input file a loader should read: `override` (a path) when set, else the dropdown `choice`; None if neither."""
+    """The input file a loader should read: `override` (a path) when set, else the dropdown `choice`; None if neither.
+    A path outside the input folder raises InputFileError (see host.input_file)."""
     name = override.strip() if override and override.strip() else (choice or "")
-    return media.resolve_input_path(name, host.input_dir()) if name else None
+    return host.input_file(name) if name else None
 
 
-def _file_fingerprint(path) -> str:
+def _file_fingerprint(choice, override) -> str:
     """IS_CHANGED value: re-run the loader when the file changes."""
+    try:
+        path = _chosen_file(choice, override)
+    except InputFileError as error:
+        return f"refused:{error}"
     return f"{path}:{os.path.getmtime(path)}" if path is not None and path.is_file() else f"missing:{path}"
 
 
-def _check_chosen(path, kind: str, choice_name: str, override_name: str):
+def _check_chosen(choice, override, kind: str, choice_name: str, override_name: str):
     """VALIDATE_INPUTS result for a loader's chosen file: True or a message."""
+    try:
+        path = _chosen_file(choice, override)
+    except InputFileError as error:
+        return str(error)
     if path is None:
         return f"no {kind} chosen: pick a file in '{choice_name}' or set '{override_name}'."
     if not path.is_file():
         return f"{kind} file not found: {path} (relative names are looked up in {host.input_dir()})."
     return True
+
 
 CATEGORY = "KineFlow/video"
 
@@ -50,7 +61,7 @@ class KineFlowSaveVideo:
                 "images": ("IMAGE", {"tooltip": "The frames to encode, in order."}),
                 "frame_rate": ("FLOAT", {"default": 24.0, "min": 0.01, "max": 1000.0, "step": 0.01, "tooltip": "Frames per second. gif stores durations in 1/100 s, so its rate is rounded to that."}),
                 "filename_prefix": ("STRING", {"default": "KineFlow", "tooltip": "File name prefix; may contain sub-folders of the output folder, e.g. 'videos/KineFlow'."}),
-                "format": (list(media.VIDEO_FORMATS), {"default": "mp4", "tooltip": "mp4: H.264 yuv420p (odd sizes padded by one pixel); webm: VP9; gif: 256 colours per frame; webp: animated WebP."}),
+                "format": (list(files.VIDEO_FORMATS), {"default": "mp4", "tooltip": "mp4: H.264 yuv420p (odd sizes padded by one pixel); webm: VP9; gif: 256 colours per frame; webp: animated WebP."}),
                 "quality": ("INT", {"default": 80, "min": 0, "max": 100, "step": 1, "tooltip": "0-100, higher is better and larger. mp4: CRF = 51*(100-q)/100 (80 -> CRF 10, 100 lossless); webm: CRF = 63*(100-q)/100; webp: WebP quality, 100 = lossless; ignored for gif."}),
                 "loop_count": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1, "tooltip": "How many times a gif or webp plays; 0 = forever. Ignored for mp4 and webm."}),
                 "save_metadata": ("BOOLEAN", {"default": True, "tooltip": "Embed the prompt and workflow so the file restores the workflow when dropped onto ComfyUI."}),
@@ -58,7 +69,16 @@ class KineFlowSaveVideo:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, frame_rate=None, filename_prefix=None):
+        declared = check_declared(cls, frame_rate=frame_rate)
+        if declared is not True or filename_prefix is None:
+            return declared
+        return files.filename_prefix_problem(filename_prefix) or True
+
     def save(self, images, frame_rate, filename_prefix, format, quality, loop_count, save_metadata, prompt=None, extra_pnginfo=None):
+        from ..runtime import media
+
         metadata = {}
         if save_metadata:
             if prompt is not None:
@@ -88,10 +108,10 @@ class KineFlowLoadVideo:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = media.list_input_files(host.input_dir(), media.VIDEO_EXTENSIONS)
+        videos = files.list_input_files(host.input_dir(), files.VIDEO_EXTENSIONS)
         return {
             "required": {
-                "video": (files, {"tooltip": "A video file in the input folder. Ignored when video_path is set.", "video_upload": True}),
+                "video": (videos, {"tooltip": "A video file in the input folder. Ignored when video_path is set.", "video_upload": True}),
                 "frame_load_cap": ("INT", {"default": 0, "min": 0, "max": 100000, "step": 1, "tooltip": "Maximum number of frames to return; 0 = all. Decoding stops once reached."}),
                 "skip_first_frames": ("INT", {"default": 0, "min": 0, "max": 100000, "step": 1, "tooltip": "Frames to drop from the start (counted after force_rate)."}),
                 "select_every_nth": ("INT", {"default": 1, "min": 1, "max": 1000, "step": 1, "tooltip": "Keep one frame in n (after skipping)."}),
@@ -100,11 +120,13 @@ class KineFlowLoadVideo:
                 "custom_height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1, "tooltip": "Output height; 0 = keep (or follow the aspect ratio if only the width is set)."}),
             },
             "optional": {
-                "video_path": ("STRING", {"default": "", "tooltip": "A video path that overrides the 'video' choice: absolute, or relative to the input folder. Leave empty to use 'video'."}),
+                "video_path": ("STRING", {"default": "", "tooltip": "A video path that overrides the 'video' choice, relative to the input folder and inside it (an absolute path only when given on the kineflow command line with --set). Leave empty to use 'video'."}),
             },
         }
 
     def load(self, video, frame_load_cap, skip_first_frames, select_every_nth, force_rate, custom_width, custom_height, video_path=""):
+        from ..runtime import media
+
         path = _chosen_file(video, video_path)
         if path is None:
             raise InputFileError("no video chosen: pick a file in 'video' or set 'video_path'.")
@@ -113,11 +135,14 @@ class KineFlowLoadVideo:
 
     @classmethod
     def IS_CHANGED(cls, video, video_path="", **_):
-        return _file_fingerprint(_chosen_file(video, video_path))
+        return _file_fingerprint(video, video_path)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video=None, video_path=None):
-        return _check_chosen(_chosen_file(video, video_path or ""), "video", "video", "video_path")
+    def VALIDATE_INPUTS(cls, video=None, video_path=None, force_rate=None):
+        declared = check_declared(cls, force_rate=force_rate)
+        if declared is not True:
+            return declared
+        return _check_chosen(video, video_path, "video", "video", "video_path")
 
 
 class KineFlowLoadImage:
@@ -130,13 +155,15 @@ class KineFlowLoadImage:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = media.list_input_files(host.input_dir(), media.IMAGE_EXTENSIONS)
+        images = files.list_input_files(host.input_dir(), files.IMAGE_EXTENSIONS)
         return {
-            "required": {"image": (files, {"tooltip": "An image file in the input folder. Ignored when image_path is set.", "image_upload": True})},
-            "optional": {"image_path": ("STRING", {"default": "", "tooltip": "An image path that overrides the 'image' choice: absolute, or relative to the input folder."})},
+            "required": {"image": (images, {"tooltip": "An image file in the input folder. Ignored when image_path is set.", "image_upload": True})},
+            "optional": {"image_path": ("STRING", {"default": "", "tooltip": "An image path that overrides the 'image' choice, relative to the input folder and inside it (an absolute path only when given on the kineflow command line with --set)."})},
         }
 
     def load(self, image, image_path=""):
+        from ..runtime import media
+
         path = _chosen_file(image, image_path)
         if path is None:
             raise InputFileError("no image chosen: pick a file in 'image' or set 'image_path'.")
@@ -144,11 +171,11 @@ class KineFlowLoadImage:
 
     @classmethod
     def IS_CHANGED(cls, image, image_path="", **_):
-        return _file_fingerprint(_chosen_file(image, image_path))
+        return _file_fingerprint(image, image_path)
 
     @classmethod
     def VALIDATE_INPUTS(cls, image=None, image_path=None):
-        return _check_chosen(_chosen_file(image, image_path or ""), "image", "image", "image_path")
+        return _check_chosen(image, image_path, "image", "image", "image_path")
 
 
 NODE_CLASS_MAPPINGS = {

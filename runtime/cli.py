@@ -1,7 +1,10 @@
 """The `kineflow` command: run and validate ComfyUI workflows headless, list the pack's nodes.
 
-Exit codes: 0 success; 2 invalid workflow or unusable input file; 130 interrupted; 1 any other failure.
-Failures print one clear paragraph on stderr; `--debug` adds the traceback.
+Exit codes: 0 success; 2 invalid workflow or unusable input file (a path outside the input folder, a file too big
+for the memory budget); 1 any other failure; stopped by a signal, 128 + its number: 130 Ctrl-C (SIGINT), 143 SIGTERM,
+129 SIGHUP. SIGTERM and SIGHUP are handled like Ctrl-C: the run stops, temporary files and unwritten output names are
+removed, and a repeated signal during that cleanup is ignored. Failures print one clear paragraph on stderr; `--debug`
+adds the traceback.
 
 Subcommands are entries of COMMANDS: `Command(name, help, add_arguments(parser), handler(args, context))`.
 A handler returns the exit code; errors propagate to `main`, which maps them to codes and messages.
@@ -13,17 +16,22 @@ import argparse
 import importlib.metadata
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from ..errors import InputFileError, InterruptedRun, KineFlowError
+from ..models import ATTENTION_BACKENDS
+from . import files
 from .executor import (
     NodeExecutionError,
     WorkflowInvalid,
     execution_order,
+    override_paths,
     prepare_prompt,
     run_workflow,
 )
@@ -32,7 +40,9 @@ from .validation import declared_inputs, format_error
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) or host.request_interrupt()
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+SIGNAL_EXIT_BASE = 128  # a stop signal exits with 128 + its number, as shells report it: 130, 143, 129
 
 
 class Context:
@@ -59,31 +69,63 @@ class Command(NamedTuple):
     handler: Callable[[argparse.Namespace, Context], int]
 
 
+MODELS_DIR_HELP = ("folder with ComfyUI's model sub-folders (diffusion_models/, vae/, text_encoders/, ...); default "
+                   "$KINEFLOW_MODELS, else ./kineflow_models")
+
+
+INPUT_DIR_HELP = ("folder Load Video / Load Image read from (default ./input); a file path in the workflow must stay "
+                  "inside it, a path given with --set may point anywhere")
+
+
+def _warn_if_missing_models_dir(models_dir: str | None, ctx: Context) -> None:
+    """One line on stderr when the models folder asked for (--models-dir, or $KINEFLOW_MODELS) does not exist."""
+    folder, source = models_dir, "--models-dir"
+    if not folder:
+        folder, source = os.environ.get("KINEFLOW_MODELS"), "$KINEFLOW_MODELS"
+    if folder and not Path(folder).is_dir():
+        ctx.stderr.write(f"warning: the models folder {folder} ({source}) does not exist; only the shipped tiny "
+                         "models are available.\n")
+
+
 # --------------------------------------------------------------------------- run
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="workflow JSON (UI or API format)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.input=value",
                         help="override an input before running (value parsed as JSON when possible); repeatable")
     parser.add_argument("--output-dir", help="folder for outputs (default ./output)")
-    parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
-    parser.add_argument("--input-dir", help="folder for input media referenced by name (default ./input)")
+    parser.add_argument("--models-dir", help=MODELS_DIR_HELP)
+    parser.add_argument("--input-dir", help=INPUT_DIR_HELP)
     parser.add_argument("--device", help="compute device: cpu, cuda, cuda:N, mps, or meta for a dry run that "
                                          "reads only file headers, writes nothing and prints each node's output "
                                          "shapes and the device memory the run needs (default $KINEFLOW_DEVICE, "
                                          "else the best available)")
     parser.add_argument("--memory-budget", metavar="GIB",
                         help="device memory the models may keep resident, in GiB; offload policies 'auto' and "
-                             "'blocks' plan from it (default $KINEFLOW_MEMORY_BUDGET, else the free memory)")
+                             "'blocks' plan from it, and input files whose frames or pickled weights would take more "
+                             "are refused before reading (default $KINEFLOW_MEMORY_BUDGET, else the free memory; for "
+                             "input files half the free RAM)")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS,
+                        help="attention backend of the loaders left at 'auto' (default $KINEFLOW_ATTENTION, else auto: "
+                             "the fastest installed one that runs on the device)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="compile the transformer's and UNet's blocks with torch.compile in the loaders left at "
+                             "'auto' (default $KINEFLOW_COMPILE=1; the first run pays the compile time)")
 
 
 def _run(args: argparse.Namespace, ctx: Context) -> int:
     from . import host
 
     start = time.monotonic()
+    _warn_if_missing_models_dir(args.models_dir, ctx)
     device = host.parse_device(args.device) if args.device else None
+    if args.attention:
+        from ..models import attention
+
+        attention.check(args.attention, device or host.compute_device())
     options = dict(overrides=args.overrides, node_classes=ctx.node_classes, output_dir=args.output_dir,
                    models_dir=args.models_dir, input_dir=args.input_dir, device=device,
-                   memory_budget=args.memory_budget, progress_stream=ctx.stderr)
+                   memory_budget=args.memory_budget, attention=args.attention, compile=args.compile,
+                   progress_stream=ctx.stderr)
     if (device or host.compute_device()).type == "meta":
         from .plan import dry_run
 
@@ -110,10 +152,21 @@ def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="workflow JSON (UI or API format)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.input=value",
                         help="override an input before validating; repeatable")
+    parser.add_argument("--models-dir", help=MODELS_DIR_HELP)
+    parser.add_argument("--input-dir", help=INPUT_DIR_HELP)
+    parser.add_argument("--memory-budget", metavar="GIB",
+                        help="the memory budget of `run`, in GiB: a video larger than it holds is refused (default "
+                             "$KINEFLOW_MEMORY_BUDGET, else half the free RAM)")
 
 
 def _validate(args: argparse.Namespace, ctx: Context) -> int:
-    prompt, _, errors = prepare_prompt(args.file, overrides=args.overrides, node_classes=ctx.node_classes)
+    from . import host
+
+    _warn_if_missing_models_dir(args.models_dir, ctx)
+    with host.configured(models_dir=args.models_dir, input_dir=args.input_dir, memory_budget=args.memory_budget,
+                         user_paths=override_paths(args.overrides)):
+        host.memory_budget()  # a malformed budget is one error, not one per node that reads it
+        prompt, _, errors = prepare_prompt(args.file, overrides=args.overrides, node_classes=ctx.node_classes)
     if errors:
         raise WorkflowInvalid(errors)
     runs = execution_order(prompt, ctx.node_classes)
@@ -190,11 +243,13 @@ def _inspect(args: argparse.Namespace, ctx: Context) -> int:
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="workflow JSON (UI or API format)")
     parser.add_argument("--to", required=True, choices=("ui", "api"), help="format to write")
-    parser.add_argument("-o", "--output", help="file to write (atomically); default: standard output")
+    parser.add_argument("-o", "--output", help="file to write, atomically when it is new or a regular file; a device, "
+                                               "pipe or symlink (/dev/stdout, /dev/null) is written through in "
+                                               "place; default: standard output")
 
 
 def _convert(args: argparse.Namespace, ctx: Context) -> int:
-    from .media import atomic_write
+    from .files import write_text_to
     from .workflow import detect_format, load_workflow, ui_to_api
     from .workflow_export import api_to_ui, unknown_node_types
 
@@ -219,8 +274,7 @@ def _convert(args: argparse.Namespace, ctx: Context) -> int:
     if args.output is None:
         ctx.stdout.write(text)
         return EXIT_OK
-    with atomic_write(args.output) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_text_to(args.output, text)
     count = len(result["nodes"]) if args.to == "ui" else len(result)
     ctx.stderr.write(f"wrote {args.output} ({args.to.upper()} format, {count} nodes)\n")
     return EXIT_OK
@@ -228,37 +282,36 @@ def _convert(args: argparse.Namespace, ctx: Context) -> int:
 
 # --------------------------------------------------------------------------- eval
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
-    from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
-    from .evaluation import DEFAULT_SIZE
-
     parser.add_argument("--family", choices=("hunyuan_video", "animatediff"), default="hunyuan_video",
                         help="model family to generate with (default hunyuan_video)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompts", help="file with one prompt per line (default: the built-in held-out set)")
     parser.add_argument("-n", "--count", type=int, default=60, help="held-out prompts to generate (default 60)")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--cfg", type=float, default=1.0)
-    parser.add_argument("--shift", type=float, default=7.0, help="flow shift (hunyuan_video only)")
-    parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--scheduler", default="default", help="sigma spacing: default or karras (animatediff)")
-    parser.add_argument("--frames", type=int, help="frames per video (default 9 for hunyuan_video, 16 for animatediff)")
-    sizes = ", ".join(f"{size} for {family}" for family, size in DEFAULT_SIZE.items())
-    parser.add_argument("--width", type=int, help=f"video width in pixels (default: the shipped model's training "
-                                                   f"size, {sizes})")
-    parser.add_argument("--height", type=int, help="video height in pixels (default as --width)")
+    # Sampling and size default to the family's shipped workflow (workflows/api/text_to_video.json,
+    # animatediff_tiny.json): evaluation.shipped_workflow_settings.
+    shipped = "(default: the family's shipped workflow's)"
+    parser.add_argument("--steps", type=int, help=f"sampling steps {shipped}")
+    parser.add_argument("--cfg", type=float, help=f"classifier-free guidance scale {shipped}")
+    parser.add_argument("--shift", type=float, help=f"flow shift, hunyuan_video only {shipped}")
+    parser.add_argument("--sampler", help=f"sampler name {shipped}")
+    parser.add_argument("--scheduler", help=f"sigma spacing: default or karras (animatediff) {shipped}")
+    parser.add_argument("--frames", type=int, help=f"frames per video {shipped}")
+    parser.add_argument("--width", type=int, help=f"video width in pixels {shipped}")
+    parser.add_argument("--height", type=int, help="video height in pixels (default: --width if given, else the "
+                                                   "shipped workflow's)")
     parser.add_argument("--seed", type=int, default=0)
+    tiny = "(default: the shipped tiny model's)"
     hv = parser.add_argument_group("hunyuan_video models")
-    hv.add_argument("--model", default=SHIPPED_NAMES["dit"], help="transformer in diffusion_models/")
-    hv.add_argument("--vae", default=SHIPPED_NAMES["vae"], help="VAE in vae/")
-    hv.add_argument("--llm", default=SHIPPED_NAMES["llm"], help="LLaMA text encoder in text_encoders/")
-    hv.add_argument("--clip", default=SHIPPED_NAMES["clip"], help="CLIP text encoder in text_encoders/")
+    hv.add_argument("--model", help=f"transformer in diffusion_models/ {tiny}")
+    hv.add_argument("--vae", help=f"VAE in vae/ {tiny}")
+    hv.add_argument("--llm", help=f"LLaMA text encoder in text_encoders/ {tiny}")
+    hv.add_argument("--clip", help=f"CLIP text encoder in text_encoders/ {tiny}")
     ad = parser.add_argument_group("animatediff models")
-    ad.add_argument("--checkpoint", default=ANIMATEDIFF_CHECKPOINT, help="SD1.5 checkpoint in checkpoints/")
-    ad.add_argument("--motion-module", default=ANIMATEDIFF_MOTION_MODULE,
-                    help="motion module in animatediff_models/; 'none' denoises every frame on its own")
+    ad.add_argument("--checkpoint", help=f"SD1.5 checkpoint in checkpoints/ {tiny}")
+    ad.add_argument("--motion-module", help=f"motion module in animatediff_models/ {tiny}; 'none' denoises every "
+                                            "frame on its own")
     ad.add_argument("--motion-scale", type=float, default=1.0, help="motion module strength")
-    parser.add_argument("--models-dir", help="folder with model sub-folders (default $KINEFLOW_MODELS or ./models)")
+    parser.add_argument("--models-dir", help=MODELS_DIR_HELP)
     source.add_argument("--reconstruct", action="store_true",
                         help="judge the VAE alone: encode and decode the held-out clips themselves (what any "
                              "generator on this VAE can reach at best); loads only the VAE")
@@ -268,16 +321,34 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "under per_prompt)")
 
 
+def _default_to_shipped_models(args: argparse.Namespace) -> None:
+    """Fill in the model options not given with the shipped tiny models. Not parser defaults: shapes.shipped loads
+    the shapes world (numpy, torch), which `kineflow --help` must not wait for."""
+    from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, HUNYUAN_VIDEO
+
+    shipped = {"model": HUNYUAN_VIDEO["dit"], "vae": HUNYUAN_VIDEO["vae"], "llm": HUNYUAN_VIDEO["llm"],
+               "clip": HUNYUAN_VIDEO["clip"], "checkpoint": ANIMATEDIFF_CHECKPOINT,
+               "motion_module": ANIMATEDIFF_MOTION_MODULE}
+    for option, name in shipped.items():
+        if getattr(args, option) is None:
+            setattr(args, option, name)
+
+
 def _eval(args: argparse.Namespace, ctx: Context) -> int:
+    from dataclasses import replace
+
     from . import evaluation, host
 
+    _default_to_shipped_models(args)
+    _warn_if_missing_models_dir(args.models_dir, ctx)
     host.configure(models_dir=args.models_dir)
     prompts = evaluation.read_prompt_file(args.prompts) if args.prompts else None
-    width = args.width or evaluation.DEFAULT_SIZE[args.family]
-    settings = evaluation.EvalSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
-                                      scheduler=args.scheduler, seed=args.seed,
-                                      frames=args.frames or evaluation.DEFAULT_FRAMES[args.family],
-                                      width=width, height=args.height or width)
+    given = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
+                 scheduler=args.scheduler, frames=args.frames, width=args.width, height=args.height or args.width)
+    settings = replace(evaluation.shipped_workflow_settings(args.family), seed=args.seed,
+                       **{name: value for name, value in given.items() if value is not None})
+    if not args.reconstruct:
+        ctx.stderr.write(f"settings: {evaluation.describe_settings(settings, args.family == 'hunyuan_video')}\n")
     if args.reconstruct:
         models = evaluation.load_vae_only(args.family, args.checkpoint if args.family == "animatediff" else args.vae)
     elif args.family == "animatediff":
@@ -331,14 +402,67 @@ def _fail(ctx: Context, debug: bool, code: int, message: str) -> int:
     return code
 
 
+class _StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP stop a command alike. The first one raises KeyboardInterrupt wherever the
+    command is, so atomic writes and every `finally` clean up on the way out; later ones (and any after `disarm`) are
+    only noted, so a second Ctrl-C cannot break that cleanup or the interpreter's exit. Installed only in the main
+    thread and never inside ComfyUI, which owns its process's signals."""
+
+    def __init__(self):
+        from . import host
+
+        self.received: int | None = None
+        self._armed = True
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread() and not host.in_comfyui():
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):  # Windows has no SIGHUP
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._stop)
+
+    def _stop(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+            if self._armed:
+                self._armed = False
+                raise KeyboardInterrupt
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(number, handler)
+
+
 def main(argv: list[str] | None = None, *, node_classes: dict | None = None, stdout=None, stderr=None) -> int:
-    """Entry point of the `kineflow` console script; returns the exit code."""
+    """Entry point of the `kineflow` console script; returns the exit code (see the module docstring).
+
+    Temporary files and unwritten output names are removed on every way out. Run as the program (`argv` None) the
+    stop-signal handlers stay until the process ends, so a late Ctrl-C cannot interrupt the interpreter's exit; called
+    with `argv` (tests, embedding) the previous handlers come back."""
     ctx = Context(node_classes, stdout, stderr)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help or a usage error; argparse has printed the message
         return EXIT_INVALID if exc.code not in (0, None) else EXIT_OK
+    stop = _StopSignals()
+    try:
+        code = _handle(args, ctx, stop)
+    except KeyboardInterrupt:  # a stop signal while a failure was being reported
+        code = EXIT_INTERRUPTED
+    finally:
+        stop.disarm()
+        files.remove_unfinished()
+        if argv is not None:
+            stop.restore()
+    return SIGNAL_EXIT_BASE + stop.received if stop.received is not None else code
+
+
+def _handle(args: argparse.Namespace, ctx: Context, stop: _StopSignals) -> int:
+    """Run the command's handler and map what it raises to an exit code and one message."""
     debug = bool(getattr(args, "debug", False))
     try:
         return args.handler(args, ctx)
@@ -353,7 +477,8 @@ def main(argv: list[str] | None = None, *, node_classes: dict | None = None, std
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     except (InterruptedRun, KeyboardInterrupt):
-        return _fail(ctx, debug, EXIT_INTERRUPTED, "interrupted; nothing more was run.")
+        by = f" by {signal.Signals(stop.received).name}" if stop.received not in (None, signal.SIGINT) else ""
+        return _fail(ctx, debug, EXIT_INTERRUPTED, f"interrupted{by}; nothing more was run.")
     except NodeExecutionError as exc:
         code = EXIT_INVALID if isinstance(exc.original, InputFileError) else EXIT_FAILURE
         hint = "" if debug else " (run with --debug for the traceback)"

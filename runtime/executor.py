@@ -5,14 +5,15 @@ Only nodes that an OUTPUT_NODE depends on run, each after its inputs, each as
 A node may return a tuple of outputs or `{"ui": ..., "result": tuple}`.
 
 `OutputCache` mirrors ComfyUI's classic cache: a node's key is its class, its IS_CHANGED result, its
-constant inputs and, recursively, the keys of the nodes it is linked to. Running a prompt again reuses
+constant inputs and, recursively, the keys of the nodes it is linked to (as small ids, so a long chain is keyed in
+linear time). Running a prompt again reuses
 the outputs of every node whose key is unchanged; IS_CHANGED returning NaN (or raising) means "always run".
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import itertools
 import math
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from . import host
 from ..errors import InputFileError, InterruptedRun, KineFlowError
 from .validation import format_error, is_link, validate_prompt
-from .workflow import apply_overrides, detect_format, load_workflow, ui_to_api
+from .workflow import apply_overrides, detect_format, load_workflow, node_id_sort_key, parse_override, ui_to_api
 
 
 class WorkflowInvalid(InputFileError):
@@ -74,6 +75,15 @@ class OutputCache:
     def __init__(self):
         self._outputs: dict = {}
         self._objects: dict[tuple[str, str], object] = {}
+        self._key_ids: dict[tuple, int] = {}
+        self._next_id = itertools.count()
+
+    def key(self, signature: tuple) -> int:
+        """The id of a node signature, equal for equal signatures. Signatures hold their linked nodes' ids, not
+        their whole signatures, so hashing one costs its own size, not that of everything upstream."""
+        if signature not in self._key_ids:
+            self._key_ids[signature] = next(self._next_id)
+        return self._key_ids[signature]
 
     def __len__(self) -> int:
         return len(self._outputs)
@@ -94,11 +104,13 @@ class OutputCache:
     def keep_only(self, keys, node_keys) -> None:
         keys = set(keys)
         self._outputs = {k: v for k, v in self._outputs.items() if k in keys}
+        self._key_ids = {s: i for s, i in self._key_ids.items() if i in keys}
         self._objects = {k: v for k, v in self._objects.items() if k in node_keys}
 
     def clear(self) -> None:
         self._outputs.clear()
         self._objects.clear()
+        self._key_ids.clear()
 
 
 def _unwrap(value):
@@ -110,38 +122,44 @@ def _link(value) -> tuple[str, int]:
 
 
 def execution_order(prompt: dict, node_classes: dict) -> list[str]:
-    """Nodes needed by the output nodes, each after everything it is linked to (ties by node id)."""
+    """Nodes needed by the output nodes, each after everything it is linked to: in waves of the nodes whose inputs
+    are all ready, each wave by node id (linear in the prompt's size)."""
     outputs = [nid for nid, node in prompt.items()
                if getattr(node_classes.get(node.get("class_type")), "OUTPUT_NODE", False) is True]
-    needed: set[str] = set()
+    deps: dict[str, set[str]] = {}
     stack = list(outputs)
     while stack:
         node_id = stack.pop()
-        if node_id in needed:
+        if node_id in deps:
             continue
         if node_id not in prompt:
             raise InputFileError(f"a link points to node {node_id!r}, which is not in the prompt.")
         if prompt[node_id].get("class_type") not in node_classes:
             raise InputFileError(f"node {node_id} has unknown type {prompt[node_id].get('class_type')!r}.")
-        needed.add(node_id)
-        stack.extend(_link(v)[0] for v in prompt[node_id].get("inputs", {}).values() if is_link(v))
-    deps = {nid: {_link(v)[0] for v in prompt[nid].get("inputs", {}).values() if is_link(v)} for nid in needed}
+        deps[node_id] = {_link(v)[0] for v in prompt[node_id].get("inputs", {}).values() if is_link(v)}
+        stack.extend(deps[node_id])
+    waiting = {nid: len(sources) for nid, sources in deps.items()}
+    users: dict[str, list[str]] = {nid: [] for nid in deps}
+    for nid, sources in deps.items():
+        for source in sources:
+            users[source].append(nid)
     order: list[str] = []
-    done: set[str] = set()
-    remaining = sorted(needed, key=_sort_key)
-    while remaining:
-        ready = [nid for nid in remaining if deps[nid] <= done]
-        if not ready:
-            raise InputFileError("nodes " + ", ".join(remaining) + " depend on each other in a loop; nothing can run first.")
-        for nid in ready:
-            order.append(nid)
-            done.add(nid)
-        remaining = [nid for nid in remaining if nid not in done]
+    wave = sorted((nid for nid, count in waiting.items() if count == 0), key=node_id_sort_key)
+    while wave:
+        order.extend(wave)
+        ready = []
+        for nid in wave:
+            for user in users[nid]:
+                waiting[user] -= 1
+                if waiting[user] == 0:
+                    ready.append(user)
+        wave = sorted(ready, key=node_id_sort_key)
+    if len(order) < len(deps):
+        stuck = sorted((nid for nid, count in waiting.items() if count), key=node_id_sort_key)
+        raise InputFileError("nodes " + ", ".join(stuck) + " depend on each other in a loop; nothing can run first.")
     return order
 
 
-def _sort_key(node_id: str):
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in str(node_id).split(":")]
 
 
 def _hidden_inputs(cls, prompt: dict, node_id: str, extra_pnginfo) -> dict:
@@ -171,8 +189,9 @@ def _is_changed(cls, node: dict, prompt: dict, node_id: str, extra_pnginfo):
         return _Uncomparable()
 
 
-def _signatures(prompt: dict, order: list[str], node_classes: dict, extra_pnginfo) -> dict[str, object]:
-    keys: dict[str, object] = {}
+def _signatures(prompt: dict, order: list[str], node_classes: dict, extra_pnginfo, cache: OutputCache
+                ) -> dict[str, int]:
+    keys: dict[str, int] = {}
     for node_id in order:  # dependencies first, so linked keys exist
         node = prompt[node_id]
         cls = node_classes[node["class_type"]]
@@ -187,7 +206,7 @@ def _signatures(prompt: dict, order: list[str], node_classes: dict, extra_pnginf
                 parts.append((name, ("link", keys[source], slot)))
             else:
                 parts.append((name, _freeze(_unwrap(value))))
-        keys[node_id] = tuple(parts)
+        keys[node_id] = cache.key(tuple(parts))
     return keys
 
 
@@ -218,7 +237,7 @@ def execute(prompt: dict, node_classes: dict, *, extra_pnginfo=None, cache: Outp
     stream = progress_stream if progress_stream is not None else sys.stderr
     cache = cache if cache is not None else OutputCache()
     order = execution_order(prompt, node_classes)
-    keys = _signatures(prompt, order, node_classes, extra_pnginfo)
+    keys = _signatures(prompt, order, node_classes, extra_pnginfo, cache)
     cache.keep_only(keys.values(), {(nid, prompt[nid]["class_type"]) for nid in order})
     results: dict[str, dict] = {}
     total = len(order)
@@ -268,6 +287,19 @@ def execute(prompt: dict, node_classes: dict, *, extra_pnginfo=None, cache: Outp
 _DEFAULT_CACHE = OutputCache()
 
 
+def _private_copy(prompt: dict) -> dict:
+    """The nodes and their input objects copied, the values shared: validation and overrides replace values, never
+    change them in place (a deep copy of a 20,000-node prompt takes seconds)."""
+    copied = {}
+    for node_id, node in prompt.items():
+        if isinstance(node, dict):
+            node = dict(node)
+            if isinstance(node.get("inputs"), dict):
+                node["inputs"] = dict(node["inputs"])
+        copied[node_id] = node
+    return copied
+
+
 def prepare_prompt(source, *, overrides=(), node_classes: dict) -> tuple[dict, dict | None, list[dict]]:
     """Load (path or dict), convert UI format, apply overrides, validate.
 
@@ -284,23 +316,31 @@ def prepare_prompt(source, *, overrides=(), node_classes: dict) -> tuple[dict, d
         prompt, problems = ui_to_api(data, node_classes)
         extra_pnginfo = {"workflow": data}
     else:
-        prompt = copy.deepcopy(data)
+        prompt = _private_copy(data)
         extra_pnginfo = None
-    prompt = apply_overrides(prompt, overrides, node_classes)
+    if overrides:
+        prompt = apply_overrides(prompt, overrides, node_classes)
     errors = problems + validate_prompt(prompt, node_classes)
     return prompt, extra_pnginfo, errors
 
 
+def override_paths(overrides) -> frozenset[str]:
+    """The text values of `--set` overrides: a file path the user typed may be read outside the input folder
+    (host.input_file); paths inside a workflow file may not."""
+    return frozenset(value.strip() for _, _, value in map(parse_override, overrides) if isinstance(value, str))
+
+
 def run_workflow(source, *, overrides=(), node_classes: dict | None = None, output_dir=None, models_dir=None,
-                 input_dir=None, device=None, memory_budget=None, cache: OutputCache | None = None,
-                 progress_stream=None, observe=None) -> dict[str, dict]:
+                 input_dir=None, device=None, memory_budget=None, attention=None, compile=None,
+                 cache: OutputCache | None = None, progress_stream=None, observe=None) -> dict[str, dict]:
     """Load, convert, validate and execute a workflow; raises WorkflowInvalid listing every problem."""
     if node_classes is None:
         from .. import NODE_CLASS_MAPPINGS
 
         node_classes = NODE_CLASS_MAPPINGS
     with host.configured(models_dir=models_dir, output_dir=output_dir, input_dir=input_dir, device=device,
-                         memory_budget=memory_budget):
+                         memory_budget=memory_budget, attention=attention, compile=compile,
+                         user_paths=override_paths(overrides)):
         prompt, extra_pnginfo, errors = prepare_prompt(source, overrides=overrides, node_classes=node_classes)
         if errors:
             raise WorkflowInvalid(errors)

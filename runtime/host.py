@@ -1,10 +1,14 @@
 """The one module that knows whether KineFlow runs inside ComfyUI or standalone.
 
-Everything host-specific goes through here: where model files live, where outputs go, progress bars,
-latent previews, interruption and the compute device. No other module in the pack imports ComfyUI.
+Everything host-specific goes through here: where model files live, where outputs go, which input files a workflow
+may read, how much memory a file read may take, progress bars, latent previews, interruption and the compute device.
+No other module in the pack imports ComfyUI.
 
 Detection looks at what ComfyUI has already loaded (`folder_paths` is a top-level module of ComfyUI's
 source tree). We never decide by trying `import comfy`: an unrelated PyPI package has that name.
+
+torch is imported by the device functions only: the node registry imports this module, and listing nodes or
+converting a workflow must not wait for torch.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputFileError, InterruptedRun, ModelFileError
+from ..models import checkpoints
+
+if TYPE_CHECKING:
+    import torch
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 # Weights shipped with the pack (the tiny default models). Searched in both modes, after the user's folders.
@@ -44,12 +51,20 @@ def in_comfyui() -> bool:
 
 
 # --------------------------------------------------------------------------- standalone settings
+# Relative to the working folder, like output/ and input/. Not "models": run from the repository, that is the pack's
+# own source package.
+DEFAULT_MODELS_DIR = "kineflow_models"
+
+
 class _Standalone:
-    models_dir: Path = Path(os.environ.get("KINEFLOW_MODELS", "models"))
+    models_dir: Path = Path(os.environ.get("KINEFLOW_MODELS", DEFAULT_MODELS_DIR))
     output_dir: Path = Path("output")
     input_dir: Path = Path("input")
+    user_paths: frozenset[str] = frozenset()  # loader file values typed on the command line (--set): read anywhere
     device: torch.device | None = None  # None: $KINEFLOW_DEVICE, else the best available
     memory_budget: str | None = None  # GiB as the user wrote it; None: $KINEFLOW_MEMORY_BUDGET, else free memory
+    attention: str | None = None  # None: $KINEFLOW_ATTENTION, else auto
+    compile: bool | None = None  # None: $KINEFLOW_COMPILE, else off
     interrupt = threading.Event()
     quiet = 0  # > 0 while standalone progress bars are silenced (see quiet())
 
@@ -60,9 +75,13 @@ def configure(
     input_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     memory_budget: str | float | None = None,
+    attention: str | None = None,
+    compile: bool | None = None,
+    user_paths: frozenset[str] | None = None,
 ) -> None:
-    """Set the standalone models, output and input folders and the compute device (the CLI's --models-dir,
-    --output-dir, --input-dir and --device)."""
+    """Set the standalone models, output and input folders, the compute device, the memory budget and the loaders'
+    default attention backend and compilation (the CLI's --models-dir, --output-dir, --input-dir, --device,
+    --memory-budget, --attention and --compile), and the file values given with --set (see `input_file`)."""
     if models_dir is not None:
         _Standalone.models_dir = Path(models_dir)
     if output_dir is not None:
@@ -70,15 +89,22 @@ def configure(
     if input_dir is not None:
         _Standalone.input_dir = Path(input_dir)
     if device is not None:
-        _Standalone.device = device if isinstance(device, torch.device) else parse_device(device)
+        _Standalone.device = parse_device(device) if isinstance(device, str) else device
     if memory_budget is not None:
         _Standalone.memory_budget = str(memory_budget)
+    if attention is not None:
+        _Standalone.attention = attention
+    if compile is not None:
+        _Standalone.compile = compile
+    if user_paths is not None:
+        _Standalone.user_paths = frozenset(user_paths)
 
 
 @contextlib.contextmanager
 def configured(**folders):
     """`configure(**folders)` for the duration of a `with` block, then restore the previous standalone folders."""
-    fields = ("models_dir", "output_dir", "input_dir", "device", "memory_budget")
+    fields = ("models_dir", "output_dir", "input_dir", "device", "memory_budget", "attention", "compile",
+              "user_paths")
     saved = {name: getattr(_Standalone, name) for name in fields}
     configure(**folders)
     try:
@@ -116,6 +142,11 @@ def _search_dirs(kind: str) -> list[Path]:
     return dirs
 
 
+def is_shipped(path: Path) -> bool:
+    """Whether `path` is one of the pack's shipped weights (a file or model folder under weights/)."""
+    return SHIPPED_WEIGHTS_DIR in Path(path).resolve().parents
+
+
 def _is_model_folder(path: Path) -> bool:
     """A Hugging Face style model folder (config.json next to weights) counts as one selectable model."""
     return path.is_dir() and (path / "config.json").is_file()
@@ -127,7 +158,7 @@ def list_models(kind: str, include_folders: bool = False) -> list[str]:
     for root in _search_dirs(kind):
         if not root.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for dirpath, dirnames, filenames in _walk_once(root):
             here = Path(dirpath)
             if include_folders and here != root and _is_model_folder(here):
                 names.add(here.relative_to(root).as_posix())
@@ -140,23 +171,53 @@ def list_models(kind: str, include_folders: bool = False) -> list[str]:
     return sorted(names)
 
 
-def model_path(kind: str, name: str) -> Path:
-    """Resolve a model name from a loader widget to a path; an absolute path or existing path is used as is."""
+def _walk_once(root: Path):
+    """`os.walk` following symlinks (model folders are often links to other drives), entering each real folder once,
+    in name order: a link back up the tree (a loop) would otherwise make the walk endless."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirnames.sort()
+        yield dirpath, dirnames, filenames
+
+
+def _find_model(kind: str, name: str) -> Path | None:
+    if not name.strip():
+        return None
     direct = Path(name).expanduser()
     if direct.is_absolute() and direct.exists():
         return direct
-    tried = []
-    for root in _search_dirs(kind):
-        candidate = root / name
-        tried.append(str(root))
-        if candidate.exists():
-            return candidate
-    raise ModelFileError(
-        f"model file {name!r} was not found in the {kind!r} folders. Looked in: {', '.join(tried)}. "
-        f"Put the file in one of those folders"
-        + ("" if in_comfyui() else " or pass --models-dir / set KINEFLOW_MODELS")
-        + "."
-    )
+    return next((root / name for root in _search_dirs(kind) if (root / name).exists()), None)
+
+
+def model_path(kind: str, name: str) -> Path:
+    """Resolve a model name from a loader widget to a path; an absolute path or existing path is used as is."""
+    path = _find_model(kind, name)
+    if path is None:
+        raise ModelFileError(missing_model(kind, name))
+    return path
+
+
+def missing_model(kind: str, name: str) -> str | None:
+    """None when a loader's model name resolves (see `model_path`), else a message naming the folders searched, the
+    folder the file belongs in and what the folders hold."""
+    if _find_model(kind, name) is not None:
+        return None
+    user_dirs = _search_dirs(kind)[:-1]  # the last one holds the shipped tiny models
+    available = list_models(kind, include_folders=True)
+    shown = ", ".join(available[:8]) + (f" and {len(available) - 8} more" if len(available) > 8 else "")
+    models_dir = "" if in_comfyui() else f" (--models-dir; default $KINEFLOW_MODELS or ./{DEFAULT_MODELS_DIR})"
+    return (f"model file {name!r} not found in {', '.join(str(d) for d in user_dirs)} or the shipped models "
+            f"(available: {shown or 'none'}); it belongs in {user_dirs[0]}{os.sep}{models_dir}, and the README's "
+            "table 'Where model files go' says where it is published")
 
 
 def output_dir() -> Path:
@@ -176,6 +237,42 @@ def input_dir() -> Path:
     return _Standalone.input_dir
 
 
+def input_file(name: str) -> Path:
+    """The file a Load Video / Load Image value names; InputFileError when it lies outside the input folder.
+
+    Inside ComfyUI a workflow arrives over the network: the value follows ComfyUI's annotated names ("clip.mp4 [input]";
+    "[output]" and "[temp]" choose those folders; a plain name is in the input folder) and the file, symlinks resolved,
+    must lie in the folder chosen. Standalone, a value is relative to --input-dir and must stay in it too, except one
+    the user typed on the command line (`--set NODE.video_path=...`), which is read wherever it points.
+    """
+    name = name.strip()
+    if in_comfyui():
+        import folder_paths
+
+        _, folder = folder_paths.annotated_filepath(name)
+        path = Path(folder_paths.get_annotated_filepath(name))
+        return _inside(path, Path(folder or folder_paths.get_input_directory()), name,
+                       "upload the file to ComfyUI's input folder")
+    path = Path(name.removesuffix(" [input]")).expanduser()
+    if name in _Standalone.user_paths:
+        return _Standalone.input_dir / path  # an absolute path stays as it is
+    return _inside(_Standalone.input_dir / path, _Standalone.input_dir, name,
+                   "move the file into the input folder (--input-dir), or give its path on the command line with "
+                   "--set NODE.input=PATH")
+
+
+def _inside(path: Path, folder: Path, name: str, remedy: str) -> Path:
+    """`path` with symlinks resolved, if that lies inside `folder` (itself resolved)."""
+    try:
+        real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    except (OSError, ValueError) as error:  # e.g. a NUL byte in the name
+        raise InputFileError(f"{name!r} is not a usable file name: {error}") from None
+    if not real.is_relative_to(root):
+        raise InputFileError(f"{name!r} points to {real}, outside {root}: a workflow may only read files inside "
+                             f"that folder; {remedy}")
+    return real
+
+
 DEVICE_CHOICES = "cpu, cuda, cuda:N, mps, meta"
 
 
@@ -183,6 +280,8 @@ def parse_device(name: str) -> torch.device:
     """A compute device from a user's `--device` / KINEFLOW_DEVICE value, checked against this machine.
 
     `meta` is always available: the whole graph then runs on shapes only (a dry run, see runtime/plan.py)."""
+    import torch
+
     try:
         device = torch.device(str(name).strip().lower())
     except (RuntimeError, ValueError):
@@ -203,6 +302,8 @@ def parse_device(name: str) -> torch.device:
 
 def best_device() -> torch.device:
     """The fastest device this machine has: CUDA, then Apple's MPS, then the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -235,8 +336,15 @@ def free_memory(device: torch.device | None = None) -> int:
 
         return int(mm.get_free_memory(device))
     if device.type == "cuda":
+        import torch
+
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
+    return _available_ram()
+
+
+def _available_ram() -> int:
+    """Free host memory, standalone (no torch needed)."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -261,11 +369,45 @@ def memory_budget() -> int | None:
     return int(gib * 2**30)
 
 
+RAISE_BUDGET = "raise the memory budget (--memory-budget or $KINEFLOW_MEMORY_BUDGET, in GiB)"
+
+
+def read_budget() -> int:
+    """Bytes what one file holds may take in host memory (Load Video's frames, a legacy .pt pickle; also the video an
+    Empty Video Latent asks for, checked at validation), checked before anything is allocated: the memory budget when
+    set, else half the free RAM (the rest stays for the work on what was read). Standalone, no torch is imported."""
+    budget = memory_budget()
+    if budget is not None:
+        return budget
+    if not in_comfyui():
+        return _available_ram() // 2
+    import torch
+
+    return free_memory(torch.device("cpu")) // 2
+
+
+checkpoints.read_budget = read_budget  # models/ imports nothing of the runtime: it asks through this hook
+
+
+def attention_default() -> str:
+    """The attention backend of loaders left at 'auto': --attention, else $KINEFLOW_ATTENTION, else 'auto'."""
+    return _Standalone.attention or os.environ.get("KINEFLOW_ATTENTION", "").strip() or "auto"
+
+
+def compile_default() -> bool:
+    """Whether loaders left at 'auto' compile their model's blocks: --compile, else $KINEFLOW_COMPILE=1, else no."""
+    if _Standalone.compile is not None:
+        return _Standalone.compile
+    return os.environ.get("KINEFLOW_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def offload_device() -> torch.device:
     if in_comfyui():
         import comfy.model_management as mm
 
         return mm.unet_offload_device()
+    import torch
+
     return torch.device("cpu")
 
 
@@ -394,11 +536,10 @@ def check_interrupt() -> None:
 class Progress:
     """A progress bar: ComfyUI's node progress bar inside ComfyUI, a bar on stderr standalone.
 
-    `update(n, preview=...)` accepts an optional PIL image shown on the ComfyUI canvas as a live preview.
-    Each update also checks for interruption, so every long loop with a progress bar is interruptible.
+    `update(n, preview=...)` accepts an optional live preview, a JSON-able dict (runtime/previews.py builds the
+    Sampler's), which the web extension shows on the running node. Each update also checks for interruption, so
+    every long loop with a progress bar is interruptible.
     """
-
-    PREVIEW_MAX_SIZE = 512
 
     def __init__(self, total: int, desc: str = ""):
         self.total = max(int(total), 1)
@@ -414,14 +555,21 @@ class Progress:
 
     @property
     def shows_previews(self) -> bool:
-        """Only ComfyUI's canvas displays previews; callers skip building them otherwise."""
-        return self._comfy_bar is not None
+        """Whether a preview would be seen: inside ComfyUI, with the browser that queued the prompt connected (any
+        browser for a prompt queued without a client id). Callers skip building previews otherwise."""
+        if self._comfy_bar is None:
+            return False
+        from server import PromptServer
 
-    def update(self, n: int = 1, preview=None) -> None:
+        server = PromptServer.instance
+        return server.client_id in server.sockets if server.client_id is not None else bool(server.sockets)
+
+    def update(self, n: int = 1, preview: dict | None = None) -> None:
         self.current = min(self.current + n, self.total)
         if self._comfy_bar is not None:
-            shown = ("JPEG", preview, self.PREVIEW_MAX_SIZE) if preview is not None else None
-            self._comfy_bar.update_absolute(self.current, self.total, shown)
+            self._comfy_bar.update_absolute(self.current, self.total)
+            if preview is not None:
+                _send_preview(preview)
         else:
             self._draw()
         check_interrupt()
@@ -446,6 +594,24 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+PREVIEW_EVENT = "kineflow.preview"  # the message web/kineflow.js listens for
+
+
+def _send_preview(preview: dict) -> None:
+    """Send a live preview to the browser that queued the prompt, tagged with the running node's id as the canvas
+    knows it. ComfyUI's own preview message carries one still image; the web extension plays ours."""
+    from comfy_execution.progress import get_progress_state
+    from comfy_execution.utils import get_executing_context
+    from server import PromptServer
+
+    context = get_executing_context()
+    if context is None:
+        return
+    node = get_progress_state().dynprompt.get_display_node_id(context.node_id)
+    server = PromptServer.instance
+    server.send_sync(PREVIEW_EVENT, {**preview, "node": node, "prompt_id": context.prompt_id}, server.client_id)
 
 
 def progress(total: int, desc: str = "") -> Progress:

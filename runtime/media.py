@@ -1,4 +1,4 @@
-"""Video and image files: atomic writing, ComfyUI-style output names, encoding, decoding and frame resizing.
+"""Video and image files: encoding, decoding and frame resizing (names and atomic writes: runtime/files.py).
 
 Frames are ComfyUI IMAGE tensors: float `[F, H, W, 3]` in 0..1. Encoders: H.264 (libx264, shipped in PyAV's
 wheels) for mp4, VP9 (libvpx-vp9) for webm, Pillow for gif and animated webp. Decoding uses PyAV, except
@@ -13,11 +13,9 @@ webp EXIF tags 0x0110 downwards holding "key:json", png tEXt chunks holding json
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
-import re
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,89 +29,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import host
 from ..errors import InputFileError, KineFlowError
+from .files import CROP_MODES, RESIZE_METHODS, VIDEO_FORMATS, atomic_write, next_output_path, release_claim
 
-VIDEO_FORMATS = ("mp4", "webm", "gif", "webp")
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".gif", ".webp")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "area", "lanczos")
-CROP_MODES = ("disabled", "center")
 # Formats decoded with Pillow instead of PyAV (see module docstring).
 _PILLOW_DECODED = (".gif", ".webp")
+# Bytes per pixel of an IMAGE tensor (three float32 channels): what the frames read from a file take in memory.
+PIXEL_BYTES = 3 * 4
 # mime types for the "format" field of the UI result (informational; the frontend keys on the extension).
 MIME_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif", "webp": "image/webp", "png": "image/png"}
-
-
-# --------------------------------------------------------------------------- files
-_UMASK = os.umask(0)  # read the process umask (there is no getter) ...
-os.umask(_UMASK)  # ... and put it back
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success fsync it and `os.replace` it onto `path`.
-
-    The temporary name keeps the target's extension (encoders pick the container from it) and starts with a
-    dot so it never matches an output counter. On any exception, KeyboardInterrupt and InterruptedRun included,
-    the temporary file is deleted and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the permissions a plain open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; not all platforms can open a directory (Windows), which is fine to skip."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, ext: str,
-                     create: bool = True) -> tuple[Path, str, str]:
-    """Next free `<prefix>_<00001>_.<ext>` in `output_dir` (ComfyUI's naming); returns (path, subfolder, filename).
-
-    The prefix may contain sub-folders ("videos/run"); they are created unless `create` is False (a dry run).
-    The counter is one more than the highest counter of any file with the same prefix, whatever its extension,
-    as ComfyUI does.
-    """
-    ext = ext.lstrip(".")
-    prefix = filename_prefix.strip().replace("\\", "/")
-    if not prefix or prefix.endswith("/"):
-        raise KineFlowError(f"filename_prefix must end with a file name, e.g. 'KineFlow' or 'videos/KineFlow'; got {filename_prefix!r}.")
-    root = Path(output_dir).resolve()
-    normalized = os.path.normpath(prefix)
-    subfolder, name = os.path.split(normalized)
-    folder = (root / subfolder).resolve()
-    if os.path.isabs(normalized) or not folder.is_relative_to(root):
-        raise KineFlowError(
-            f"filename_prefix {filename_prefix!r} points outside the output folder {root}; "
-            f"use a relative prefix such as 'videos/KineFlow'."
-        )
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(re.escape(name) + r"_(\d+)_")
-    counters = [int(m.group(1)) for f in (os.listdir(folder) if folder.is_dir() else ()) if (m := pattern.match(f))]
-    filename = f"{name}_{max(counters, default=0) + 1:05d}_.{ext}"
-    return folder / filename, Path(subfolder).as_posix() if subfolder else "", filename
 
 
 # --------------------------------------------------------------------------- tensors <-> arrays
@@ -189,13 +112,17 @@ def save_video(frames: torch.Tensor, output_dir: str | os.PathLike, filename_pre
                quality: int = 80, loop: int = 0, metadata: dict[str, Any] | None = None) -> tuple[Path, dict]:
     """Save Video's work: encode `frames` to the next free output name; returns (path, the UI result entry).
 
+    The name is claimed before encoding, so concurrent runs saving with the same prefix never write the same file.
     In a dry run (`meta` frames: shapes without data) the name is chosen and reported, and nothing is written."""
     dry_run = frames.is_meta
-    path, subfolder, filename = next_output_path(output_dir, filename_prefix, fmt, create=not dry_run)
+    path, subfolder, filename = next_output_path(output_dir, filename_prefix, fmt, claim=not dry_run)
     if dry_run:
         check_frames(frames)
         return path, {"filename": filename, "subfolder": subfolder, "type": "dry_run", "format": MIME_TYPES[fmt]}
-    write_video(frames, path, fps, fmt, quality, loop, metadata)
+    try:
+        write_video(frames, path, fps, fmt, quality, loop, metadata)
+    finally:
+        release_claim(path)
     return path, {"filename": filename, "subfolder": subfolder, "type": "output", "format": MIME_TYPES[fmt]}
 
 
@@ -286,26 +213,6 @@ def _check_input_file(path: str | os.PathLike, kind: str) -> Path:
     if not path.is_file():
         raise InputFileError(f"expected a {kind} file but {path} is a folder.")
     return path
-
-
-def list_input_files(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[str]:
-    """Files directly in `folder` with one of the extensions, sorted (what a loader's COMBO offers)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in extensions and not f.name.startswith("."))
-
-
-def resolve_input_path(name: str, input_dir: str | os.PathLike) -> Path:
-    """A loader's file value as a path: absolute paths as given, others relative to the input folder.
-
-    ComfyUI's upload widget may annotate names as "clip.mp4 [input]"; the annotation is dropped.
-    """
-    name = name.strip()
-    if name.endswith(" [input]"):
-        name = name[: -len(" [input]")]
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else Path(input_dir) / path
 
 
 def fit_size(src_width: int, src_height: int, width: int, height: int) -> tuple[int, int]:
@@ -400,6 +307,8 @@ def _av_source(container, stream, fps: float) -> Iterator[tuple[float, _LazyFram
 def _open_pillow_animation(path: Path):
     try:
         image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise InputFileError(f"refused to read {path}: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputFileError(f"cannot read {path} as an animated image: {error}") from error
     try:
@@ -478,12 +387,22 @@ def read_video(
     if size is not None and (size[0] > 0 or size[1] > 0):
         target = fit_size(info["width"], info["height"], size[0], size[1])
     crop = "center" if size is not None and size[0] > 0 and size[1] > 0 else "disabled"
+    # Refused before decoding if the frames kept, plus the one source frame being converted, exceed the budget.
+    width, height = target or (info["width"], info["height"])
+    frame_bytes, source_frame_bytes = width * height * PIXEL_BYTES, info["width"] * info["height"] * PIXEL_BYTES
+    budget = host.read_budget()
+    expected = _expected_frames(info, frame_cap, skip_first, select_every_nth, force_rate)
+    if expected * frame_bytes + source_frame_bytes > budget:
+        closer.close()
+        raise _over_budget(path, f"{expected} frames", width, height, budget)
     kept: list[torch.Tensor] = []
     with closer, host.progress(max(info["frame_count"], 1), "Load video") as bar:
         counted = _count_decoded(source, bar)
         for index, frame in enumerate(_resample(counted, info["fps"], force_rate)):
             if index < skip_first or (index - skip_first) % select_every_nth:
                 continue
+            if (len(kept) + 1) * frame_bytes + source_frame_bytes > budget:  # more frames than the header said
+                raise _over_budget(path, f"more than {len(kept)} frames", width, height, budget)
             pixels = _to_float(frame.rgb()).unsqueeze(0)
             if target is not None and (pixels.shape[2], pixels.shape[1]) != target:
                 pixels = resize_frames(pixels, target[0], target[1], "bilinear", crop)
@@ -498,6 +417,20 @@ def read_video(
     info["loaded_frames"] = len(kept)
     info["loaded_fps"] = (force_rate or info["fps"]) / select_every_nth
     return torch.cat(kept, dim=0), info
+
+
+def _expected_frames(info: dict, frame_cap: int, skip_first: int, select_every_nth: int, force_rate: float) -> int:
+    """How many frames `read_video` returns, from the stream's frame count and duration (known before decoding)."""
+    count = math.ceil(info["duration"] * force_rate) if force_rate > 0 else info["frame_count"]
+    count = -(-max(count - skip_first, 0) // select_every_nth)
+    return min(count, frame_cap) if frame_cap else count
+
+
+def _over_budget(path: Path, frames: str, width: int, height: int, budget: int) -> InputFileError:
+    return InputFileError(
+        f"refused to load {path.name}: the memory budget of {budget / 2**30:.2f} GiB does not hold {frames} of "
+        f"{width}x{height} ({width * height * PIXEL_BYTES / 2**20:.1f} MiB each as float32 RGB). Load fewer or "
+        f"smaller frames (frame_load_cap, select_every_nth, custom_width/custom_height), or {host.RAISE_BUDGET}.")
 
 
 def _count_decoded(source, bar):
@@ -516,8 +449,13 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     path = _check_input_file(path, "image")
     try:
         with Image.open(path) as opened:
+            budget = host.read_budget()
+            if opened.width * opened.height * PIXEL_BYTES > budget:
+                raise _over_budget(path, "an image", opened.width, opened.height, budget)
             image = ImageOps.exif_transpose(opened)
             image.load()
+    except Image.DecompressionBombError as error:  # Pillow's own limit on pixels, checked when the file is opened
+        raise InputFileError(f"refused to read {path}: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputFileError(f"cannot read {path} as an image: {error}") from error
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):

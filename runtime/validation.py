@@ -8,15 +8,31 @@ type names, plus `node_id` and `class_type`. The rules followed (execution.py `v
 - a list input is a link and must be `[node_id, slot]`; the linked output type must match the input type
   (comma-separated types match when they share one; "*" matches anything) unless VALIDATE_INPUTS asks for
   `input_types`;
+- an input of another type than INT/FLOAT/STRING/BOOLEAN/COMBO (or "*") must be a link: ComfyUI would pass a
+  constant there to the node, which then fails at run time (stricter than ComfyUI);
 - constants are coerced with `int()`, `float()`, `str()`, `bool()` for INT/FLOAT/STRING/BOOLEAN (the coerced
   value is written back into the prompt, as ComfyUI does), then checked against `min`/`max` and COMBO lists,
   except inputs that VALIDATE_INPUTS takes itself;
-- VALIDATE_INPUTS gets the constant inputs it names (linked ones as None) and returns True or a message.
+- VALIDATE_INPUTS gets the constant inputs it names (linked ones as None) and returns True or a message;
+- inputs a node does not declare are ignored, as ComfyUI ignores such constants: they are removed, with a logged
+  note.
+
+Stricter than ComfyUI (which lets these through to the node): a FLOAT that is NaN or infinite is an error
+(`value_not_finite`) even where VALIDATE_INPUTS takes the input, and a link must come from a node id (a string or
+number). The work is linear in the prompt's size: input declarations are read once per class, and graphs are
+walked without recursion.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import math
+from typing import NamedTuple
+
+from .workflow import is_widget_type
+
+log = logging.getLogger(__name__)
 
 LINK_TYPES_ANY = "*"
 
@@ -43,7 +59,10 @@ def is_link(value) -> bool:
 
 def declared_inputs(cls) -> dict[str, tuple[str, object, dict]]:
     """name -> (category, type, options) for required and optional inputs, in declaration order."""
-    spec = cls.INPUT_TYPES()
+    return _declared(cls.INPUT_TYPES())
+
+
+def _declared(spec) -> dict[str, tuple[str, object, dict]]:
     result = {}
     for category in ("required", "optional"):
         for name, entry in (spec.get(category) or {}).items():
@@ -61,9 +80,75 @@ def combo_options(kind, opts: dict):
     return None
 
 
-def _link_source(value) -> tuple[str, object]:
+def check_declared(node_class, **values) -> bool | str:
+    """VALIDATE_INPUTS helper: ComfyUI's own checks (COMBO lists, min and max) and a finite number for each FLOAT, for
+    the inputs a node's VALIDATE_INPUTS names. ComfyUI skips its checks for those inputs, so the node makes them
+    itself. True, or one message naming each bad input; linked inputs (None) are checked when the node runs."""
+    declared = declared_inputs(node_class)
+    problems = []
+    for name, value in values.items():
+        if value is None or name not in declared:
+            continue
+        _, kind, opts = declared[name]
+        problem = _declared_problem(kind, opts, value)
+        if problem:
+            problems.append(f"{name}: {problem}")
+    return "; ".join(problems) or True
+
+
+def _declared_problem(kind, opts: dict, value) -> str | None:
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{_brief(value)} is not a number"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{value} is not a finite number"
+        if "min" in opts and value < opts["min"]:
+            return f"Value {value} smaller than min of {opts['min']}"
+        if "max" in opts and value > opts["max"]:
+            return f"Value {value} bigger than max of {opts['max']}"
+        return None
+    options = combo_options(kind, opts)
+    if options is not None and value not in options:
+        shown = f"(list of length {len(options)})" if len(options) > 20 else str(options)
+        return f"{_brief(value)} not in {shown}"
+    return None
+
+
+class _ClassSpec(NamedTuple):
+    """What validation reads of a node class, read once per class and prompt."""
+
+    node_class: type
+    inputs: dict[str, tuple[str, object, dict]]
+    hidden: frozenset
+    validate_args: tuple
+    validate_kwargs: bool
+    return_types: tuple
+
+    @classmethod
+    def of(cls, node_class) -> "_ClassSpec":
+        spec = node_class.INPUT_TYPES()
+        args, kwargs = (), False
+        validate_fn = getattr(node_class, "VALIDATE_INPUTS", None)
+        if validate_fn is not None:
+            argspec = inspect.getfullargspec(validate_fn)
+            args, kwargs = tuple(argspec.args), argspec.varkw is not None
+        return cls(node_class, _declared(spec), frozenset(spec.get("hidden") or {}), args, kwargs,
+                   tuple(getattr(node_class, "RETURN_TYPES", ())))
+
+
+def _link_source(value):
+    """The node id a link comes from as a string, or None when it is not a node id (a list, object, bool...)."""
     source = value[0]
-    return (str(source) if isinstance(source, (int, str)) and not isinstance(source, bool) else source), value[1]
+    return str(source) if isinstance(source, (int, str)) and not isinstance(source, bool) else None
+
+
+def _brief(value, limit: int = 80) -> str:
+    """repr() cut to `limit` characters (a hostile workflow may hold megabytes in one value)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr (Python's int-string conversion limit)
+        return f"<a {value.bit_length()}-bit number>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def validate_prompt(prompt, node_classes: dict) -> list[dict]:
@@ -72,8 +157,10 @@ def validate_prompt(prompt, node_classes: dict) -> list[dict]:
         return [_error("invalid_prompt", "Prompt must be a non-empty object of nodes",
                        f"received {type(prompt).__name__}")]
     errors: list[dict] = []
-    known: dict[str, type] = {}
+    known: dict[str, _ClassSpec] = {}
+    specs: dict[type, _ClassSpec] = {}
     unknown_types = False  # a node we cannot classify might be the output node
+    outputs = []
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
             errors.append(_error("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
@@ -83,7 +170,7 @@ def validate_prompt(prompt, node_classes: dict) -> list[dict]:
         cls = node_classes.get(node["class_type"])
         if cls is None:
             unknown_types = True
-            errors.append(_error("missing_node_type", f"Node type {node['class_type']!r} does not exist",
+            errors.append(_error("missing_node_type", f"Node type {_brief(node['class_type'])} does not exist",
                                  "no installed node pack defines it; install the pack or remove the node",
                                  node_id=node_id, class_type=node["class_type"]))
             continue
@@ -92,9 +179,13 @@ def validate_prompt(prompt, node_classes: dict) -> list[dict]:
                                  f"Node ID '#{node_id}' has inputs of type {type(node['inputs']).__name__}",
                                  node_id=node_id, class_type=node["class_type"]))
             continue
-        known[node_id] = cls
+        if cls not in specs:
+            specs[cls] = _ClassSpec.of(cls)
+        known[node_id] = specs[cls]
+        _drop_undeclared_inputs(node_id, node, specs[cls])
+        if getattr(cls, "OUTPUT_NODE", False) is True:
+            outputs.append(node_id)
 
-    outputs = [nid for nid, cls in known.items() if getattr(cls, "OUTPUT_NODE", False) is True]
     if not outputs:
         if not unknown_types:
             errors.append(_error("prompt_no_outputs", "Prompt has no outputs",
@@ -103,9 +194,30 @@ def validate_prompt(prompt, node_classes: dict) -> list[dict]:
 
     reachable = _reachable(prompt, known, outputs)
     for node_id in reachable:
-        errors.extend(_validate_node(prompt, node_id, known, node_classes))
+        errors.extend(_validate_node(prompt, node_id, known))
     errors.extend(_find_cycles(prompt, reachable, known))
     return errors
+
+
+def _drop_undeclared_inputs(node_id: str, node: dict, spec: _ClassSpec) -> None:
+    """ComfyUI ignores constants a node class does not declare (and hands undeclared links to the node, which then
+    fails on an unexpected argument); both are dropped here, with a note naming them."""
+    inputs = node.get("inputs") or {}
+    extra = [name for name in inputs if name not in spec.inputs and name not in spec.hidden]
+    if extra:
+        for name in extra:
+            del inputs[name]
+        log.warning("KineFlow: node %s (%s) has input(s) %s that its class does not declare; they are ignored.",
+                    node_id, node["class_type"], ", ".join(_brief(name) for name in extra))
+
+
+def _links(node: dict):
+    """The node ids a node's inputs link to (well-formed links only)."""
+    for value in (node.get("inputs") or {}).values():
+        if is_link(value) and len(value) == 2:
+            source = _link_source(value)
+            if source is not None:
+                yield source
 
 
 def _reachable(prompt: dict, known: dict, outputs: list[str]) -> list[str]:
@@ -116,39 +228,34 @@ def _reachable(prompt: dict, known: dict, outputs: list[str]) -> list[str]:
         if node_id in seen:
             continue
         seen[node_id] = None
-        for value in (prompt[node_id].get("inputs") or {}).values():
-            if is_link(value) and len(value) == 2:
-                source, _ = _link_source(value)
-                if source in known and source not in seen:
-                    stack.append(source)
+        stack.extend(source for source in _links(prompt[node_id]) if source in known and source not in seen)
     return list(seen)
 
 
-def _validate_node(prompt: dict, node_id: str, known: dict, node_classes: dict) -> list[dict]:
+def _validate_node(prompt: dict, node_id: str, known: dict[str, _ClassSpec]) -> list[dict]:
     node = prompt[node_id]
     class_type = node["class_type"]
-    cls = known[node_id]
+    spec = known[node_id]
     inputs = node.setdefault("inputs", {})
     errors = []
 
     def err(type_, message, details, **extra):
         errors.append(_error(type_, message, details, node_id=node_id, class_type=class_type, **extra))
 
-    validate_fn = getattr(cls, "VALIDATE_INPUTS", None)
-    validate_args: list[str] = []
-    validate_kwargs = False
-    if validate_fn is not None:
-        spec = inspect.getfullargspec(validate_fn)
-        validate_args = spec.args
-        validate_kwargs = spec.varkw is not None
+    validate_args, validate_kwargs = spec.validate_args, spec.validate_kwargs
     received_types = {}
 
-    for name, (category, kind, opts) in declared_inputs(cls).items():
+    for name, (category, kind, opts) in spec.inputs.items():
         if name not in inputs:
             if category == "required":
                 err("required_input_missing", "Required input is missing", name, input_name=name)
             continue
         value = inputs[name]
+        if not is_link(value) and not (is_widget_type(kind) or kind == LINK_TYPES_ANY):
+            shown = value["__value__"] if isinstance(value, dict) and "__value__" in value else value
+            err("invalid_input_type", f"Input needs a link from a node's {kind} output, not a constant",
+                f"{name}, {_brief(shown)}", input_name=name, received_value=shown)
+            continue
         if is_link(value):
             problem = _check_link(prompt, known, name, value, kind, skip_type_check="input_types" in validate_args)
             if isinstance(problem, dict):
@@ -168,11 +275,15 @@ def _validate_node(prompt: dict, node_id: str, known: dict, node_classes: dict) 
                 value = str(value)
             elif kind == "BOOLEAN":
                 value = bool(value)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             err("invalid_input_type", f"Failed to convert an input value to a {kind} value",
-                f"{name}, {value!r}, {exc}", input_name=name, received_value=value, exception_message=str(exc))
+                f"{name}, {_brief(value)}, {exc}", input_name=name, received_value=value, exception_message=str(exc))
             continue
         inputs[name] = value
+        if kind == "FLOAT" and not math.isfinite(value):
+            err("value_not_finite", f"Value {value} is not a finite number", name, input_name=name,
+                received_value=value)
+            continue
         if name in validate_args or validate_kwargs:
             continue
         try:
@@ -185,37 +296,40 @@ def _validate_node(prompt: dict, node_id: str, known: dict, node_classes: dict) 
                     input_name=name, received_value=value)
                 continue
         except TypeError as exc:
-            err("invalid_input_type", f"Value {value!r} cannot be compared with the input's limits",
+            err("invalid_input_type", f"Value {_brief(value)} cannot be compared with the input's limits",
                 f"{name}, {exc}", input_name=name, received_value=value, exception_message=str(exc))
             continue
         options = combo_options(kind, opts)
         if options is not None and value not in options:
             shown = f"(list of length {len(options)})" if len(options) > 20 else str(options)
-            err("value_not_in_list", "Value not in list", f"{name}: {value!r} not in {shown}",
+            err("value_not_in_list", "Value not in list", f"{name}: {_brief(value)} not in {shown}",
                 input_name=name, received_value=value)
 
-    if validate_fn is not None and (validate_args or validate_kwargs):
-        errors.extend(_custom_validation(cls, node_id, class_type, inputs, validate_args, validate_kwargs, received_types))
+    if validate_args or validate_kwargs:
+        errors.extend(_custom_validation(spec, node_id, class_type, inputs, received_types))
     return errors
 
 
-def _check_link(prompt: dict, known: dict, name: str, value: list, kind, skip_type_check: bool):
+def _check_link(prompt: dict, known: dict[str, _ClassSpec], name: str, value: list, kind, skip_type_check: bool):
     """An error dict for a bad link, else the received type (None when the source type is unknown)."""
     if len(value) != 2:
         return _error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                       name, input_name=name, received_value=value)
-    source, slot = _link_source(value)
+    source, slot = _link_source(value), value[1]
+    if source is None:
+        return _error("bad_linked_input", "Bad linked input, the node id must be a string or a number",
+                      f"{name} <- {_brief(value)}", input_name=name, received_value=value)
     if source not in prompt:
-        return _error("bad_linked_input", f"Input is linked to node {source!r}, which does not exist",
-                      f"{name} <- {value!r}", input_name=name, received_value=value)
+        return _error("bad_linked_input", f"Input is linked to node {_brief(source)}, which does not exist",
+                      f"{name} <- {_brief(value)}", input_name=name, received_value=value)
     if source not in known:
         return None  # its own error (missing class or malformed node) is already reported
-    return_types = tuple(getattr(known[source], "RETURN_TYPES", ()))
+    return_types = known[source].return_types
     if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < len(return_types):
         return _error("bad_linked_input",
-                      f"Input is linked to output {slot!r} of node {source} ({prompt[source]['class_type']}), "
+                      f"Input is linked to output {_brief(slot)} of node {source} ({prompt[source]['class_type']}), "
                       f"which has {len(return_types)} outputs",
-                      f"{name} <- {value!r}", input_name=name, received_value=value)
+                      f"{name} <- {_brief(value)}", input_name=name, received_value=value)
     received = return_types[slot]
     if not skip_type_check and not types_match(received, kind):
         return _error("return_type_mismatch", "Return type mismatch between linked nodes",
@@ -224,7 +338,8 @@ def _check_link(prompt: dict, known: dict, name: str, value: list, kind, skip_ty
     return received
 
 
-def _custom_validation(cls, node_id, class_type, inputs, args, has_kwargs, received_types) -> list[dict]:
+def _custom_validation(spec: _ClassSpec, node_id, class_type, inputs, received_types) -> list[dict]:
+    args, has_kwargs = spec.validate_args, spec.validate_kwargs
     call = {}
     for name, value in inputs.items():
         if name in args or has_kwargs:
@@ -232,7 +347,7 @@ def _custom_validation(cls, node_id, class_type, inputs, args, has_kwargs, recei
     if "input_types" in args:
         call["input_types"] = received_types
     try:
-        result = cls.VALIDATE_INPUTS(**call)
+        result = spec.node_class.VALIDATE_INPUTS(**call)
     except Exception as exc:  # a node's validator is user code; report, do not crash the whole validation
         return [_error("exception_during_validation", "Exception when validating node",
                        f"{type(exc).__name__}: {exc}", node_id=node_id, class_type=class_type,
@@ -248,15 +363,7 @@ def _custom_validation(cls, node_id, class_type, inputs, args, has_kwargs, recei
 
 def _find_cycles(prompt: dict, nodes: list[str], known: dict) -> list[dict]:
     """One dependency_cycle error per strongly connected loop among the nodes that would run."""
-    edges: dict[str, list[str]] = {}
-    for node_id in nodes:
-        targets = []
-        for value in (prompt[node_id].get("inputs") or {}).values():
-            if is_link(value) and len(value) == 2:
-                source, _ = _link_source(value)
-                if source in known:
-                    targets.append(source)
-        edges[node_id] = targets
+    edges = {node_id: [source for source in _links(prompt[node_id]) if source in known] for node_id in nodes}
     # Tarjan's algorithm, iterative so long chains cannot hit the recursion limit.
     index: dict[str, int] = {}
     low: dict[str, int] = {}

@@ -20,9 +20,9 @@ of the ComfyUI frontend (1.27.10 and 1.35.9 checked live; its `graphToPrompt` an
 
 from __future__ import annotations
 
-import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..errors import InputFileError
@@ -111,6 +111,8 @@ def load_workflow(path: str | os.PathLike) -> dict:
         raise InputFileError(
             f"workflow file {name!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}{hint}."
         ) from exc
+    except ValueError:  # an integer literal longer than Python's int-string conversion limit
+        raise InputFileError(f"workflow file {name!r} holds {_too_long_number()}.") from None
     if not isinstance(obj, dict):
         raise InputFileError(
             f"workflow file {name!r} holds a JSON {_json_type(obj)}; expected an object "
@@ -118,6 +120,11 @@ def load_workflow(path: str | os.PathLike) -> dict:
         )
     detect_format(obj, source=name)
     return obj
+
+
+def _too_long_number() -> str:
+    """What a ValueError from json.loads that is not a JSONDecodeError means: Python's int-string conversion limit."""
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits, longer than any input takes"
 
 
 def _json_type(value) -> str:
@@ -158,7 +165,8 @@ def _input_spec(spec) -> tuple[object, dict]:
     return spec[0], opts
 
 
-def _is_widget_type(kind) -> bool:
+def is_widget_type(kind) -> bool:
+    """Whether an input of this type holds a constant (a widget on the canvas) rather than needing a link."""
     return isinstance(kind, (list, tuple)) or (isinstance(kind, str) and kind in WIDGET_TYPES)
 
 
@@ -193,7 +201,7 @@ def widget_slots(cls, *, include_force_input: bool = False) -> list[tuple[str, i
     for group in ("required", "optional"):
         for name, spec in (declared.get(group) or {}).items():
             kind, opts = _input_spec(spec)
-            if not _is_widget_type(kind):
+            if not is_widget_type(kind):
                 continue
             forced = bool(opts.get("forceInput")) or (group == "optional" and bool(opts.get("defaultInput")))
             if forced and not include_force_input:
@@ -257,6 +265,7 @@ class _Graph:
             for slot in (node.get("inputs") or []) + (node.get("outputs") or []):
                 if not isinstance(slot, dict):
                     raise InputFileError(f"{where}: node {node['id']} has a slot that is a JSON {_json_type(slot)}; expected an object.")
+            _check_slots(node, where)
             key = str(node["id"])
             if key in self.nodes:
                 raise InputFileError(f"{where}: node id {key} is used by two nodes.")
@@ -267,7 +276,10 @@ class _Graph:
             raise InputFileError(f"{where}: 'links' must be a list, found {_json_type(links)}.")
         for i, link in enumerate(links):
             self.links.update([self._parse_link(link, i)])
-        self.input_node_id = str((data.get("inputNode") or {}).get("id", SUBGRAPH_INPUT_NODE_ID))
+        input_node = data.get("inputNode") or {}
+        if not isinstance(input_node, dict):
+            raise InputFileError(f"{where}: 'inputNode' must be an object, found {_json_type(input_node)}.")
+        self.input_node_id = str(input_node.get("id", SUBGRAPH_INPUT_NODE_ID))
 
     def _parse_link(self, link, i: int):
         if isinstance(link, list) and len(link) >= 5:
@@ -282,9 +294,41 @@ class _Graph:
                 "or an object with id/origin_id/origin_slot/target_id/target_slot."
             )
         try:
-            return int(link_id), (str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type)
-        except (TypeError, ValueError) as exc:
-            raise InputFileError(f"{self.where}: links[{i}] has a non-numeric id or slot ({link!r}).") from exc
+            parsed = int(link_id), (str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type)
+        except (TypeError, ValueError, OverflowError):
+            raise InputFileError(f"{self.where}: links[{i}] has an id or slot that is not a whole number "
+                                 f"({_brief_json(link)}).") from None
+        if parsed[1][1] < 0 or parsed[1][3] < 0:
+            raise InputFileError(f"{self.where}: links[{i}] has a negative slot ({_brief_json(link)}).")
+        return parsed
+
+
+def _brief_json(value, limit: int = 80) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_link_id(value) -> bool:
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
+def _check_slots(node: dict, where: str) -> None:
+    """The slot fields the conversion reads, each of the JSON type the frontend writes (an InputFileError if not)."""
+    here = f"{where}: node {node['id']}"
+    for slot in node.get("inputs") or []:
+        name, link, widget = slot.get("name"), slot.get("link"), slot.get("widget")
+        if name is not None and not isinstance(name, str):
+            raise InputFileError(f"{here} has an input named {_brief_json(name)}; input names are strings.")
+        if link is not None and not _is_link_id(link):
+            raise InputFileError(f"{here} input {name!r} has link {_brief_json(link)}; expected a link id or null.")
+        if widget is not None and not (isinstance(widget, dict) and isinstance(widget.get("name", ""), str)):
+            raise InputFileError(f"{here} input {name!r} has widget {_brief_json(widget)}; expected an object with "
+                                 "a 'name' string.")
+    for slot in node.get("outputs") or []:
+        links = slot.get("links")
+        if links is not None and not (isinstance(links, list) and all(_is_link_id(link) for link in links)):
+            raise InputFileError(f"{here} has an output whose 'links' is {_brief_json(links)}; expected a list of "
+                                 "link ids.")
 
 
 class _Dto:
@@ -321,8 +365,22 @@ class _Subgraph:
     def __init__(self, data: dict, where: str):
         self.id = data["id"]
         self.graph = _Graph(data, where)
-        self.inputs = [s for s in (data.get("inputs") or []) if isinstance(s, dict)]
-        self.outputs = [s for s in (data.get("outputs") or []) if isinstance(s, dict)]
+        self.inputs, self.outputs = (self._slots(data, key, where) for key in ("inputs", "outputs"))
+
+    @staticmethod
+    def _slots(data: dict, key: str, where: str) -> list[dict]:
+        slots = data.get(key) or []
+        if not isinstance(slots, list):
+            raise InputFileError(f"{where}: '{key}' must be a list, found {_json_type(slots)}.")
+        slots = [slot for slot in slots if isinstance(slot, dict)]
+        for slot in slots:
+            name, link_ids = slot.get("name"), slot.get("linkIds")
+            if name is not None and not isinstance(name, str):
+                raise InputFileError(f"{where}: a subgraph {key[:-1]} is named {_brief_json(name)}; names are strings.")
+            if link_ids is not None and not (isinstance(link_ids, list) and all(_is_link_id(i) for i in link_ids)):
+                raise InputFileError(f"{where}: subgraph {key[:-1]} {name!r} has 'linkIds' {_brief_json(link_ids)}; "
+                                     "expected a list of link ids.")
+        return slots
 
 
 def _valid_connection(a, b) -> bool:
@@ -540,6 +598,12 @@ class _Converter:
                     continue
                 if resolved is None:
                     continue
+                if not name:
+                    self.problems.append({"type": "bad_linked_input", "message": "Linked input slot has no name",
+                                          "details": f"input slot {slot} of node {dto.exec_id}: the name says which "
+                                                     "input the link feeds", "extra_info": {},
+                                          "node_id": dto.exec_id, "class_type": dto.type})
+                    continue
                 if resolved[0] == "value":
                     inputs[name] = _wrap(resolved[1])
                 else:
@@ -567,8 +631,12 @@ def ui_to_api(ui_workflow: dict, node_classes: dict) -> tuple[dict, list[dict]]:
     """
     if detect_format(ui_workflow, "UI workflow") != "ui":
         raise InputFileError("expected a UI-format workflow (with 'nodes' and 'links'), got an API prompt.")
-    converter = _Converter(ui_workflow, node_classes)
-    prompt = converter.convert()
+    try:
+        converter = _Converter(ui_workflow, node_classes)
+        prompt = converter.convert()
+    except RecursionError:  # subgraphs inside subgraphs, or chains of reroutes, thousands deep
+        raise InputFileError("the UI workflow nests subgraphs or chains reroutes and bypassed nodes too deeply to "
+                             "follow; a canvas workflow never does.") from None
     return prompt, converter.problems
 
 
@@ -579,28 +647,39 @@ def parse_override(text: str) -> tuple[str, str, object]:
     node_id, dot, input_name = target.rpartition(".")
     if not sep or not dot or not node_id or not input_name:
         raise InputFileError(f"--set {text!r} is not of the form NODE_ID.input=value (e.g. 3.seed=42).")
+    if _nesting_depth(raw) > MAX_NESTING_DEPTH:
+        raise InputFileError(f"--set {target}: the value nests brackets more than {MAX_NESTING_DEPTH} levels deep.")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except ValueError:  # an integer longer than Python's int-string conversion limit
+        raise InputFileError(f"--set {target}: the value is {_too_long_number()}.") from None
     return node_id.strip(), input_name.strip(), value
 
 
 def apply_overrides(prompt: dict, overrides, node_classes: dict | None = None) -> dict:
     """Return a copy of an API prompt with `NODE_ID.input=value` overrides applied.
 
-    The input must already be set on the node or, when `node_classes` is given, be declared by its class.
+    The input must already be set on the node or, when `node_classes` is given, be declared by its class. Only the
+    nodes changed are copied.
     """
-    result = copy.deepcopy(prompt)
+    result = dict(prompt)
     for text in overrides:
         node_id, input_name, value = parse_override(text)
         node = result.get(node_id)
         if not isinstance(node, dict):
-            known = ", ".join(sorted(result, key=_id_sort_key)[:20])
+            known = ", ".join(sorted(result, key=node_id_sort_key)[:20])
             raise InputFileError(f"--set {text!r}: there is no node {node_id!r}; the workflow's node ids are: {known}.")
-        inputs = node.setdefault("inputs", {})
+        inputs = node.get("inputs", {})
+        if not isinstance(inputs, dict):
+            raise InputFileError(f"--set {text!r}: node {node_id} has inputs of type {_json_type(inputs)}; expected an "
+                                 "object of input names.")
+        inputs = dict(inputs)
+        result[node_id] = {**node, "inputs": inputs}
         declared: set[str] = set()
-        cls = (node_classes or {}).get(node.get("class_type"))
+        class_type = node.get("class_type")
+        cls = (node_classes or {}).get(class_type) if isinstance(class_type, str) else None
         if cls is not None:
             spec = cls.INPUT_TYPES()
             declared = set(spec.get("required") or {}) | set(spec.get("optional") or {})
@@ -614,6 +693,7 @@ def apply_overrides(prompt: dict, overrides, node_classes: dict | None = None) -
     return result
 
 
-def _id_sort_key(node_id: str):
-    parts = str(node_id).split(":")
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
+def node_id_sort_key(node_id: str):
+    """Node ids in numeric order ("2" before "10"), parts of subgraph ids ("5:12") one by one. Digit strings are
+    compared by length and text, never converted: an id may be longer than Python converts to an int."""
+    return [(0, len(p.lstrip("0")), p.lstrip("0")) if p.isdigit() else (1, 0, p) for p in str(node_id).split(":")]

@@ -82,8 +82,9 @@ def _outputs_of(cls) -> list[tuple[str, str, bool]]:
 
 def unknown_node_types(prompt: dict, node_classes: dict) -> list[str]:
     """Class types of the prompt missing from `node_classes` (their widget order has to be guessed)."""
-    return sorted({node.get("class_type") for node in prompt.values()
-                   if isinstance(node, dict) and node.get("class_type") not in node_classes})
+    return sorted({node["class_type"] for node in prompt.values()
+                   if isinstance(node, dict) and isinstance(node.get("class_type"), str)
+                   and node["class_type"] not in node_classes})
 
 
 def _check_prompt(prompt) -> None:
@@ -291,7 +292,8 @@ def api_to_ui(prompt: dict, node_classes: dict, *, display_names: dict | None = 
             "inputs": builder.inputs,
             "outputs": outputs[key],
         }
-        title = (node.get("_meta") or {}).get("title")
+        meta = node.get("_meta")
+        title = meta.get("title") if isinstance(meta, dict) else None
         if isinstance(title, str) and title and title != display_names.get(builder.type, builder.type):
             ui_node["title"] = title
         ui_node["properties"] = {"Node name for S&R": builder.type}

@@ -258,4 +258,38 @@ def sample(
     if "flow" in inspect.signature(fn).parameters:
         sampler_options["flow"] = model_sampling.flow
     x = model_sampling.noise_scaling(float(sigmas[0]), noise, latent)
-    return fn(denoiser, x, sigmas, generator=generator, callback=callback, **sampler_options)
+    watch = FiniteWatch(callback)
+    x = fn(denoiser, x, sigmas, generator=generator, callback=watch, **sampler_options)
+    watch.finish()
+    return x
+
+
+class FiniteWatch:
+    """A sampler callback that stops a run whose latent stops being finite (NaN or infinity), then calls `callback`.
+
+    Cost per step: one reduction over the latent on its device (`isfinite().all()`, a bool) and one read of the
+    previous step's bool. That read waits only for work a step old, so the device, busy with the current step, never
+    idles for it; the last step's bool is read by `finish()`. A dry run's `meta` latent has no values to check."""
+
+    def __init__(self, callback: Callback | None = None):
+        self.callback = callback
+        self.pending: tuple[int, int, torch.Tensor] | None = None
+
+    def __call__(self, step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        if not x.is_meta:
+            previous, self.pending = self.pending, (step, total, torch.isfinite(x).all())
+            self._check(previous)
+        if self.callback is not None:
+            self.callback(step, total, x, denoised)
+
+    def finish(self) -> None:
+        self._check(self.pending)
+
+    @staticmethod
+    def _check(entry) -> None:
+        if entry is not None and not entry[2].item():
+            step, total, _ = entry
+            raise KineFlowError(
+                f"sampling stopped: the latent holds NaN or infinite values after step {step + 1} of {total}. The "
+                "model's output overflowed: try weight_dtype bf16 or fp32 instead of fp16, a lower cfg or shift, or "
+                "another model file; nothing was saved")

@@ -45,8 +45,8 @@ def cache():
 @pytest.fixture(scope="module")
 def parts(models_dir):
     host.configure(models_dir=models_dir)
-    model, vae, text_encoder = ad_runtime.load_sd_checkpoint("kineflow_tiny_sd15.safetensors")
-    motion = ad_runtime.load_motion_module("kineflow_tiny_mm_v2.safetensors")
+    model, vae, text_encoder = ad_runtime.load_sd_checkpoint("kineflow_random_sd15.safetensors")
+    motion = ad_runtime.load_motion_module("kineflow_random_mm_v2.safetensors")
     return model, vae, text_encoder, motion
 
 
@@ -190,7 +190,7 @@ def test_apply_motion_module_returns_a_new_handle(parts):
 def test_motion_lora_chain(parts):
     model, _vae, text_encoder, motion = parts
     node = KineFlowLoadMotionLoRA()
-    lora = "kineflow_tiny_motion_lora.safetensors"
+    lora = "kineflow_random_motion_lora.safetensors"
     weights = {k: v.clone() for k, v in motion.module.state_dict().items()}
     base = _net_output(ad_runtime.apply_motion_module(model, motion), text_encoder)
 
@@ -212,8 +212,8 @@ def test_motion_lora_chain(parts):
 def test_domain_adapter_merges_into_a_copy(parts, models_dir):
     model, _vae, text_encoder, _motion = parts
     before = _net_output(model, text_encoder)
-    assert ad_runtime.apply_domain_adapter(model, "kineflow_tiny_v3_adapter.safetensors", 0.0) is model
-    adapted = ad_runtime.apply_domain_adapter(model, "kineflow_tiny_v3_adapter.safetensors", 1.0)
+    assert ad_runtime.apply_domain_adapter(model, "kineflow_random_v3_adapter.safetensors", 0.0) is model
+    adapted = ad_runtime.apply_domain_adapter(model, "kineflow_random_v3_adapter.safetensors", 1.0)
     assert adapted.unet is not model.unet
     assert (_net_output(adapted, text_encoder) - before).abs().max() > 1e-4
     assert torch.equal(_net_output(model, text_encoder), before)
@@ -225,7 +225,7 @@ def test_domain_adapter_merges_into_a_copy(parts, models_dir):
 def test_separate_files_give_the_same_model_as_the_checkpoint(parts):
     model, vae, text_encoder, _motion = parts
     model2, vae2, text_encoder2 = ad_runtime.load_sd_components(
-        "kineflow_tiny_sd15_unet.safetensors", "kineflow_tiny_sd_vae.safetensors", "kineflow_tiny_sd_clip.safetensors")
+        "kineflow_random_sd15_unet.safetensors", "kineflow_random_sd_vae.safetensors", "kineflow_random_sd_clip.safetensors")
     assert torch.equal(text_encoder2.encode(["a cat"])["context"], text_encoder.encode(["a cat"])["context"])
     assert torch.equal(_net_output(model2, text_encoder2), _net_output(model, text_encoder))
     latents = torch.randn(1, 4, 3, 8, 8)
@@ -251,10 +251,10 @@ def test_conditioning_from_another_family_is_a_clear_error(parts):
 
 def test_v_prediction_option(models_dir):
     host.configure(models_dir=models_dir)
-    model, _, _ = ad_runtime.load_sd_checkpoint("kineflow_tiny_sd15.safetensors", prediction="v")
+    model, _, _ = ad_runtime.load_sd_checkpoint("kineflow_random_sd15.safetensors", prediction="v")
     assert isinstance(model.model_sampling, DiscreteV) and model.prediction == "v"
     with pytest.raises(KineFlowError, match="prediction must be one of eps, v"):
-        ad_runtime.load_sd_checkpoint("kineflow_tiny_sd15.safetensors", prediction="x0")
+        ad_runtime.load_sd_checkpoint("kineflow_random_sd15.safetensors", prediction="x0")
 
 
 def test_vae_frame_batches_do_not_change_the_result(parts):

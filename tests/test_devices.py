@@ -121,13 +121,13 @@ def test_animatediff_samples_on_the_compute_device(sampler, cfg, tmp_path):
 def test_animatediff_loras_adapter_context_windows_karras_and_v_prediction(sd_models, tmp_path):
     prompt = {
         "1": {"class_type": "KineFlowLoadSDCheckpoint",
-              "inputs": {"ckpt_name": "kineflow_tiny_sd15.safetensors", "prediction": "v", "dtype": "auto"}},
-        "2": {"class_type": "KineFlowLoadMotionModule", "inputs": {"model_name": "kineflow_tiny_mm_v2.safetensors",
+              "inputs": {"ckpt_name": "kineflow_random_sd15.safetensors", "prediction": "v", "dtype": "auto"}},
+        "2": {"class_type": "KineFlowLoadMotionModule", "inputs": {"model_name": "kineflow_random_mm_v2.safetensors",
                                                                    "dtype": "auto"}},
         "3": {"class_type": "KineFlowLoadMotionLoRA", "inputs": {
-            "motion_module": ["2", 0], "lora_name": "kineflow_tiny_motion_lora.safetensors", "strength": 0.8}},
+            "motion_module": ["2", 0], "lora_name": "kineflow_random_motion_lora.safetensors", "strength": 0.8}},
         "4": {"class_type": "KineFlowApplyDomainAdapter", "inputs": {
-            "model": ["1", 0], "adapter_name": "kineflow_tiny_v3_adapter.safetensors", "strength": 1.0}},
+            "model": ["1", 0], "adapter_name": "kineflow_random_v3_adapter.safetensors", "strength": 1.0}},
         "5": {"class_type": "KineFlowApplyMotionModule", "inputs": {"model": ["4", 0], "motion_module": ["3", 0],
                                                                     "scale": 1.0}},
         "6": {"class_type": "KineFlowTextEncode", "inputs": {"text_encoder": ["1", 2], "prompt": "a red circle",

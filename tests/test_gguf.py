@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from kineflow.errors import ModelFileError
 from kineflow.models import gguf as kf_gguf
+from kineflow.models import gguf_blocks
 from kineflow.models.checkpoints import inspect_file
 from kineflow.runtime import cli, host
 from kineflow.runtime.video_models import load_video_model
@@ -35,7 +36,7 @@ def test_dequantizers_match_the_gguf_package(qtype):
     else:
         blocks = gguf.quants.quantize(generator.standard_normal((4, 512)).astype(np.float32), qtype)
     expected = gguf.quants.dequantize(blocks, qtype)
-    got = kf_gguf.dequantize(torch.from_numpy(blocks.copy()).reshape(-1), qtype.name, expected.shape, torch.float32)
+    got = gguf_blocks.dequantize(torch.from_numpy(blocks.copy()).reshape(-1), qtype.name, expected.shape, torch.float32)
     assert torch.equal(got, torch.from_numpy(expected.astype(np.float32)))
 
 

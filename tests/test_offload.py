@@ -106,10 +106,10 @@ def sd_models(tmp_path_factory):
 def _merged_frames(policy: str) -> torch.Tensor:
     from kineflow.runtime.animatediff import apply_domain_adapter, apply_motion_lora
 
-    model, vae, text = load_sd_checkpoint("kineflow_tiny_sd15.safetensors", offload=policy)
-    motion = apply_motion_lora(load_motion_module("kineflow_tiny_mm_v2.safetensors", offload=policy),
-                               "kineflow_tiny_motion_lora.safetensors", 0.7)
-    model = apply_motion_module(apply_domain_adapter(model, "kineflow_tiny_v3_adapter.safetensors", 1.0), motion)
+    model, vae, text = load_sd_checkpoint("kineflow_random_sd15.safetensors", offload=policy)
+    motion = apply_motion_lora(load_motion_module("kineflow_random_mm_v2.safetensors", offload=policy),
+                               "kineflow_random_motion_lora.safetensors", 0.7)
+    model = apply_motion_module(apply_domain_adapter(model, "kineflow_random_v3_adapter.safetensors", 1.0), motion)
     cond = encode_prompts(text, "a red circle", "")
     return decode_video(vae, sample_video(model, cond, empty_latent("sd15", 32, 32, 8, 1), **SAMPLE), tiling=None)
 

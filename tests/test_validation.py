@@ -2,6 +2,8 @@
 
 import copy
 
+import pytest
+
 from kineflow.runtime.validation import format_error, types_match, validate_prompt
 from kineflow.runtime.workflow import load_workflow
 
@@ -86,6 +88,23 @@ def test_type_mismatch_and_bad_links(fixture_nodes):
     assert _types(validate_prompt(prompt, fixture_nodes)) == ["bad_linked_input"]
     prompt["3"]["inputs"]["images"] = ["42", 0]
     assert _types(validate_prompt(prompt, fixture_nodes)) == ["bad_linked_input"]
+
+
+@pytest.mark.parametrize("value", ["abc", None, 5, {"__value__": ["1", 0]}, {"a": 1}])
+def test_a_constant_where_a_link_belongs_names_the_input_and_the_type(fixture_nodes, value):
+    """ComfyUI would hand the constant to the node, which then fails at run time; here validation stops it."""
+    prompt = _prompt()
+    prompt["2"]["inputs"]["image"] = value
+    [error] = validate_prompt(prompt, fixture_nodes)
+    assert error["type"] == "invalid_input_type" and error["extra_info"]["input_name"] == "image"
+    assert format_error(error).startswith("node 2 (TNoise) input 'image': Input needs a link from a node's IMAGE output")
+
+
+def test_a_wildcard_input_may_hold_a_constant(fixture_nodes):
+    prompt = _prompt()
+    prompt["6"] = {"class_type": "TLabel", "inputs": {"text": "ok", "any": 3}}
+    prompt["3"]["inputs"]["label"] = ["6", 0]
+    assert validate_prompt(prompt, fixture_nodes) == []
 
 
 def test_cycle_is_reported_once(fixture_nodes):

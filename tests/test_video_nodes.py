@@ -148,12 +148,12 @@ def test_load_video_lists_input_files_and_applies_options(folders):
     assert images.shape == (4, 8, 12, 3) and fps == pytest.approx(4.0)
 
 
-def test_load_video_path_overrides_the_choice(folders, tmp_path):
-    elsewhere = tmp_path / "elsewhere"
-    path = media.write_video(clip(frames=3), elsewhere / "other.mp4", fps=6.0)
-    images, count, fps = KineFlowLoadVideo().load(**load_args(video="missing.mp4", video_path=str(path)))
+def test_load_video_path_overrides_the_choice(folders):
+    _, inp = folders
+    media.write_video(clip(frames=3), inp / "clips" / "other.mp4", fps=6.0)
+    images, count, fps = KineFlowLoadVideo().load(**load_args(video="missing.mp4", video_path="clips/other.mp4"))
     assert count == 3 and fps == pytest.approx(6.0)
-    assert KineFlowLoadVideo.VALIDATE_INPUTS(video="missing.mp4", video_path=str(path)) is True
+    assert KineFlowLoadVideo.VALIDATE_INPUTS(video="missing.mp4", video_path="clips/other.mp4") is True
 
 
 def test_load_video_validation_and_clear_errors(folders):

@@ -1,10 +1,12 @@
 """Committed artefacts that must match the code: the shipped workflows and their API twins, and docs/NODES.md.
 
-Shipped workflows are validated against a models folder (and input folder) holding an empty placeholder for
-every file a workflow picks in a COMBO of installed files (found by `file_choice_inputs`), instead of skipping
+Shipped workflows are validated against a models folder (and input folder) holding a stand-in for every file a
+workflow picks in a COMBO of installed files (found by `file_choice_inputs`), instead of skipping
 `value_not_in_list` errors for such inputs: so the check stays complete (every other list, range and
 VALIDATE_INPUTS rule applies, including a loader's own file checks) without the real checkpoints, and no
-input is exempted by a naming guess (`sampler_name` is a fixed list, not a file).
+input is exempted by a naming guess (`sampler_name` is a fixed list, not a file). Validation reads model headers,
+so a released model file's stand-in is a header-only copy of it (tests/data/checkpoints), a shipped tiny model is
+itself, and any other file is empty.
 """
 
 from pathlib import Path
@@ -13,10 +15,12 @@ import pytest
 
 import kineflow
 from kineflow.runtime import host
-from kineflow.runtime.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from kineflow.runtime.files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from kineflow.runtime.node_docs import REGENERATE_COMMAND, file_choice_inputs, node_reference_markdown
 from kineflow.runtime.validation import format_error, validate_prompt
 from kineflow.runtime.workflow import detect_format, load_workflow, ui_to_api
+
+from checkpoint_fixtures import header_only_safetensors, manifest_shapes
 
 PACK_DIR = Path(kineflow.__file__).resolve().parent
 WORKFLOWS = PACK_DIR / "workflows"
@@ -55,11 +59,29 @@ def test_ui_workflow_converts_to_its_twin(ui_file):
         f"`kineflow convert workflows/{ui_file.name} --to api -o workflows/api/{ui_file.name}`")
 
 
+# The released files the shipped workflows name -> (manifest, key prefix in the file) of the tensors they hold.
+RELEASED_FILES = {
+    "hunyuan_video_t2v_720p_bf16.safetensors": [("hunyuan_video_dit_comfy", "")],
+    "hunyuan_video_vae_bf16.safetensors": [("hunyuan_video_vae_comfy", "")],
+    "llava_llama3_fp16.safetensors": [("llava_llama3_8b_text_hf", "")],
+    "clip_l.safetensors": [("clip_l_text_hf", "")],
+    "v1-5-pruned-emaonly.safetensors": [("sd15_unet_ldm", ""), ("sd_vae_ldm", ""),
+                                        ("clip_l_text_hf", "cond_stage_model.transformer.")],
+}
+
+
 def _placeholder(folder: Path, name: str) -> None:
-    """An empty model file, or for an extension-less name a Hugging Face style folder (config.json)."""
+    """A stand-in for a file a workflow names (see the module's docstring), or for an extension-less name a Hugging
+    Face style folder (config.json). A shipped tiny model is found among the shipped weights: nothing to write."""
     path = folder / name
+    if any((host.SHIPPED_WEIGHTS_DIR / kind / name).exists() for kind in host.MODEL_FOLDERS):
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in FILE_EXTENSIONS:
+    if name in RELEASED_FILES:
+        shapes = {prefix + key: shape for manifest, prefix in RELEASED_FILES[name]
+                  for key, shape in manifest_shapes(manifest).items()}
+        header_only_safetensors(shapes, path)
+    elif path.suffix.lower() in FILE_EXTENSIONS:
         path.touch()
     else:
         path.mkdir(exist_ok=True)
@@ -79,6 +101,10 @@ def test_workflow_validates(api_file, tmp_path, monkeypatch):
                     for folder in folders:
                         _placeholder(models / folder, value)
                 _placeholder(inputs, value)
+        tokenizer = node["inputs"].get("llm_tokenizer") if node["class_type"] == "KineFlowLoadTextEncoders" else None
+        if isinstance(tokenizer, str) and tokenizer and not Path(tokenizer).is_absolute():
+            (models / "text_encoders" / tokenizer).mkdir(parents=True, exist_ok=True)  # validation looks for its file
+            (models / "text_encoders" / tokenizer / "tokenizer.json").write_text("{}")
     monkeypatch.setattr(host._Standalone, "models_dir", models)
     monkeypatch.setattr(host._Standalone, "input_dir", inputs)
     errors = validate_prompt(prompt, NODES)
