@@ -187,8 +187,7 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
             raise ModelFileError(f"{header.path.name!r} is a scaled fp8 file (it has a scaled_fp8 marker) but "
                                  f"{len(missing)} fp8 weights have no scale_weight (e.g. {missing[:3]}); the file "
                                  "is incomplete or was converted wrongly")
-    with torch.device("meta"):
-        meta_model = model_cls(config)
+    meta_model = build_on_meta(model_cls, config)
     check_fits(model_cls, meta_model.state_dict(), converted)  # before any tensor data is read
     modules = dict(meta_model.named_modules())
     linear_keys = {f"{n}.weight" for n, m in modules.items() if isinstance(m, nn.Linear)}
@@ -234,7 +233,7 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
     for name in slices:
         kept = name in fp8_keys or name in compact_keys
         sd[name] = torch.empty(converted[name].shape, dtype=slices[name].dtype if kept else dtype, device="meta")
-    model = load_into_meta_model(model_cls, config, sd, dtype, fp8_keys=fp8_keys, device=device,
+    model = load_into_meta_model(model_cls, config, sd, dtype, fp8_keys=fp8_keys, device=device, model=meta_model,
                                  lazy=set(slices) | set(gguf_keys), keep_keys=compact_keys)
     for key in compact_keys:
         compact_embedding(model.get_submodule(key.removesuffix(".weight")), dtype)
@@ -249,6 +248,29 @@ def load_model(header: checkpoints.Header, model_cls, *, convert, config_from, d
         gguf_linear(model.get_submodule(key.removesuffix(".weight")), dtype, qtype, raw)
     model.file_slices = slices
     return model
+
+
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+def build_on_meta(model_cls, config) -> nn.Module:
+    """`model_cls(config)` on the meta device without running torch.nn.init: the weights come from the file.
+    (Initialisers on meta tensors compute nothing, but they run through PyTorch's reference kernels, whose first
+    use imports torch._dynamo: about a second of every cold start.)"""
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(nn.init, name, _keep)
+    try:
+        with torch.device("meta"):
+            return model_cls(config)
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
 
 
 def check_fits(model_cls, expected: dict, state_dict: dict) -> None:
@@ -274,16 +296,16 @@ def check_fits(model_cls, expected: dict, state_dict: dict) -> None:
 
 def load_into_meta_model(model_cls, config, state_dict: dict, dtype: torch.dtype, fp8: bool = False,
                          device: torch.device | str = "cpu", lazy: set[str] = frozenset(),
-                         fp8_keys: set[str] | None = None, keep_keys: set[str] = frozenset()) -> nn.Module:
-    """Build `model_cls(config)` on the meta device, assign `state_dict` (internal layout) into it and move it to
+                         fp8_keys: set[str] | None = None, keep_keys: set[str] = frozenset(),
+                         model: nn.Module | None = None) -> nn.Module:
+    """Build `model_cls(config)` on the meta device (or take `model`, built so), assign `state_dict` (internal layout) into it and move it to
     `device` (in eval mode, without gradients).
 
     Each tensor is converted once, straight to its final dtype (`dtype`, or fp8 for the nn.Linear weights named in
     `fp8_keys`, all of them when `fp8`), so no full-precision copy of the model ever exists. Raises ModelFileError on missing or
     unexpected keys or mismatched shapes. On `device="meta"` (a dry run) the state dict holds shapes only; the
     weights named in `lazy` stay `meta` placeholders on any device (their data is read later, by the offloader)."""
-    with torch.device("meta"):
-        model = model_cls(config)
+    model = model if model is not None else build_on_meta(model_cls, config)
     if fp8_keys is None:
         fp8_keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if fp8 else set()
     check_fits(model_cls, model.state_dict(), state_dict)
