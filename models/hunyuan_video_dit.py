@@ -18,7 +18,11 @@ file loads as is; ComfyUI and diffusers layouts are converted by `convert_state_
 
 Text padding: padded text tokens are masked out as attention keys. Trailing columns that are padding for every
 batch item are dropped before the transformer, which is exact (they can only influence padded positions) and
-makes the common batch-of-one case run without any attention mask.
+makes the common batch-of-one case run without any attention mask. Right-padded text (what the text encoders give)
+is passed to attention as `KeyPadding`, which the packed-sequence kernels run without a mask (models/attention.py).
+
+Step caching (models/caching.py, TeaCache): the probe is the first double block's modulated video input; on a step
+the cache skips, the text refiner and every block are skipped and the video tokens get the cached residual.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import KineFlowError, ModelFileError
+from .attention import KeyPadding, attend, right_padded_lengths
+from .caching import StepCacheHook
 
 # --------------------------------------------------------------------------- config
 
@@ -199,11 +205,10 @@ def norm_modulate(x, shift, scale):
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), 1 + scale)
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask, backend: str):
     """q, k, v [B, L, H, D] -> [B, L, H*D]. SDPA's CPU kernels return a [B, L, H, D]-contiguous tensor, so
     the final reshape is free."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
+    return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, backend).transpose(1, 2).flatten(2)
 
 
 def apply_rope_(x, freqs_cis):
@@ -232,6 +237,8 @@ def rope_freqs(grid: tuple[int, int, int], dims: tuple[int, ...], theta: float, 
 
 
 class IndividualTokenRefinerBlock(nn.Module):
+    attention_backend = "sdpa"
+
     def __init__(self, cfg: HunyuanVideoDiTConfig):
         super().__init__()
         h = cfg.hidden_size
@@ -246,7 +253,7 @@ class IndividualTokenRefinerBlock(nn.Module):
     def forward(self, x, c, mask):
         gate_msa, gate_mlp = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
         q, k, v = self.self_attn_qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).unbind(2)
-        x = torch.addcmul(x, self.self_attn_proj(attention(q, k, v, mask)), gate_msa)
+        x = torch.addcmul(x, self.self_attn_proj(attention(q, k, v, mask, self.attention_backend)), gate_msa)
         return torch.addcmul(x, self.mlp(self.norm2(x)), gate_mlp)
 
 
@@ -276,6 +283,8 @@ class SingleTokenRefiner(nn.Module):
 
 
 class MMDoubleStreamBlock(nn.Module):
+    attention_backend = "sdpa"
+
     def __init__(self, cfg: HunyuanVideoDiTConfig):
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
@@ -293,8 +302,12 @@ class MMDoubleStreamBlock(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
         return getattr(self, f"{stream}_attn_q_norm")(q), getattr(self, f"{stream}_attn_k_norm")(k), v
 
-    def forward(self, img, txt, vec_act, freqs_cis, mask):
+    def forward(self, img, txt, vec_act, freqs_cis, mask, probe: bool = False):
+        """`probe`: return only the video tokens as the attention takes them in, normed and modulated (the step
+        cache's probe, models/caching.py); txt, freqs_cis and mask are then unused."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec_act)
+        if probe:
+            return norm_modulate(img, i_shift1, i_scale1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec_act)
         iq, ik, iv = self._qkv(img, i_shift1, i_scale1, "img")
         tq, tk, tv = self._qkv(txt, t_shift1, t_scale1, "txt")
@@ -302,7 +315,7 @@ class MMDoubleStreamBlock(nn.Module):
         q, k, v = torch.cat((iq, tq), 1), torch.cat((ik, tk), 1), torch.cat((iv, tv), 1)
         apply_rope_(q[:, :n_img], freqs_cis)
         apply_rope_(k[:, :n_img], freqs_cis)
-        attn = attention(q, k, v, mask)
+        attn = attention(q, k, v, mask, self.attention_backend)
 
         img = torch.addcmul(img, self.img_attn_proj(attn[:, :n_img]), i_gate1)
         img = torch.addcmul(img, self.img_mlp(norm_modulate(img, i_shift2, i_scale2)), i_gate2)
@@ -313,6 +326,8 @@ class MMDoubleStreamBlock(nn.Module):
 
 class MMSingleStreamBlock(nn.Module):
     """Parallel attention + MLP over [video; text]: linear1 -> (q, k, v, mlp_in); linear2 <- (attn, gelu(mlp_in))."""
+
+    attention_backend = "sdpa"
 
     def __init__(self, cfg: HunyuanVideoDiTConfig):
         super().__init__()
@@ -331,7 +346,7 @@ class MMSingleStreamBlock(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         apply_rope_(q[:, :n_img], freqs_cis)
         apply_rope_(k[:, :n_img], freqs_cis)
-        out = self.linear2(torch.cat((attention(q, k, v, mask), gelu_tanh(mlp)), dim=-1))
+        out = self.linear2(torch.cat((attention(q, k, v, mask, self.attention_backend), gelu_tanh(mlp)), dim=-1))
         return torch.addcmul(x, out, gate)
 
 
@@ -399,7 +414,12 @@ class HunyuanVideoDiT(nn.Module):
         """The repeated blocks, in the order they run: the units runtime/offload.py swaps in and out."""
         return [*self.double_blocks, *self.single_blocks]
 
-    def forward(self, x, timestep, text_states, text_mask, text_states_2, guidance=None):
+    def compile_blocks(self) -> list[nn.Module]:
+        """The blocks runtime/acceleration.py compiles (one compilation per class, shared by its instances)."""
+        return [*self.double_blocks, *self.single_blocks]
+
+    def forward(self, x, timestep, text_states, text_mask, text_states_2, guidance=None,
+                step_cache: StepCacheHook | None = None):
         cfg = self.config
         b, _, t, hgt, wid = x.shape
         pt, ph, pw = cfg.patch_size
@@ -424,6 +444,12 @@ class HunyuanVideoDiT(nn.Module):
             vec = vec + self.guidance_in(guidance, dtype)
         vec_act = F.silu(vec)
 
+        img = self.img_in(x)
+        n_img = img.shape[1]
+        residual = None
+        if step_cache is not None:  # TeaCache's probe: what the first double block's attention takes in of the video
+            residual = step_cache.reuse(self.double_blocks[0](img, None, vec_act, None, None, probe=True))
+
         # Text: masked mean for the refiner's conditioning, then drop trailing all-padding columns. The decisions
         # read the mask where it lives (the CPU, as the text encoders give it: no device sync, and known values
         # in a dry run on `meta`); the arithmetic uses a copy on the compute device.
@@ -437,31 +463,45 @@ class HunyuanVideoDiT(nn.Module):
         valid = text_mask.to(x.device).bool()
         pooled = ((text_states.float() * valid[..., None]).sum(dim=1) / counts.to(x.device)).to(dtype)
         text_states, valid = text_states[:, :keep], valid[:, :keep]
+        lengths = None if all_valid else right_padded_lengths(text_mask[:, :keep].bool())
         refiner_mask = None if all_valid else valid.clone()
         if refiner_mask is not None:
             refiner_mask[:, 0] = True  # as the original: a query never sees an empty key set
-            refiner_mask = refiner_mask[:, None, None, :]
-        txt = self.txt_in(text_states, timestep, pooled, refiner_mask)
+            refiner_mask = _key_mask(refiner_mask, lengths)
 
-        img = self.img_in(x)
-        n_img = img.shape[1]
         joint_mask = None
         if not all_valid:
             img_valid = torch.ones(b, n_img, dtype=torch.bool, device=x.device)
-            joint_mask = torch.cat((img_valid, valid), dim=1)[:, None, None, :]
+            joint_mask = _key_mask(torch.cat((img_valid, valid), dim=1),
+                                   None if lengths is None else tuple(n_img + n for n in lengths))
         freqs = self.rope(grid, x.device)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec_act, freqs, joint_mask)
-        x = torch.cat((img, txt), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec_act, n_img, freqs, joint_mask)
-        out = self.final_layer(x[:, :n_img], vec)
+        if residual is None:
+            blocks_in = img
+            txt = self.txt_in(text_states, timestep, pooled, refiner_mask)  # only the blocks read the text
+            for block in self.double_blocks:
+                img, txt = block(img, txt, vec_act, freqs, joint_mask)
+            x = torch.cat((img, txt), dim=1)
+            for block in self.single_blocks:
+                x = block(x, vec_act, n_img, freqs, joint_mask)
+            img = x[:, :n_img]
+            if step_cache is not None:
+                step_cache.store(img - blocks_in)
+        else:
+            img = img + residual
+        out = self.final_layer(img, vec)
 
         # Unpatchify: channels of each token are ordered (c, pt, ph, pw).
         tt, th, tw = grid
         out = out.reshape(b, tt, th, tw, cfg.out_channels, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return out.reshape(b, cfg.out_channels, tt * pt, th * ph, tw * pw)
+
+
+def _key_mask(valid: torch.Tensor, lengths: tuple[int, ...] | None):
+    """The attention mask hiding the keys `valid` [B, L] marks False: KeyPadding when they are right padding
+    (`lengths` real keys per item), else a dense boolean mask."""
+    dense = valid[:, None, None, :]
+    return dense if lengths is None else KeyPadding(dense, lengths)
 
 
 # --------------------------------------------------------------------------- checkpoint layouts

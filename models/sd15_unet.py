@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFileError
+from .attention import attend
+from .caching import StepCacheHook
 
 LDM_PREFIX = "model.diffusion_model."
 
@@ -107,6 +109,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class Attention(nn.Module):
     """Multi-head attention with `to_q/to_k/to_v` (no bias) and `to_out.0`; self-attention when context is None."""
 
+    attention_backend = "sdpa"
+
     def __init__(self, query_dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         context_dim = context_dim or query_dim
@@ -121,7 +125,7 @@ class Attention(nn.Module):
         b, n, dim = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (t.reshape(b, -1, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v, backend=self.attention_backend)
         return self.to_out(out.transpose(1, 2).reshape(b, n, dim))
 
 
@@ -270,9 +274,12 @@ class SD15UNet(nn.Module):
         """The repeated blocks, in the order they run: the units runtime/offload.py swaps in and out."""
         return [*self.input_blocks, self.middle_block, *self.output_blocks]
 
-    def _res_attn(self, layers: nn.ModuleList, h, emb, context, norm_frames) -> tuple[torch.Tensor, int]:
-        """Run the resnet and, if present, the attention of a block; return h and the index of the next layer."""
-        h = layers[0](h, emb, norm_frames)
+    def compile_blocks(self) -> list[nn.Module]:
+        """The blocks runtime/acceleration.py compiles (one compilation per class, shared by its instances)."""
+        return [m for m in self.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+
+    def _attention(self, layers: nn.ModuleList, h, context) -> tuple[torch.Tensor, int]:
+        """Run the attention after a block's resnet, if it has one; return h and the index of the next layer."""
         if len(layers) > 1 and isinstance(layers[1], SpatialTransformer):
             return layers[1](h, context), 2
         return h, 1
@@ -284,10 +291,14 @@ class SD15UNet(nn.Module):
         context: torch.Tensor,
         video_frames: int | None = None,
         temporal: TemporalHooks | None = None,
+        step_cache: StepCacheHook | None = None,
     ) -> torch.Tensor:
         """x [B*F, 4, H, W], timesteps [B*F], context [B*F, 77, 768] -> prediction [B*F, 4, H, W].
 
         Without `temporal` every image is independent; with it, `video_frames` consecutive images form a video.
+        `step_cache` (models/caching.py, first-block cache): the probe is the residual of the first block, the resnet
+        after conv_in (it costs a few percent of the UNet and its change tracks that of what follows it); a skip
+        replaces everything from that block's attention up to the output layers.
         """
         if temporal is not None:
             if not video_frames or x.shape[0] % video_frames:
@@ -298,29 +309,40 @@ class SD15UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         h, context = x.to(dtype), context.to(dtype)
 
-        skips = []
-        for role, layers in zip(self._down_roles, self.input_blocks):
+        skips, residual = [], None
+        for index, (role, layers) in enumerate(zip(self._down_roles, self.input_blocks)):
             if role is None:  # conv_in or a downsampler
                 h = layers[0](h)
             else:
-                h, _ = self._res_attn(layers, h, emb, context, norm_frames)
+                resnet_out = layers[0](h, emb, norm_frames)
+                if index == 1 and step_cache is not None:  # the first resnet
+                    first, probe = resnet_out, resnet_out - h
+                    residual = step_cache.reuse(probe.unflatten(0, (-1, frames)) if frames else probe)
+                    if residual is not None:
+                        break
+                h, _ = self._attention(layers, resnet_out, context)
                 if temporal is not None:
                     h = temporal.down(role[0], role[1], h, frames)
             skips.append(h)
 
-        h = self.middle_block[0](h, emb, norm_frames)
-        h = self.middle_block[1](h, context)
-        if temporal is not None:
-            h = temporal.mid(h, frames)
-        h = self.middle_block[2](h, emb, norm_frames)
-
-        for role, layers in zip(self._up_roles, self.output_blocks):
-            h = torch.cat([h, skips.pop()], dim=1)
-            h, next_layer = self._res_attn(layers, h, emb, context, norm_frames)
+        if residual is None:
+            h = self.middle_block[0](h, emb, norm_frames)
+            h = self.middle_block[1](h, context)
             if temporal is not None:
-                h = temporal.up(role[0], role[1], h, frames)
-            if next_layer < len(layers):
-                h = layers[next_layer](h)
+                h = temporal.mid(h, frames)
+            h = self.middle_block[2](h, emb, norm_frames)
+
+            for role, layers in zip(self._up_roles, self.output_blocks):
+                h = torch.cat([h, skips.pop()], dim=1)
+                h, next_layer = self._attention(layers, layers[0](h, emb, norm_frames), context)
+                if temporal is not None:
+                    h = temporal.up(role[0], role[1], h, frames)
+                if next_layer < len(layers):
+                    h = layers[next_layer](h)
+            if step_cache is not None:
+                step_cache.store(h - first)
+        else:
+            h = first + residual
 
         h = F.silu(group_norm(self.out[0], h, norm_frames))
         return self.out[2](h)

@@ -1,8 +1,11 @@
-"""Generation nodes shared by the model families: text encode, empty latent, sampler, VAE decode/encode."""
+"""Generation nodes shared by the model families: text encode, empty latent, sampler, VAE decode/encode (the work is
+in runtime/generation.py, imported when a node runs)."""
 
-from ..runtime import generation
-from ..runtime.video_models import LATENT_FORMATS
-from ..samplers.context import ContextOptions
+from ..models.tiling import tiling_problem
+from ..runtime import host
+from ..runtime.latent_formats import LATENT_FORMATS, validate_latent_inputs, video_memory_problem
+from ..runtime.validation import check_declared
+from ..samplers import DEFAULT_STEP_CACHE_THRESHOLD, SAMPLER_NAMES, SCHEDULER_NAMES, context_problem
 
 MAX_SIZE = 8192
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -19,11 +22,13 @@ class KineFlowTextEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "text_encoder": ("KINEFLOW_TEXT_ENCODER", {"tooltip": "From Load Text Encoders (HunyuanVideo) or Load SD Checkpoint (AnimateDiff)."}),
-            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video should show."}),
+            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video should show. KineFlow's shipped tiny models know only the words of their training captions (listed in their model cards): synonyms are rewritten into them, other words are named in a console warning."}),
             "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to steer away from (empty = the unconditional prompt); used only when the sampler's cfg is not 1."}),
         }}
 
     def encode(self, text_encoder, prompt, negative_prompt):
+        from ..runtime import generation
+
         return (generation.encode_prompts(text_encoder, prompt, negative_prompt),)
 
 
@@ -48,18 +53,29 @@ class KineFlowEmptyVideoLatent:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, frames, latent_format="hunyuan_video"):
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None, batch_size=None, latent_format="hunyuan_video"):
         # Naming these inputs here makes ComfyUI skip its own range/list checks for them, so all are checked here.
-        return generation.validate_latent_inputs(latent_format, width, height, frames, max_size=MAX_SIZE, max_frames=1025)
+        sizes = dict(width=width, height=height, frames=frames, batch_size=batch_size, latent_format=latent_format)
+        declared = check_declared(cls, **sizes)
+        if declared is not True or None in sizes.values():  # linked sizes are checked when the node runs
+            return declared
+        size = validate_latent_inputs(latent_format, width, height, frames, max_size=MAX_SIZE, max_frames=1025)
+        if size is not True:
+            return size
+        return video_memory_problem(latent_format, width, height, frames, batch_size, host.read_budget(),
+                                    host.RAISE_BUDGET) or True
 
     def generate(self, width, height, frames, batch_size, latent_format="hunyuan_video"):
+        from ..runtime import generation
+
         return (generation.empty_latent(latent_format, width, height, frames, batch_size),)
 
 
 class KineFlowSampler:
     DESCRIPTION = ("Denoises a latent video with the model. Flow-matching models (HunyuanVideo) use shift and "
                    "embedded guidance; cfg above 1 adds a negative-prompt pass. denoise below 1 keeps part of "
-                   "the input latent (video-to-video).")
+                   "the input latent (video-to-video). While it samples, the node plays an animated preview of the "
+                   "current estimate, every frame of it.")
     CATEGORY = "KineFlow/sampling"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -76,18 +92,27 @@ class KineFlowSampler:
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale against the negative prompt; 1 = off (one model pass per step, fastest)."}),
             "shift": ("FLOAT", {"default": 7.0, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "Flow-matching time shift: higher spends more steps at high noise (HunyuanVideo uses 7 at 720p)."}),
             "embedded_guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance strength fed to guidance-distilled models as an input (ignored by models without it)."}),
-            "sampler_name": (generation.SAMPLER_NAMES, {"default": "euler", "tooltip": "Sampling algorithm."}),
-            "scheduler": (generation.SCHEDULERS, {"default": "default", "tooltip": "default: the family's own schedule (shifted flow matching for HunyuanVideo, AnimateDiff's DDPM spacing); karras: Karras sigmas (discrete-schedule models only)."}),
+            "sampler_name": (list(SAMPLER_NAMES), {"default": "euler", "tooltip": "Sampling algorithm."}),
+            "scheduler": (list(SCHEDULER_NAMES), {"default": "default", "tooltip": "default: the family's own schedule (shifted flow matching for HunyuanVideo, AnimateDiff's DDPM spacing); karras: Karras sigmas (discrete-schedule models only)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1 = from pure noise; lower keeps that much of the input latent."}),
         }, "optional": {
             "context_options": ("KINEFLOW_CONTEXT_OPTIONS", {"tooltip": "Sliding context windows for videos longer than the model's window."}),
+            "step_cache": ("KINEFLOW_STEP_CACHE", {"tooltip": "From Step Cache: skip the model's blocks on steps where they would change little (faster, slightly different video)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, shift=None, embedded_guidance=None, denoise=None):
+        # Named so that ComfyUI hands them here: its own checks let NaN through. check_declared makes those checks.
+        return check_declared(cls, cfg=cfg, shift=shift, embedded_guidance=embedded_guidance, denoise=denoise)
+
     def sample(self, model, conditioning, latent, seed, steps, cfg, shift, embedded_guidance, sampler_name,
-               scheduler, denoise, context_options=None):
+               scheduler, denoise, context_options=None, step_cache=None):
+        from ..runtime import generation
+
         return (generation.sample_video(model, conditioning, latent, seed=seed, steps=steps, cfg=cfg, shift=shift,
                                         embedded_guidance=embedded_guidance, sampler_name=sampler_name,
-                                        scheduler=scheduler, denoise=denoise, context=context_options),)
+                                        scheduler=scheduler, denoise=denoise, context=context_options,
+                                        step_cache=step_cache),)
 
 
 class KineFlowContextOptions:
@@ -108,8 +133,44 @@ class KineFlowContextOptions:
             "fuse_method": (["pyramid", "flat", "overlap-linear"], {"default": "pyramid", "tooltip": "How overlapping windows are weighted when blended."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, length=None, overlap=None):
+        declared = check_declared(cls, length=length, overlap=overlap)
+        if declared is not True or length is None or overlap is None:
+            return declared
+        return context_problem(length, overlap, stride=1) or True
+
     def build(self, length, overlap, stride, schedule, fuse_method):
+        from ..samplers.context import ContextOptions
+
         return (ContextOptions(length=length, overlap=overlap, stride=stride, schedule=schedule, fuse_method=fuse_method),)
+
+
+class KineFlowStepCache:
+    DESCRIPTION = ("Step caching for the Sampler: on steps where the model's output would change little, most of "
+                   "the model is skipped and what it added at the last full step is reused. HunyuanVideo uses "
+                   "TeaCache (the change of the first block's input, rescaled by the model's fitted polynomial, "
+                   "summed since the last full step); SD1.5/AnimateDiff a first-block cache (the change of the first "
+                   "block's output since the last full step). The first and last steps always run in full.")
+    CATEGORY = "KineFlow/sampling"
+    RETURN_TYPES = ("KINEFLOW_STEP_CACHE",)
+    RETURN_NAMES = ("step_cache",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "threshold": ("FLOAT", {"default": DEFAULT_STEP_CACHE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "How much estimated change the model's skipped steps may add up to: higher skips more steps (faster) and departs further from the uncached video; 0 never skips."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, threshold=None):
+        return check_declared(cls, threshold=threshold)
+
+    def build(self, threshold):
+        from ..samplers.step_cache import StepCacheOptions
+
+        return (StepCacheOptions(threshold=threshold),)
 
 
 _TILING_INPUTS = {
@@ -119,6 +180,15 @@ _TILING_INPUTS = {
     "tile_frames": ("INT", {"default": 16, "min": 4, "max": 1024, "step": 4, "tooltip": "Temporal tile length in frames (multiple of 4)."}),
     "frame_overlap": ("INT", {"default": 4, "min": 0, "max": 512, "step": 4, "tooltip": "Frames shared by neighbouring temporal tiles (multiple of 4)."}),
 }
+
+
+def _check_tiling(cls, tiling, tile_size, tile_overlap, tile_frames, frame_overlap) -> bool | str:
+    """VALIDATE_INPUTS of VAE Decode / Encode: the tiles the VAE would refuse once sampling is done, refused now."""
+    tiles = dict(tile_size=tile_size, tile_overlap=tile_overlap, tile_frames=tile_frames, frame_overlap=frame_overlap)
+    declared = check_declared(cls, tiling=tiling, **tiles)
+    if declared is not True or tiling != "enabled" or None in tiles.values():
+        return declared
+    return tiling_problem(**tiles) or True
 
 
 class KineFlowVAEDecode:
@@ -136,7 +206,13 @@ class KineFlowVAEDecode:
             **_TILING_INPUTS,
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, tiling=None, tile_size=None, tile_overlap=None, tile_frames=None, frame_overlap=None):
+        return _check_tiling(cls, tiling, tile_size, tile_overlap, tile_frames, frame_overlap)
+
     def decode(self, vae, latent, tiling, tile_size, tile_overlap, tile_frames, frame_overlap):
+        from ..runtime import generation
+
         options = generation.tiling_options(tiling, tile_size, tile_overlap, tile_frames, frame_overlap)
         return (generation.decode_video(vae, latent, options),)
 
@@ -156,7 +232,13 @@ class KineFlowVAEEncode:
             **_TILING_INPUTS,
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, tiling=None, tile_size=None, tile_overlap=None, tile_frames=None, frame_overlap=None):
+        return _check_tiling(cls, tiling, tile_size, tile_overlap, tile_frames, frame_overlap)
+
     def encode(self, vae, images, tiling, tile_size, tile_overlap, tile_frames, frame_overlap):
+        from ..runtime import generation
+
         options = generation.tiling_options(tiling, tile_size, tile_overlap, tile_frames, frame_overlap)
         return (generation.encode_video(vae, images, options),)
 
@@ -166,6 +248,7 @@ NODE_CLASS_MAPPINGS = {
     "KineFlowEmptyVideoLatent": KineFlowEmptyVideoLatent,
     "KineFlowSampler": KineFlowSampler,
     "KineFlowContextOptions": KineFlowContextOptions,
+    "KineFlowStepCache": KineFlowStepCache,
     "KineFlowVAEDecode": KineFlowVAEDecode,
     "KineFlowVAEEncode": KineFlowVAEEncode,
 }
@@ -174,6 +257,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "KineFlowEmptyVideoLatent": "Empty Video Latent (KineFlow)",
     "KineFlowSampler": "Sampler (KineFlow)",
     "KineFlowContextOptions": "Context Options (KineFlow)",
+    "KineFlowStepCache": "Step Cache (KineFlow)",
     "KineFlowVAEDecode": "VAE Decode (KineFlow)",
     "KineFlowVAEEncode": "VAE Encode (KineFlow)",
 }

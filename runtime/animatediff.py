@@ -26,10 +26,14 @@ from ..models.hunyuan_video_vae import TilingOptions
 from ..models.tokenization import TextTokenizer, clip_l_tokenizer
 from ..samplers.sampling import DiscreteEpsilon, DiscreteV
 from ..samplers.schedules import DiscreteSchedule, discrete_sigmas
-from . import host
+from ..samplers.step_cache import FIRST_BLOCK, CacheCriterion
+from ..shapes.vocabulary import Vocabulary
+from . import acceleration, host
 from ..errors import KineFlowError, ModelFileError
 from . import offload as offload_mod
-from .video_models import SD15_LATENT, LatentFormat, load_text_tower, resolve_dtype
+from . import previews
+from .latent_formats import SD15_LATENT, LatentFormat
+from .video_models import load_text_tower, resolve_dtype, shipped_vocabulary
 
 # SD1.5's training schedule (β linear 0.00085 -> 0.012 over 1000 steps) and AnimateDiff's scheduler config:
 # "leading" timestep spacing with steps_offset 1.
@@ -58,9 +62,13 @@ class SD15VideoModel:
     motion_source: str = ""
     family: str = "animatediff"
     latent_format: LatentFormat = SD15_LATENT
-    preview_factors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    # The latent -> RGB map of the Sampler's live preview (runtime/previews.py): fitted to the file's own VAE when
+    # it carries one, else the released SD1.5 VAE's.
+    preview_factors: tuple[torch.Tensor, torch.Tensor] = field(
+        default_factory=lambda: previews.released_factors(SD15_LATENT))
     residency: offload_mod.Residency | None = None
     motion_residency: offload_mod.Residency | None = None
+    step_cache_criterion: CacheCriterion = FIRST_BLOCK  # how the Step Cache judges this model's probes
     model_sampling: DiscreteEpsilon | DiscreteV = field(init=False)
 
     def __post_init__(self):
@@ -97,7 +105,7 @@ class SD15VideoModel:
                 f"{self.context_dim}]; use the text encoder that belongs to the checkpoint")
         return {"context": context}
 
-    def net_fn(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def net_fn(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, step_cache=None) -> torch.Tensor:
         """x [B, 4, F, h, w] -> prediction of the same shape; the UNet sees the B*F frames as one batch."""
         b, c, f, h, w = x.shape
         device = host.compute_device()
@@ -106,9 +114,9 @@ class SD15VideoModel:
         context = context.to(device).repeat_interleave(f, dim=0)
         with torch.inference_mode():
             if self.motion is None:
-                out = self.unet(frames, timesteps, context)
+                out = self.unet(frames, timesteps, context, step_cache=step_cache)
             else:
-                out = self.unet(frames, timesteps, context, video_frames=f, temporal=self.motion)
+                out = self.unet(frames, timesteps, context, video_frames=f, temporal=self.motion, step_cache=step_cache)
         return out.float().reshape(b, f, -1, h, w).transpose(1, 2)
 
 
@@ -199,6 +207,7 @@ class SDTextEncoder:
     source: str
     residency: offload_mod.Residency | None = None
     device: torch.device | None = None  # where token ids go (None: where the weights are)
+    vocabulary: Vocabulary | None = None  # the words a shipped tiny model knows (video_models.shipped_vocabulary)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
@@ -211,15 +220,17 @@ class SDTextEncoder:
 
 
 # --------------------------------------------------------------------------- loaders
-def _build_unet(header, det, dtype, device, offload: str = "auto"):
-    """(UNet, Residency) from an SD1.5 checkpoint or a UNet file."""
-    return offload_mod.load(
+def _build_unet(header, det, dtype, device, offload: str, attention: str, compile: str):
+    """(UNet, Residency) from an SD1.5 checkpoint or a UNet file; `attention` from acceleration.resolve_attention."""
+    unet, residency = offload_mod.load(
         header, unet_mod.SD15UNet, policy=offload, device=device, dtype=dtype, name=header.path.name,
         budget_bytes=host.memory_budget(), prefix=unet_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
         convert=lambda sd: unet_mod.convert_state_dict(sd, det.layout), config_from=unet_mod.config_from_state_dict)
+    acceleration.apply(unet, residency, attention, compile)
+    return unet, residency
 
 
-def _build_vae(header, det, dtype, device, offload: str = "auto") -> SDVideoVAE:
+def _build_vae(header, det, dtype, device, offload: str, attention: str) -> SDVideoVAE:
     def config_from(shapes):
         config = vae_mod.config_from_state_dict(shapes)
         if config.downscale != SD15_LATENT.spatial_ratio or config.z_channels != SD15_LATENT.channels:
@@ -232,30 +243,37 @@ def _build_vae(header, det, dtype, device, offload: str = "auto") -> SDVideoVAE:
         header, vae_mod.SDVAE, policy=offload, device=device, dtype=dtype, name=header.path.name,
         budget_bytes=host.memory_budget(), prefix=vae_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
         convert=lambda sd: vae_mod.convert_state_dict(sd, det.layout), config_from=config_from)
+    acceleration.apply(vae, residency, attention)
     return SDVideoVAE(vae=vae, dtype=dtype, source=str(header.path), residency=residency)
 
 
-def _build_text_encoder(path, dtype, device, offload: str = "auto") -> SDTextEncoder:
-    clip, residency = load_text_tower(path, "clip_text", dtype, device, offload)
+def _build_text_encoder(path, dtype, device, offload: str, attention: str) -> SDTextEncoder:
+    clip, residency = load_text_tower(path, "clip_text", dtype, device, offload, attention)
     return SDTextEncoder(clip=clip, tokenizer=clip_l_tokenizer(), source=str(path), residency=residency,
-                         device=device)
+                         device=device, vocabulary=shipped_vocabulary(path))
 
 
-def load_sd_checkpoint(name: str, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto"
+def load_sd_checkpoint(name: str, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto",
+                       attention: str = "auto", compile: str = "auto"
                        ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """UNet, VAE and CLIP-L from one SD1.5 LDM checkpoint in the `checkpoints` folder."""
-    return load_sd_checkpoint_file(host.model_path("checkpoints", name), prediction, dtype_name, offload)
+    return load_sd_checkpoint_file(host.model_path("checkpoints", name), prediction, dtype_name, offload, attention,
+                                   compile)
 
 
-def load_sd_checkpoint_file(path: Path, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto"
+def load_sd_checkpoint_file(path: Path, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto",
+                            attention: str = "auto", compile: str = "auto"
                             ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """`load_sd_checkpoint` for a file anywhere (the trainer animates a checkpoint given by its path)."""
     header, det = checkpoints.require_family(path, "sd15_checkpoint")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    unet, residency = _build_unet(header, det, dtype, device, offload)
-    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(path), prediction=prediction, residency=residency)
-    return model, _build_vae(header, det, dtype, device, offload), _build_text_encoder(path, dtype, device, offload)
+    attention = acceleration.resolve_attention(attention, device)
+    unet, residency = _build_unet(header, det, dtype, device, offload, attention, compile)
+    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(path), prediction=prediction, residency=residency,
+                           preview_factors=previews.preview_factors(header.metadata, SD15_LATENT))
+    return (model, _build_vae(header, det, dtype, device, offload, attention),
+            _build_text_encoder(path, dtype, device, offload, attention))
 
 
 def load_sd_checkpoint_vae(name: str, dtype_name: str = "auto") -> SDVideoVAE:
@@ -263,25 +281,29 @@ def load_sd_checkpoint_vae(name: str, dtype_name: str = "auto") -> SDVideoVAE:
     path = host.model_path("checkpoints", name)
     header, det = checkpoints.require_family(path, "sd15_checkpoint")
     device = host.compute_device()
-    return _build_vae(header, det, resolve_dtype(dtype_name, device), device)
+    return _build_vae(header, det, resolve_dtype(dtype_name, device), device, "auto",
+                      acceleration.resolve_attention("auto", device))
 
 
 def load_sd_components(unet_name: str, vae_name: str, clip_name: str, prediction: str = "eps",
-                       dtype_name: str = "auto", offload: str = "auto"
+                       dtype_name: str = "auto", offload: str = "auto", attention: str = "auto", compile: str = "auto"
                        ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
     """The three parts from separate files: UNet in diffusion_models, VAE in vae, CLIP-L in text_encoders
     (LDM or diffusers names for the UNet and VAE, Hugging Face names for CLIP)."""
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
+    attention = acceleration.resolve_attention(attention, device)
     unet_path = host.model_path("diffusion_models", unet_name)
     header, det = checkpoints.require_family(unet_path, "sd15_unet")
-    unet, residency = _build_unet(header, det, dtype, device, offload)
-    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(unet_path), prediction=prediction, residency=residency)
+    unet, residency = _build_unet(header, det, dtype, device, offload, attention, compile)
     vae_path = host.model_path("vae", vae_name)
-    vae = _build_vae(*checkpoints.require_family(vae_path, "sd_vae"), dtype, device, offload)
+    vae_header, vae_det = checkpoints.require_family(vae_path, "sd_vae")
+    vae = _build_vae(vae_header, vae_det, dtype, device, offload, attention)
+    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(unet_path), prediction=prediction, residency=residency,
+                           preview_factors=previews.preview_factors(vae_header.metadata, SD15_LATENT))
     clip_path = host.model_path("text_encoders", clip_name)
     checkpoints.require_family(clip_path, "clip_text")
-    return model, vae, _build_text_encoder(clip_path, dtype, device, offload)
+    return model, vae, _build_text_encoder(clip_path, dtype, device, offload, attention)
 
 
 @dataclass(frozen=True)
@@ -298,17 +320,20 @@ class MotionModuleHandle:
         return self.module.config.version
 
 
-def load_motion_module(name: str, dtype_name: str = "auto", offload: str = "auto") -> MotionModuleHandle:
+def load_motion_module(name: str, dtype_name: str = "auto", offload: str = "auto", attention: str = "auto"
+                       ) -> MotionModuleHandle:
     """An AnimateDiff v1/v2/v3 motion module from the animatediff_models folder (original or diffusers names);
     the frames it handles at once come from the length of its positional tables."""
     path = host.model_path("animatediff_models", name)
     header, det = checkpoints.require_family(path, "animatediff_motion_module")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
+    attention = acceleration.resolve_attention(attention, device)
     module, residency = offload_mod.load(
         header, ad.MotionModule, policy=offload, device=device, dtype=dtype, name=path.name,
         budget_bytes=host.memory_budget(), convert=lambda sd: ad.convert_state_dict(sd, det.layout, det.prefix),
         config_from=lambda shapes: ad.config_from_state_dict(shapes, version=det.version))
+    acceleration.apply(module, residency, attention)
     return MotionModuleHandle(module=module, source=str(path), residency=residency)
 
 

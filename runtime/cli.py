@@ -300,6 +300,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="video height in pixels (default: --width if given, else the "
                                                    "shipped workflow's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-cache", type=float, metavar="THRESHOLD",
+                        help="sample with the Step Cache node at this threshold (default: without it)")
     tiny = "(default: the shipped tiny model's)"
     hv = parser.add_argument_group("hunyuan_video models")
     hv.add_argument("--model", help=f"transformer in diffusion_models/ {tiny}")
@@ -344,7 +346,8 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
     host.configure(models_dir=args.models_dir)
     prompts = evaluation.read_prompt_file(args.prompts) if args.prompts else None
     given = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
-                 scheduler=args.scheduler, frames=args.frames, width=args.width, height=args.height or args.width)
+                 scheduler=args.scheduler, frames=args.frames, width=args.width, height=args.height or args.width,
+                 step_cache=args.step_cache)
     settings = replace(evaluation.shipped_workflow_settings(args.family), seed=args.seed,
                        **{name: value for name, value in given.items() if value is not None})
     if not args.reconstruct:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputFileError, KineFlowError
+from ..samplers.step_cache import StepCacheOptions
 from ..shapes.dataset import clip_tensor, frames_to_render
 from ..shapes.judge import ATTRIBUTES, judge, score
 from ..shapes.prompts import expected_from_spec, heldout_prompts, parse_prompt
@@ -43,6 +44,7 @@ class EvalSettings:
     height: int
     frames: int
     seed: int = 0  # of the first prompt (prompt i uses seed + i), and of the held-out set drawn
+    step_cache: float | None = None  # the Step Cache's threshold, None without it
 
 
 def shipped_workflow_settings(family: str) -> EvalSettings:
@@ -61,8 +63,9 @@ def shipped_workflow_settings(family: str) -> EvalSettings:
 def describe_settings(settings: EvalSettings, flow_shift: bool) -> str:
     """The settings of a generating run, in one line (`flow_shift`: the family samples with a flow shift)."""
     shift = f", shift {settings.shift:g}" if flow_shift else ""
+    cache = "" if settings.step_cache is None else f", step cache {settings.step_cache:g}"
     return (f"{settings.width}x{settings.height}, {settings.frames} frames, {settings.sampler_name} "
-            f"({settings.scheduler} schedule), {settings.steps} steps, cfg {settings.cfg:g}{shift}, "
+            f"({settings.scheduler} schedule), {settings.steps} steps, cfg {settings.cfg:g}{shift}{cache}, "
             f"first seed {settings.seed}")
 
 
@@ -120,10 +123,12 @@ def generate_clip(models: EvalModels, prompt: str, settings: EvalSettings, seed:
     net = models.net
     cond = generation.encode_prompts(models.text, prompt, "")
     latent = generation.empty_latent(net.latent_format.name, settings.width, settings.height, settings.frames, 1)
+    step_cache = None if settings.step_cache is None else StepCacheOptions(settings.step_cache)
     with host.quiet():
         sampled = generation.sample_video(net, cond, latent, seed=seed, steps=settings.steps, cfg=settings.cfg,
                                           shift=settings.shift, embedded_guidance=1.0,
-                                          sampler_name=settings.sampler_name, scheduler=settings.scheduler)
+                                          sampler_name=settings.sampler_name, scheduler=settings.scheduler,
+                                          step_cache=step_cache)
         return generation.decode_video(models.vae, sampled, tiling=None)
 
 

@@ -6,56 +6,27 @@ through the host, and returns ComfyUI-shaped values (LATENT dicts, IMAGE tensors
 
 from __future__ import annotations
 
-import numpy as np
+import logging
+
 import torch
-from PIL import Image
 
 from ..models.hunyuan_video_vae import TilingOptions
 from ..samplers.context import ContextOptions, context_window_denoiser
 from ..samplers.guidance import make_cfg_denoiser
 from ..samplers.noise import seeded_noise, step_generators
-from ..samplers.sampling import SAMPLERS, sample
-from . import host
+from ..samplers.sampling import sample
+from ..samplers.step_cache import StepCacheOptions, StepCacheRun
+from ..shapes.vocabulary import Vocabulary, unknown_words_message
+from . import host, previews
 from ..errors import KineFlowError
-from .video_models import LATENT_FORMATS, LatentFormat, latent_preview_rgb
+from .latent_formats import LATENT_FORMATS, check_video_size, video_memory_problem
 
-SAMPLER_NAMES = list(SAMPLERS)
-SCHEDULERS = ["default", "karras"]
-
-
-# --------------------------------------------------------------------------- sizes
-def nearest_valid_size(fmt: LatentFormat, width: int, height: int, frames: int) -> tuple[int, int, int]:
-    m, f = fmt.size_multiple, fmt.frame_multiple
-    snap = lambda v: max(m, int(round(v / m)) * m)  # noqa: E731
-    return snap(width), snap(height), max(1, int(round((frames - 1) / f)) * f + 1)
-
-
-def check_video_size(format_name: str, width: int, height: int, frames: int) -> str | None:
-    """None if the size fits the latent format, else a message naming the nearest valid values."""
-    fmt = LATENT_FORMATS[format_name]
-    w, h, n = nearest_valid_size(fmt, width, height, frames)
-    problems = []
-    if (w, h) != (width, height):
-        problems.append(f"width and height must be multiples of {fmt.size_multiple} (got {width}x{height}; nearest valid: {w}x{h})")
-    if n != frames:
-        problems.append(f"frames must be 1 + {fmt.frame_multiple}k for {format_name} (got {frames}; nearest valid: {n})")
-    return "; ".join(problems) or None
-
-
-def validate_latent_inputs(format_name, width, height, frames, *, max_size: int, max_frames: int) -> bool | str:
-    """VALIDATE_INPUTS body of Empty Video Latent: True, or a message with the nearest valid values."""
-    if any(v is None for v in (format_name, width, height, frames)):
-        return True  # linked inputs are checked when the node runs
-    if format_name not in LATENT_FORMATS:
-        return f"latent_format must be one of {list(LATENT_FORMATS)}; got {format_name!r}"
-    for name, value, lo, hi in (("width", width, 16, max_size), ("height", height, 16, max_size), ("frames", frames, 1, max_frames)):
-        if not lo <= value <= hi:
-            return f"{name} must be between {lo} and {hi}; got {value}"
-    return check_video_size(format_name, width, height, frames) or True
+log = logging.getLogger(__name__)
 
 
 def empty_latent(format_name: str, width: int, height: int, frames: int, batch: int) -> dict:
-    problem = check_video_size(format_name, width, height, frames)
+    problem = check_video_size(format_name, width, height, frames) or video_memory_problem(
+        format_name, width, height, frames, batch, host.read_budget(), host.RAISE_BUDGET)
     if problem:
         raise KineFlowError(problem)
     fmt = LATENT_FORMATS[format_name]
@@ -65,10 +36,26 @@ def empty_latent(format_name: str, width: int, height: int, frames: int, batch: 
 # --------------------------------------------------------------------------- text
 def encode_prompts(text_encoder, prompt: str, negative_prompt: str = "") -> dict:
     """KINEFLOW_CONDITIONING: the encoded prompt and negative prompt. As in ComfyUI, an empty negative prompt is
-    encoded too: it is the unconditional branch CFG pushes away from (models are trained with empty captions)."""
+    encoded too: it is the unconditional branch CFG pushes away from (models are trained with empty captions).
+    For a shipped tiny model, both are first put into the words it knows (`for_shipped_model`)."""
+    if text_encoder.vocabulary is not None:
+        prompt, negative_prompt = (for_shipped_model(text_encoder.vocabulary, p) for p in (prompt, negative_prompt))
     with torch.inference_mode():
         positive, negative = text_encoder.encode([prompt]), text_encoder.encode([negative_prompt])
     return {"positive": positive, "negative": negative}
+
+
+def for_shipped_model(vocabulary: Vocabulary, prompt: str) -> str:
+    """`prompt` with the synonyms a shipped tiny model does not know rewritten into words it does (logged), and a
+    logged warning naming the words still unknown, which the model would read as nothing."""
+    normalized, replaced = vocabulary.normalize(prompt)
+    if replaced:
+        log.info("KineFlow: prompt %r read as %r for the shipped tiny model (%s)", prompt, normalized,
+                 ", ".join(f"{word!r} -> {phrase!r}" for word, phrase in replaced))
+    unknown = vocabulary.unknown_words(normalized)
+    if unknown:
+        log.warning("KineFlow: %s", unknown_words_message(prompt, unknown))
+    return normalized
 
 
 def _batched(cond: dict, batch: int) -> dict:
@@ -105,8 +92,10 @@ def sample_video(
     scheduler: str = "default",
     denoise: float = 1.0,
     context: ContextOptions | None = None,
+    step_cache: StepCacheOptions | None = None,
 ) -> dict:
-    """Denoise `latent` under `conditioning`; denoise < 1 starts from the input latent (video-to-video)."""
+    """Denoise `latent` under `conditioning`; denoise < 1 starts from the input latent (video-to-video).
+    `step_cache` skips the model's blocks on steps where they would change little (samplers/step_cache.py)."""
     samples = latent["samples"]
     fmt = model.latent_format
     if samples.ndim != 5 or samples.shape[1] != fmt.channels:
@@ -129,22 +118,32 @@ def sample_video(
     negative = None
     if conditioning.get("negative") is not None:
         negative = _on(device, model.net_kwargs(_batched(conditioning["negative"], batch), embedded_guidance, batch))
-    denoiser = make_cfg_denoiser(model.model_sampling.wrap(model.net_fn), positive, negative, cfg)
+    net_fn, cache = model.net_fn, None
+    if step_cache is not None:
+        cache = StepCacheRun(step_cache, model.step_cache_criterion, steps=len(sigmas) - 1)
+        net_fn = cache.bind(net_fn)
+    denoiser = make_cfg_denoiser(model.model_sampling.wrap(net_fn), positive, negative, cfg)
     if context is not None:
-        denoiser = context_window_denoiser(denoiser, context)
+        denoiser = context_window_denoiser(denoiser, context, window_scope=cache.window if cache else None)
+    if cache is not None:
+        denoiser = cache.wrap(denoiser)
 
     bar = host.progress(len(sigmas) - 1, "sampling")
 
     def callback(step, total, x, denoised):
         preview = None
-        if bar.shows_previews and not denoised.is_meta:
-            rgb = latent_preview_rgb(denoised, *model.preview_factors)
-            preview = Image.fromarray((rgb.cpu().numpy() * 255).astype(np.uint8))
+        if bar.shows_previews and not denoised.is_meta and budget.due():
+            with budget.spending():
+                preview = previews.animated_preview(denoised, *model.preview_factors, fmt.temporal_ratio).message()
         bar.update(1, preview=preview)
 
     with model.running():
+        budget = previews.PreviewBudget()
         out = sample(model.model_sampling, denoiser, noise, sigmas, sampler_name, start,
                      generator=step_generators(seed, batch), callback=callback)
+    if cache is not None:
+        log.info("KineFlow: step cache (%s, threshold %g) skipped the model's blocks in %d of %d calls",
+                 cache.criterion.name, cache.threshold, cache.skips, cache.calls)
     return {"samples": to_cpu(out), "latent_format": fmt.name}
 
 

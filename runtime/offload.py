@@ -21,8 +21,10 @@ budget, not by the file size.
 
 How: parameters keep their names and shapes; only what `module._parameters[name]` holds changes (a tensor on
 the device, on the offload device, or a `meta` placeholder of the compute dtype when the weight is in the file).
-A forward pre-hook on every module that owns weights makes its unit resident first. Offloading never changes
-results: the device copy of a weight is the same bits whichever policy brought it there.
+A forward pre-hook on the modules a unit is entered by (the block itself, the children of a block that is a plain
+ModuleList, each layer under `sequential`) makes the unit resident first; no hook runs inside a block, so a compiled
+block (runtime/acceleration.py) traces none and reads whatever weights the hook put in place. Offloading never
+changes results: the device copy of a weight is the same bits whichever policy brought it there.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class _Unit:
     """A group of weights that move together: (owner module, parameter or buffer name) pairs."""
 
     slots: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, is_buffer)
+    entries: list[nn.Module] = field(default_factory=list)  # calling one of these brings the unit in
     resident: bool = False  # stays on the device while the model is active
     on_device: bool = False
     pending: Future | None = None
@@ -143,7 +146,7 @@ class Residency:
             for index, block in enumerate(blocks):
                 for module in block.modules():
                     owner_of.setdefault(id(module), index)
-        units = [_Unit() for _ in blocks] if policy == "blocks" else []
+        units = [_Unit(entries=_entry_modules(block)) for block in blocks] if policy == "blocks" else []
         rest = _Unit()
         for module in self.model.modules():
             slots = [(module, n, False) for n, p in module._parameters.items() if p is not None]
@@ -151,7 +154,7 @@ class Residency:
             if not slots:
                 continue
             if policy == "sequential":
-                units.append(_Unit(slots))
+                units.append(_Unit(slots, entries=[module]))
             elif id(module) in owner_of:
                 units[owner_of[id(module)]].slots += slots
             else:
@@ -164,7 +167,7 @@ class Residency:
             for owner in owners.values():
                 mine = [slot for slot in rest.slots if slot[0] is owner]
                 if sum(_slot_bytes(*slot) for slot in mine) >= largest:
-                    units.append(_Unit(mine))
+                    units.append(_Unit(mine, entries=[owner]))
                     rest.slots = [slot for slot in rest.slots if slot[0] is not owner]
         return units, rest
 
@@ -172,8 +175,11 @@ class Residency:
     def _all(self):
         return self.rest.slots + [s for u in self.units for s in u.slots]
 
+    @torch.inference_mode(False)
     def _fetch(self, module: nn.Module, name: str, is_buffer: bool, device: torch.device) -> torch.Tensor:
-        """The weight on `device`: read from the file, or copied from its home on the offload device."""
+        """The weight on `device`: read from the file, or copied from its home on the offload device. A normal
+        tensor even when the model runs in inference mode, as a weight loaded whole is: a compiled block guards
+        on the kind of its weights, and another kind would compile it again."""
         key = (id(module), name)
         if key in self.sources and device.type != "meta":
             return self.sources[key].read(self._home[key].dtype, device)  # the placeholder holds the storage dtype
@@ -243,6 +249,15 @@ class Residency:
         elif self._reader is not None and any((id(m), n) in self.sources for m, n, _ in unit.slots):
             unit.pending = self._reader.submit(lambda: [self._fetch(m, n, b, self.device) for m, n, b in unit.slots])
 
+    def _drop_prefetches(self, keep: _Unit) -> None:
+        """Forget fetches ahead of units other than `keep`, the one running next. Such a fetch guessed wrong: this
+        pass runs its units in another order than the last one (a step cache skipped blocks), and left pending it
+        would hold up every further fetch ahead until its unit runs. So a changed order costs one wasted fetch."""
+        for unit in self.units:
+            if unit is not keep and unit.pending is not None:
+                unit.pending.cancel()  # a read already under way finishes on the reader thread, unused
+                unit.pending = None
+
     def _send_back(self, unit: _Unit) -> None:
         if unit.on_device and not unit.resident:
             self._to_offload(unit.slots)
@@ -251,7 +266,7 @@ class Residency:
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self) -> None:
         for index, unit in enumerate(self.units):
-            for module in {id(m): m for m, _, _ in unit.slots}.values():
+            for module in unit.entries:
                 module.register_forward_pre_hook(self._pre_hook(index))
 
     def _pre_hook(self, index: int):
@@ -264,6 +279,7 @@ class Residency:
             if self._current is not None:
                 self._successor[id(self._current)] = unit
                 self._send_back(self._current)
+            self._drop_prefetches(keep=unit)
             self._bring(unit)
             self._current = unit
             # What ran after this unit last time runs after it again (the order of one pass is fixed): fetch
@@ -384,6 +400,14 @@ class Residency:
         return clone, Residency(clone, self.policy, self.device, offload_device=self.offload_device,
                                 resident_blocks=self.resident_blocks if self.policy == "blocks" else None,
                                 name=self.name)
+
+
+def _entry_modules(block: nn.Module) -> list[nn.Module]:
+    """The modules a forward calls to run `block`: the block, or the children of a container that is never called
+    itself (a UNet level is a ModuleList of a resnet, an attention and a resampler)."""
+    if isinstance(block, (nn.ModuleList, nn.ModuleDict)):
+        return [entry for child in block.children() for entry in _entry_modules(child)]
+    return [block]
 
 
 def _ordered_slots(clone: nn.Module, residency: "Residency"):

@@ -11,7 +11,6 @@ from shapes, convert keys, and assign tensors already in the target dtype into a
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +22,15 @@ from ..models import hunyuan_video_vae as vae_mod
 from ..models.hunyuan_text import HunyuanTextEncoder, text_tower
 from ..models.tokenization import clip_l_tokenizer, load_tokenizer
 from ..samplers.sampling import FlowMatching
+from ..samplers.step_cache import RELEASED_TEACACHE_COEFFICIENTS, CacheCriterion, teacache, teacache_coefficients
 from ..samplers.schedules import flow_sigmas
-from . import host
+from ..shapes.vocabulary import Vocabulary, text_encoder_vocabulary
+from . import acceleration, host
 from ..errors import KineFlowError
 from . import offload as offload_mod
+from . import previews
+from .latent_formats import HUNYUAN_VIDEO_LATENT, LatentFormat
+from .model_files import llm_tokenizer_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -38,47 +42,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise KineFlowError(f"unknown dtype {name!r}; expected one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-@dataclass(frozen=True)
-class LatentFormat:
-    """How a family's latents relate to pixels."""
-
-    name: str
-    channels: int
-    temporal_ratio: int  # video frames per latent frame after the first (1 = per-frame latents)
-    spatial_ratio: int
-    frame_multiple: int = 1  # frames must be 1 + k*frame_multiple (4 for the causal 3D VAE)
-    size_multiple: int = 16
-
-    def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
-        t = (frames - 1) // self.temporal_ratio + 1 if self.temporal_ratio > 1 else frames
-        return (batch, self.channels, t, height // self.spatial_ratio, width // self.spatial_ratio)
-
-    def video_frames(self, latent_frames: int) -> int:
-        return (latent_frames - 1) * self.temporal_ratio + 1 if self.temporal_ratio > 1 else latent_frames
-
-
-HUNYUAN_VIDEO_LATENT = LatentFormat("hunyuan_video", 16, 4, 8, frame_multiple=4)
-SD15_LATENT = LatentFormat("sd15", 4, 1, 8)
-LATENT_FORMATS = {f.name: f for f in (HUNYUAN_VIDEO_LATENT, SD15_LATENT)}
-
-
-def latent_preview_rgb(latent: torch.Tensor, factors: torch.Tensor | None, bias: torch.Tensor | None):
-    """A cheap RGB preview [H, W, 3] (0..1) of the first frame of a [B, C, T, H, W] latent.
-
-    With fitted `factors` [C, 3] it is a linear map; without, the first three channels are shown, each
-    stretched to its own range, which still shows layout and motion while sampling."""
-    frame = latent[0, :, 0].float()
-    if factors is not None:
-        rgb = torch.einsum("chw,cr->hwr", frame, factors.float())
-        if bias is not None:
-            rgb = rgb + bias.float()
-        return ((rgb + 1) / 2).clamp(0, 1)
-    rgb = frame[:3].permute(1, 2, 0)
-    lo = rgb.amin(dim=(0, 1), keepdim=True)
-    hi = rgb.amax(dim=(0, 1), keepdim=True)
-    return (rgb - lo) / (hi - lo).clamp_min(1e-6)
 
 
 # --------------------------------------------------------------------------- diffusion model
@@ -97,9 +60,14 @@ class HunyuanVideoModel:
     family: str = "hunyuan_video"
     latent_format: LatentFormat = HUNYUAN_VIDEO_LATENT
     model_sampling: FlowMatching = field(default_factory=FlowMatching)
-    # Linear latent -> RGB map for live previews, when the checkpoint carries one (our trained models do).
-    preview_factors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    # The latent -> RGB map of the Sampler's live preview (runtime/previews.py): the file's fitted one, else the
+    # released VAE's.
+    preview_factors: tuple[torch.Tensor, torch.Tensor] = field(
+        default_factory=lambda: previews.released_factors(HUNYUAN_VIDEO_LATENT))
     residency: offload_mod.Residency | None = None
+    # How the Step Cache judges this model's probes: TeaCache with the file's fitted polynomial, else the published one.
+    step_cache_criterion: CacheCriterion = field(
+        default_factory=lambda: teacache(RELEASED_TEACACHE_COEFFICIENTS["hunyuan_video"]))
 
     def running(self):
         """Entered around a sampling run: the offload policy brings the weights to the compute device."""
@@ -142,29 +110,22 @@ class HunyuanVideoModel:
 
 
 def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = False, offload: str = "auto",
-                     resident_blocks: int | None = None) -> HunyuanVideoModel:
+                     resident_blocks: int | None = None, attention: str = "auto", compile: str = "auto"
+                     ) -> HunyuanVideoModel:
     path = host.model_path("diffusion_models", name_or_path)
     header, det = checkpoints.require_family(path, "hunyuan_video_dit")
     device = host.compute_device()
     dtype = resolve_dtype(weight_dtype, device)
+    attention = acceleration.resolve_attention(attention, device)
     net, residency = offload_mod.load(
         header, dit_mod.HunyuanVideoDiT, policy=offload, device=device, dtype=dtype, name=path.name,
         resident_blocks=resident_blocks, budget_bytes=host.memory_budget(), prefix=det.prefix, fp8=fp8,
         convert=lambda sd: dit_mod.convert_state_dict(sd, det.layout), config_from=dit_mod.config_from_state_dict)
-    return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), preview_factors=_preview_factors(header),
-                             residency=residency)
-
-
-def _preview_factors(header: checkpoints.Header):
-    """Read `kineflow.latent_rgb_factors` ({"factors": [[r,g,b] per channel], "bias": [r,g,b]}) from metadata."""
-    raw = header.metadata.get("kineflow.latent_rgb_factors")
-    if not raw:
-        return (None, None)
-    try:
-        data = json.loads(raw)
-        return torch.tensor(data["factors"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32)
-    except (ValueError, KeyError, TypeError):
-        return (None, None)  # previews fall back to the channel view; generation is unaffected
+    acceleration.apply(net, residency, attention, compile)
+    return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), residency=residency,
+                             preview_factors=previews.preview_factors(header.metadata, HUNYUAN_VIDEO_LATENT),
+                             step_cache_criterion=teacache(teacache_coefficients(header.metadata, "hunyuan_video",
+                                                                                 path.name)))
 
 
 # --------------------------------------------------------------------------- VAE
@@ -193,24 +154,25 @@ class VideoVAE:
                                            callback=callback)
 
 
-def load_video_vae(name_or_path: str, dtype_name: str = "auto", offload: str = "auto") -> VideoVAE:
+def load_video_vae(name_or_path: str, dtype_name: str = "auto", offload: str = "auto", attention: str = "auto"
+                   ) -> VideoVAE:
     path = host.model_path("vae", name_or_path)
     header, det = checkpoints.require_family(path, "hunyuan_video_vae")
+    # What shapes cannot tell (the file's metadata does when it was written by KineFlow's trainer).
+    overrides = checkpoints.metadata_numbers(header, "hunyuan_video_vae")
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
+    attention = acceleration.resolve_attention(attention, device)
 
     def config_from(shapes):
         config = vae_mod.config_from_state_dict(shapes)
-        # What shapes cannot tell (the file's metadata does when it was written by KineFlow's trainer).
-        overrides = {key: cast(header.metadata[key]) for key, cast in (("scaling_factor", float),
-                                                                       ("norm_num_groups", int))
-                     if key in header.metadata}
         return dataclasses.replace(config, **overrides) if overrides else config
 
     vae, residency = offload_mod.load(
         header, vae_mod.HunyuanVideoVAE, policy=offload, device=device, dtype=dtype, name=path.name,
         budget_bytes=host.memory_budget(), prefix=det.prefix,
         convert=lambda sd: vae_mod.convert_state_dict(sd, det.layout), config_from=config_from)
+    acceleration.apply(vae, residency, attention)
     return VideoVAE(vae=vae, dtype=dtype, source=str(path), residency=residency)
 
 
@@ -222,10 +184,17 @@ class TextEncoders:
 
     encoder: HunyuanTextEncoder
     residencies: tuple[offload_mod.Residency, ...]
+    vocabulary: Vocabulary | None = None  # the words a shipped tiny model knows (see shipped_vocabulary)
 
     def encode(self, prompts) -> dict[str, torch.Tensor]:
         with offload_mod.running(*self.residencies):
             return self.encoder.encode(prompts)
+
+
+def shipped_vocabulary(path: Path) -> Vocabulary | None:
+    """The words the text encoder in `path` knows if it is a shipped tiny model's, else None: only prompts for the
+    shipped models are checked against the shapes world's words (a user's models know far more)."""
+    return text_encoder_vocabulary(Path(path).name) if host.is_shipped(path) else None
 
 
 def text_encoder_policy(policy: str, device: torch.device) -> str:
@@ -234,29 +203,30 @@ def text_encoder_policy(policy: str, device: torch.device) -> str:
     return "model" if policy == "auto" and device.type not in ("cpu", "meta") else policy
 
 
-def load_text_tower(path: Path, family: str, dtype: torch.dtype, device: torch.device, policy: str = "auto"):
-    """A LLaMA or CLIP text model from its file under an offload policy: (model, Residency)."""
+def load_text_tower(path: Path, family: str, dtype: torch.dtype, device: torch.device, policy: str = "auto",
+                    attention: str = "sdpa"):
+    """A LLaMA or CLIP text model from its file under an offload policy, attending with backend `attention` (see
+    acceleration.resolve_attention): (model, Residency)."""
     tower = text_tower(path, family)
-    return offload_mod.load(tower.header, tower.model_class, policy=text_encoder_policy(policy, device),
-                            device=device, dtype=dtype, name=Path(path).name, budget_bytes=host.memory_budget(),
-                            prefix=tower.prefix, convert=tower.convert, config_from=tower.config_from)
+    model, residency = offload_mod.load(
+        tower.header, tower.model_class, policy=text_encoder_policy(policy, device), device=device, dtype=dtype,
+        name=Path(path).name, budget_bytes=host.memory_budget(), prefix=tower.prefix, convert=tower.convert,
+        config_from=tower.config_from)
+    acceleration.apply(model, residency, attention)
+    return model, residency
 
 
 def load_text_encoders(llm_name: str, clip_name: str, tokenizer_path: str = "", dtype_name: str = "auto",
-                       crop_start: int = -1, offload: str = "auto") -> TextEncoders:
+                       crop_start: int = -1, offload: str = "auto", attention: str = "auto") -> TextEncoders:
     llm_path = host.model_path("text_encoders", llm_name)
     clip_path = host.model_path("text_encoders", clip_name)
-    tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path.strip() else None
-    if tokenizer is not None and not tokenizer.is_absolute():
-        tokenizer = host.model_path("text_encoders", tokenizer_path.strip())
-    if tokenizer is None:
-        # A folder or a GGUF carries its own tokenizer; a single .safetensors has it in its folder.
-        tokenizer = llm_path if llm_path.is_dir() or llm_path.suffix.lower() == ".gguf" else llm_path.parent
+    tokenizer = llm_tokenizer_path(llm_path, tokenizer_path)
     device = host.compute_device()
     dtype = resolve_dtype(dtype_name, device)
-    llama, llama_residency = load_text_tower(llm_path, "llama_text", dtype, device, offload)
-    clip, clip_residency = load_text_tower(clip_path, "clip_text", dtype, device, offload)
+    attention = acceleration.resolve_attention(attention, device)
+    llama, llama_residency = load_text_tower(llm_path, "llama_text", dtype, device, offload, attention)
+    clip, clip_residency = load_text_tower(clip_path, "clip_text", dtype, device, offload, attention)
     encoder = HunyuanTextEncoder(llama, load_tokenizer(tokenizer), clip, clip_l_tokenizer(),
                                  crop_start=None if crop_start < 0 else crop_start)
     encoder.device = device
-    return TextEncoders(encoder, (llama_residency, clip_residency))
+    return TextEncoders(encoder, (llama_residency, clip_residency), shipped_vocabulary(llm_path))

@@ -26,12 +26,14 @@ All weights are > 0 and the blend is normalised per frame, so a frame seen by on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import KineFlowError
+from . import context_problem
 
 SCHEDULES = ("uniform", "static", "looped")
 FUSE_METHODS = ("pyramid", "flat", "overlap-linear")
@@ -46,12 +48,9 @@ class ContextOptions:
     fuse_method: str = "pyramid"
 
     def __post_init__(self):
-        if self.length < 1:
-            raise KineFlowError(f"context length must be >= 1 frame, got {self.length}")
-        if not 0 <= self.overlap < self.length:
-            raise KineFlowError(f"context overlap must be in [0, length={self.length}), got {self.overlap}")
-        if self.stride < 1:
-            raise KineFlowError(f"context stride must be >= 1, got {self.stride}")
+        problem = context_problem(self.length, self.overlap, self.stride)
+        if problem:
+            raise KineFlowError(problem)
         if self.schedule not in SCHEDULES:
             raise KineFlowError(f"unknown context schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.fuse_method not in FUSE_METHODS:
@@ -116,8 +115,12 @@ def fusion_weights(window_length: int, options: ContextOptions) -> torch.Tensor:
     return weights
 
 
-def context_window_denoiser(denoiser, options: ContextOptions):
-    """Wrap `denoiser(x, sigma)` so that it only ever sees windows of at most `options.length` frames."""
+def context_window_denoiser(denoiser, options: ContextOptions, window_scope=None):
+    """Wrap `denoiser(x, sigma)` so that it only ever sees windows of at most `options.length` frames.
+
+    `window_scope(frames)`, when given, is a context manager entered around each window's call with the window's
+    frame indices (a step cache keeps one state per window: step_cache.StepCacheRun.window)."""
+    scope = window_scope or (lambda frames: contextlib.nullcontext())
 
     def windowed(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
@@ -131,7 +134,8 @@ def context_window_denoiser(denoiser, options: ContextOptions):
         for window in windows:
             index = torch.tensor(window, device=x.device)
             weights = fusion_weights(len(window), options).to(device=x.device, dtype=x.dtype)
-            denoised = denoiser(x.index_select(2, index), sigma)
+            with scope(window):
+                denoised = denoiser(x.index_select(2, index), sigma)
             out.index_add_(2, index, denoised * weights.view(1, 1, -1, 1, 1))
             total.index_add_(0, index, weights)
         return out / total.view(1, 1, -1, 1, 1)

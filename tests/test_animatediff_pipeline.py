@@ -132,9 +132,9 @@ def test_context_windows_bound_the_frames_the_unet_sees(models_dir, tmp_path, ca
     seen = []
     forward = SD15UNet.forward
 
-    def recording_forward(self, x, timesteps, context, video_frames=None, temporal=None):
+    def recording_forward(self, x, timesteps, context, video_frames=None, temporal=None, **kwargs):
         seen.append((x.shape[0], video_frames))
-        return forward(self, x, timesteps, context, video_frames, temporal)
+        return forward(self, x, timesteps, context, video_frames, temporal, **kwargs)
 
     monkeypatch.setattr(SD15UNet, "forward", recording_forward)
     workflow = _workflow(**{"9": {"class_type": "KineFlowContextOptions", "inputs": {
