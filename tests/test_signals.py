@@ -153,8 +153,14 @@ def test_inside_comfyui_no_signal_handler_is_installed(probe_workflow, monkeypat
     management.get_torch_device = lambda: torch.device("cpu")
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_output_directory = lambda: str(tmp_path / "output")
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = lambda total: types.SimpleNamespace(update_absolute=lambda *a, **k: None)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = management, utils
     monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", management)
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
     before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     assert cli.main(["run", str(probe_workflow)], node_classes={"Probe": _Probe}) == 0
     assert _Probe.seen == [before]
