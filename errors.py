@@ -20,3 +20,8 @@ class ModelFileError(InputFileError):
 
 class InterruptedRun(Exception):
     """The user asked to stop (Ctrl-C standalone, the Cancel button inside ComfyUI). Exit code 130."""
+
+
+class RankFailure(KineFlowError):
+    """A run over several processes lost one of them: a rank died, hung past the collective timeout, or failed.
+    Exit code 1; nothing is written."""

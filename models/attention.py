@@ -63,6 +63,33 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return _sdpa(q, k, v, mask)
 
 
+def attend_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | KeyPadding | None = None,
+                   score_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over one block of the keys, with the log-sum-exp of its scores: (out [B, H, Lq, D],
+    lse [B, H, Lq]), both float32; what ring attention merges block by block. A query whose keys are all masked
+    gets out 0 and lse -inf. A math kernel (no fused kernel of torch returns the log-sum-exp on every device),
+    run over chunks of the queries so that no more than `score_bytes` of scores exist at once."""
+    mask = _dense(mask)
+    b, h, n, _ = q.shape
+    rows = max(1, score_bytes // (4 * b * h * k.shape[-2]))
+    out = torch.empty(b, h, n, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    keys, values = k.float().transpose(-1, -2), v.float()
+    for start in range(0, n, rows):
+        chunk = slice(start, start + rows)
+        scores = torch.matmul(q[:, :, chunk].float(), keys).mul_(q.shape[-1] ** -0.5)
+        if mask is not None:
+            scores.masked_fill_(~(mask[:, :, chunk] if mask.shape[-2] > 1 else mask), float("-inf"))
+        peak = scores.amax(dim=-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        weights = scores.sub_(peak).exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        out[:, :, chunk] = torch.matmul(weights, values) / total.clamp_min(torch.finfo(torch.float32).tiny)
+        lse[:, :, chunk] = (peak + total.log()).squeeze(-1)
+    return out, lse
+
+
 def set_backend(model: nn.Module, name: str) -> None:
     """Make every attention of `model` use backend `name` (its package is imported now, not while the model runs)."""
     _chain(name)

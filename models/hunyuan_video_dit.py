@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..errors import KineFlowError, ModelFileError
 from .attention import KeyPadding, attend, right_padded_lengths
 from .caching import StepCacheHook
+from .sequence_parallel import ParallelGroups, ShardedAttention
 
 # --------------------------------------------------------------------------- config
 
@@ -207,7 +208,10 @@ def norm_modulate(x, shift, scale):
 
 def attention(q, k, v, mask, backend: str):
     """q, k, v [B, L, H, D] -> [B, L, H*D]. SDPA's CPU kernels return a [B, L, H, D]-contiguous tensor, so
-    the final reshape is free."""
+    the final reshape is free. A `ShardedAttention` mask (video tokens split over ranks) runs the distributed
+    attention of models/sequence_parallel.py instead."""
+    if isinstance(mask, ShardedAttention):
+        return mask(q, k, v, backend)
     return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, backend).transpose(1, 2).flatten(2)
 
 
@@ -389,6 +393,12 @@ class PatchEmbed(nn.Module):
 
 
 class HunyuanVideoDiT(nn.Module):
+    """`parallel` (set after `init_process_group`, models/sequence_parallel.py): None runs in this process;
+    ParallelGroups splits each call over the ranks (CFG halves, video-token slices), every rank returning the whole
+    output."""
+
+    parallel: ParallelGroups | None = None
+
     def __init__(self, cfg: HunyuanVideoDiTConfig):
         super().__init__()
         self.config = cfg
@@ -420,7 +430,16 @@ class HunyuanVideoDiT(nn.Module):
 
     def forward(self, x, timestep, text_states, text_mask, text_states_2, guidance=None,
                 step_cache: StepCacheHook | None = None):
+        if self.parallel is not None:
+            return self.parallel.run(self._forward, x, timestep, text_states, text_mask, text_states_2, guidance,
+                                     step_cache)
+        return self._forward(x, timestep, text_states, text_mask, text_states_2, guidance, step_cache)
+
+    def _forward(self, x, timestep, text_states, text_mask, text_states_2, guidance, step_cache,
+                 batch_split: bool = False):
+        """`batch_split`: this is one CFG-parallel group's half of the caller's batch."""
         cfg = self.config
+        sp = self.parallel if self.parallel is not None and self.parallel.plan.sequence_degree > 1 else None
         b, _, t, hgt, wid = x.shape
         pt, ph, pw = cfg.patch_size
         if t % pt or hgt % ph or wid % pw:
@@ -445,10 +464,17 @@ class HunyuanVideoDiT(nn.Module):
         vec_act = F.silu(vec)
 
         img = self.img_in(x)
-        n_img = img.shape[1]
+        n_img = n_tokens = img.shape[1]
+        freqs = self.rope(grid, x.device)
+        if sp is not None:  # this rank's slice of the video tokens; n_img counts the tokens this rank runs
+            img, freqs = sp.shard_tokens(img, freqs)
+            n_img = img.shape[1]
         residual = None
         if step_cache is not None:  # TeaCache's probe: what the first double block's attention takes in of the video
-            residual = step_cache.reuse(self.double_blocks[0](img, None, vec_act, None, None, probe=True))
+            probe = self.double_blocks[0](img, None, vec_act, None, None, probe=True)
+            if self.parallel is not None:
+                probe = self.parallel.gather_probe(probe, n_tokens, batch_split)
+            residual = step_cache.reuse(probe)
 
         # Text: masked mean for the refiner's conditioning, then drop trailing all-padding columns. The decisions
         # read the mask where it lives (the CPU, as the text encoders give it: no device sync, and known values
@@ -470,11 +496,12 @@ class HunyuanVideoDiT(nn.Module):
             refiner_mask = _key_mask(refiner_mask, lengths)
 
         joint_mask = None
-        if not all_valid:
+        if sp is not None:
+            joint_mask = ShardedAttention(sp, n_tokens, n_img, None if all_valid else valid, lengths)
+        elif not all_valid:
             img_valid = torch.ones(b, n_img, dtype=torch.bool, device=x.device)
             joint_mask = _key_mask(torch.cat((img_valid, valid), dim=1),
                                    None if lengths is None else tuple(n_img + n for n in lengths))
-        freqs = self.rope(grid, x.device)
 
         if residual is None:
             blocks_in = img
@@ -490,6 +517,8 @@ class HunyuanVideoDiT(nn.Module):
         else:
             img = img + residual
         out = self.final_layer(img, vec)
+        if sp is not None:
+            out = sp.gather_tokens(out, n_tokens)
 
         # Unpatchify: channels of each token are ordered (c, pt, ph, pw).
         tt, th, tw = grid

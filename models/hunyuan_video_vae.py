@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import KineFlowError, ModelFileError
 from .attention import attend
-from .tiling import tiling_problem
+from .tiling import share_tiles, tiling_problem
 
 HUNYUAN_VAE_SCALING_FACTOR = 0.476986
 Layout = Literal["original", "diffusers", "comfy"]
@@ -523,8 +523,12 @@ class HunyuanVideoVAE(nn.Module):
         tiling: TilingOptions | Literal["auto"] | None = None,
         memory_budget_bytes: int | None = None,
         callback: ProgressCallback | None = None,
+        group=None,
     ) -> torch.Tensor:
-        """Unscaled latents [B, 16, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] (float32, roughly -1..1)."""
+        """Unscaled latents [B, 16, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] (float32, roughly -1..1).
+
+        `group`, a torch.distributed process group, shares the tiles out over its ranks (`share_tiles`); every rank
+        returns the whole video, the same bit for bit as one process decodes it."""
         if latents.ndim != 5 or latents.shape[1] != self.config.latent_channels:
             raise KineFlowError(
                 f"expected latents [B, {self.config.latent_channels}, T, h, w]; found shape {tuple(latents.shape)}"
@@ -543,28 +547,37 @@ class HunyuanVideoVAE(nn.Module):
             return video
 
         video = torch.zeros(batch, self.config.out_channels, frames, s * latent_h, s * latent_w, device=latents.device)
-        done = 0
+        tiles = []
         for ts in time_spans:
             # latent frames ts.start .. ts.end: latent ts.start is frame 0 (kept) or a causal lead-in (dropped)
-            clip = latents[:, :, ts.start : ts.end + 1]
             first = 0 if ts.start == 0 else 1
             out_f0 = 0 if ts.start == 0 else 1 + r * ts.start
             out_f1 = 1 + r * ts.end
             time_weights = _blend_weights(out_f1 - out_f0, r * ts.lead, r * ts.trail)
-            for rs in row_spans:
-                for cs in col_spans:
-                    tile = self.post_quant_conv(clip[:, :, :, rs.start : rs.end, cs.start : cs.end])
-                    decoded = self.decoder(tile)[:, :, first:].float()
-                    weights = self._tile_weights(
-                        time_weights,
-                        _Span(s * rs.start, s * rs.end, s * rs.lead, s * rs.trail),
-                        _Span(s * cs.start, s * cs.end, s * cs.lead, s * cs.trail),
-                        decoded.device,
-                    )
-                    video[:, :, out_f0:out_f1, s * rs.start : s * rs.end, s * cs.start : s * cs.end] += decoded * weights
-                    done += 1
-                    if callback is not None:
-                        callback(done, total)
+            tiles += [(ts, first, out_f0, out_f1, time_weights, rs, cs) for rs in row_spans for cs in col_spans]
+
+        def run(tile):
+            ts, first, _, _, _, rs, cs = tile
+            clip = self.post_quant_conv(latents[:, :, ts.start : ts.end + 1, rs.start : rs.end, cs.start : cs.end])
+            return self.decoder(clip)[:, :, first:].float()
+
+        def shape(tile):
+            _, _, out_f0, out_f1, _, rs, cs = tile
+            return (batch, self.config.out_channels, out_f1 - out_f0, s * (rs.end - rs.start), s * (cs.end - cs.start))
+
+        results = ((tile, run(tile)) for tile in tiles) if group is None else share_tiles(
+            tiles, run, shape, group, latents.device)
+        for done, (tile, decoded) in enumerate(results, start=1):
+            _, _, out_f0, out_f1, time_weights, rs, cs = tile
+            weights = self._tile_weights(
+                time_weights,
+                _Span(s * rs.start, s * rs.end, s * rs.lead, s * rs.trail),
+                _Span(s * cs.start, s * cs.end, s * cs.lead, s * cs.trail),
+                decoded.device,
+            )
+            video[:, :, out_f0:out_f1, s * rs.start : s * rs.end, s * cs.start : s * cs.end] += decoded * weights
+            if callback is not None:
+                callback(done, len(tiles))
         return video
 
     @staticmethod

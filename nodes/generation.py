@@ -98,6 +98,7 @@ class KineFlowSampler:
         }, "optional": {
             "context_options": ("KINEFLOW_CONTEXT_OPTIONS", {"tooltip": "Sliding context windows for videos longer than the model's window."}),
             "step_cache": ("KINEFLOW_STEP_CACHE", {"tooltip": "From Step Cache: skip the model's blocks on steps where they would change little (faster, slightly different video)."}),
+            "parallel": ("KINEFLOW_PARALLEL", {"tooltip": "From Parallel Options: how a run over several processes (kineflow run --nproc N) splits the transformer."}),
         }}
 
     @classmethod
@@ -106,13 +107,13 @@ class KineFlowSampler:
         return check_declared(cls, cfg=cfg, shift=shift, embedded_guidance=embedded_guidance, denoise=denoise)
 
     def sample(self, model, conditioning, latent, seed, steps, cfg, shift, embedded_guidance, sampler_name,
-               scheduler, denoise, context_options=None, step_cache=None):
+               scheduler, denoise, context_options=None, step_cache=None, parallel=None):
         from ..runtime import generation
 
         return (generation.sample_video(model, conditioning, latent, seed=seed, steps=steps, cfg=cfg, shift=shift,
                                         embedded_guidance=embedded_guidance, sampler_name=sampler_name,
                                         scheduler=scheduler, denoise=denoise, context=context_options,
-                                        step_cache=step_cache),)
+                                        step_cache=step_cache, parallel=parallel),)
 
 
 class KineFlowContextOptions:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import host
+from . import distributed, host
 from ..errors import InputFileError, InterruptedRun, KineFlowError
 from .validation import format_error, is_link, validate_prompt
 from .workflow import apply_overrides, detect_format, load_workflow, node_id_sort_key, parse_override, ui_to_api
@@ -266,7 +266,12 @@ def execute(prompt: dict, node_classes: dict, *, extra_pnginfo=None, cache: Outp
             start = time.monotonic()
             try:
                 with observe(node_id, class_type) if observe is not None else contextlib.nullcontext():
-                    outputs, ui = _call_node(cache.instance(node_id, class_type, cls), cls, kwargs)
+                    obj = cache.instance(node_id, class_type, cls)
+                    if getattr(cls, "OUTPUT_NODE", False) is True and distributed.active():
+                        # A parallel run: rank 0 writes, the other ranks wait for it (runtime/distributed.py).
+                        outputs, ui = distributed.output_node(node_id, lambda: _call_node(obj, cls, kwargs))
+                    else:
+                        outputs, ui = _call_node(obj, cls, kwargs)
             except (InterruptedRun, KeyboardInterrupt):
                 raise
             except Exception as exc:

@@ -30,6 +30,9 @@ CROP_MODES = ("disabled", "center")
 # on every exit).
 _temporaries: set[Path] = set()
 _claims: set[Path] = set()
+# Called with the target path after a file is complete and before it is renamed into place; it may raise to leave
+# nothing written (a parallel run's rank 0 waits there for every rank: runtime/distributed.py).
+before_commit = None
 
 
 def _create_new(path: Path) -> None:
@@ -54,6 +57,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        if before_commit is not None:
+            before_commit(path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KineFlowError
+from ..errors import KineFlowError, RankFailure
 from . import context_problem
 
 SCHEDULES = ("uniform", "static", "looped")
@@ -115,11 +115,15 @@ def fusion_weights(window_length: int, options: ContextOptions) -> torch.Tensor:
     return weights
 
 
-def context_window_denoiser(denoiser, options: ContextOptions, window_scope=None):
+def context_window_denoiser(denoiser, options: ContextOptions, window_scope=None, group=None):
     """Wrap `denoiser(x, sigma)` so that it only ever sees windows of at most `options.length` frames.
 
     `window_scope(frames)`, when given, is a context manager entered around each window's call with the window's
-    frame indices (a step cache keeps one state per window: step_cache.StepCacheRun.window)."""
+    frame indices (a step cache keeps one state per window: step_cache.StepCacheRun.window).
+
+    `group`, a torch.distributed process group, shares the windows out over its ranks: in each round of n windows
+    (n ranks) rank r runs window r of the round, the round's results are all-gathered, and every rank blends every
+    window in the order one process does, so the result is the same bit for bit on every rank and as without it."""
     scope = window_scope or (lambda frames: contextlib.nullcontext())
 
     def windowed(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -131,16 +135,40 @@ def context_window_denoiser(denoiser, options: ContextOptions, window_scope=None
             return denoiser(x, sigma)
         out = torch.zeros_like(x)
         total = torch.zeros(frames, dtype=x.dtype, device=x.device)
-        for window in windows:
+
+        def run(window):
+            with scope(window):
+                return denoiser(x.index_select(2, torch.tensor(window, device=x.device)), sigma)
+
+        results = ((window, run(window)) for window in windows) if group is None else _shared(windows, run, x, group)
+        for window, denoised in results:
             index = torch.tensor(window, device=x.device)
             weights = fusion_weights(len(window), options).to(device=x.device, dtype=x.dtype)
-            with scope(window):
-                denoised = denoiser(x.index_select(2, index), sigma)
             out.index_add_(2, index, denoised * weights.view(1, 1, -1, 1, 1))
             total.index_add_(0, index, weights)
         return out / total.view(1, 1, -1, 1, 1)
 
     return windowed
+
+
+def _shared(windows: list[list[int]], run, x: torch.Tensor, group):
+    """(window, denoised) for every window, in order, each computed by one rank of `group` (see
+    context_window_denoiser). Every window has the same length, so the rounds' tensors have one shape."""
+    import torch.distributed as dist
+
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    shape = (x.shape[0], x.shape[1], len(windows[0]), *x.shape[3:])
+    for first in range(0, len(windows), size):
+        round_ = windows[first:first + size]
+        mine = run(round_[me]).to(x.dtype).contiguous() if me < len(round_) else x.new_zeros(shape)
+        gathered = [torch.empty_like(mine) for _ in range(size)]
+        try:
+            dist.all_gather(gathered, mine, group=group)
+        except Exception as error:  # a closed peer or the collective timeout
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise RankFailure(f"context windows: rank {dist.get_rank()} lost the other ranks (a rank died, failed or "
+                              f"did not answer in time); nothing was written. ({detail})") from None
+        yield from zip(round_, gathered)
 
 
 def window_edges(num_frames: int, options: ContextOptions) -> list[int]:
