@@ -23,6 +23,7 @@ from ..models import sd15_unet as unet_mod
 from ..models import sd_vae as vae_mod
 from ..models.clip_text import CLIPTextModel
 from ..models.hunyuan_video_vae import TilingOptions
+from ..models.tiling import share_tiles
 from ..models.tokenization import TextTokenizer, clip_l_tokenizer
 from ..samplers.sampling import DiscreteEpsilon, DiscreteV
 from ..samplers.schedules import DiscreteSchedule, discrete_sigmas
@@ -69,6 +70,8 @@ class SD15VideoModel:
     residency: offload_mod.Residency | None = None
     motion_residency: offload_mod.Residency | None = None
     step_cache_criterion: CacheCriterion = FIRST_BLOCK  # how the Step Cache judges this model's probes
+    # net_fn takes text per latent frame ([B, F, 77, D]): prompt travel gives each frame its own (prompt_travel.py)
+    frame_text: bool = True
     model_sampling: DiscreteEpsilon | DiscreteV = field(init=False)
 
     def __post_init__(self):
@@ -106,12 +109,20 @@ class SD15VideoModel:
         return {"context": context}
 
     def net_fn(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, step_cache=None) -> torch.Tensor:
-        """x [B, 4, F, h, w] -> prediction of the same shape; the UNet sees the B*F frames as one batch."""
+        """x [B, 4, F, h, w] -> prediction of the same shape; the UNet sees the B*F frames as one batch.
+
+        `context` is [B, 77, D] (one prompt for every frame) or [B, F, 77, D] (one per frame: prompt travel)."""
         b, c, f, h, w = x.shape
         device = host.compute_device()
         frames = x.to(device).transpose(1, 2).reshape(b * f, c, h, w)
         timesteps = timestep.to(device).repeat_interleave(f)
-        context = context.to(device).repeat_interleave(f, dim=0)
+        if context.ndim == 4:
+            if context.shape[:2] != (b, f):
+                raise KineFlowError(f"per-frame text [B, F, tokens, D] must match the latent's batch {b} and {f} "
+                                    f"frames; found shape {tuple(context.shape)}")
+            context = context.to(device).reshape(b * f, *context.shape[2:])
+        else:
+            context = context.to(device).repeat_interleave(f, dim=0)
         with torch.inference_mode():
             if self.motion is None:
                 out = self.unet(frames, timesteps, context, step_cache=step_cache)
@@ -168,14 +179,26 @@ class SDVideoVAE:
             raise KineFlowError(f"tiling must be 'auto', None or TilingOptions; got {tiling!r}")
         return max(1, min(frames, budget // max(1, self.frame_bytes(height, width))))
 
-    def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback, group=None) -> torch.Tensor:
+        """`group`: a torch.distributed process group whose ranks share the chunks of frames
+        (runtime/distributed.py); every rank gets the whole video."""
         b, _, f, h, w = latents.shape
         s = self.vae.config.downscale
         per_batch = self._frames_per_batch(tiling, f, h * s, w * s, memory_budget_bytes // max(1, b))
+        starts = list(range(0, f, per_batch))
+
+        def run(start):
+            return self.vae.decode_frames(latents[:, :, start:start + per_batch], batch=b * per_batch)
+
+        def shape(start):
+            return (b, self.vae.config.in_channels, min(per_batch, f - start), h * s, w * s)
+
         chunks = []
         with self.running():
-            for start in range(0, f, per_batch):
-                chunks.append(self.vae.decode_frames(latents[:, :, start:start + per_batch], batch=b * per_batch))
+            results = ((start, run(start)) for start in starts) if group is None else share_tiles(
+                starts, run, shape, group, latents.device)
+            for start, chunk in results:
+                chunks.append(chunk.cpu() if group is not None and not latents.is_meta else chunk)
                 callback(min(start + per_batch, f), f)
         return torch.cat(chunks, dim=2)
 

@@ -105,15 +105,20 @@ def make_cfg_denoiser(
     if uncond is None or scale == 1.0:
         return lambda x, sigma: denoiser(x, sigma, **cond)
     uncond = dict(uncond)
+    return lambda x, sigma: guided_call(denoiser, x, sigma, cond, uncond, scale, batched)
 
-    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        stacked = stack_conditions(cond, uncond, x.shape[0]) if batched else None
-        if stacked is not None:
-            both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **stacked)
-            x0_cond, x0_uncond = both.chunk(2)
-        else:
-            x0_cond = denoiser(x, sigma, **cond)
-            x0_uncond = denoiser(x, sigma, **uncond)
-        return x0_uncond + (x0_cond - x0_uncond) * scale
 
-    return guided
+def guided_call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any],
+                uncond: Mapping[str, Any] | None, scale: float, batched: bool = True) -> torch.Tensor:
+    """One CFG evaluation of `denoiser(x, sigma, **cond)` against `uncond` (conditioning chosen per call, as prompt
+    travel does: samplers/prompt_travel.py)."""
+    if uncond is None or scale == 1.0:
+        return denoiser(x, sigma, **cond)
+    stacked = stack_conditions(cond, uncond, x.shape[0]) if batched else None
+    if stacked is not None:
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **stacked)
+        x0_cond, x0_uncond = both.chunk(2)
+    else:
+        x0_cond = denoiser(x, sigma, **cond)
+        x0_uncond = denoiser(x, sigma, **uncond)
+    return x0_uncond + (x0_cond - x0_uncond) * scale
