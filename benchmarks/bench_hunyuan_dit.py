@@ -1,13 +1,23 @@
-"""HunyuanVideo DiT forward on the CPU: KineFlow vs diffusers, same weights and inputs, fp32.
+"""HunyuanVideo DiT forward on the CPU: KineFlow vs diffusers (and ComfyUI's own model), same weights and inputs,
+in fp32 and bf16.
 
-    python benchmarks/bench_hunyuan_dit.py [--runs 5] [--profile]
+    python benchmarks/bench_hunyuan_dit.py [--runs 5] [--dtypes fp32 bf16] [--comfyui DIR] [--profile]
     python benchmarks/bench_hunyuan_dit.py --compile [--runs 5] [--threads N]
 
-Prints, per scenario, the median time of each implementation, the median per-round ratio diffusers/KineFlow
-(runs alternate, so both see the same machine load), and KineFlow's achieved GFLOP/s (matmul + attention
-FLOPs counted analytically) against a large square fp32 matmul timed in the same process.
+Prints, per dtype and scenario, the median time of each implementation, the median per-round ratio of each peer's
+time to KineFlow's (runs alternate, so all see the same machine load), and each implementation's achieved GFLOP/s
+(matmul + attention FLOPs of the real tokens, counted analytically) as a share of the peak of a large square matmul
+*of the same dtype* timed in the same process (best of a measurement before and one after). The CPU, whether it
+multiplies bf16 natively (AMX / AVX-512 BF16; without, bf16 kernels convert around fp32 ones and bf16 times say
+little), and the threads are named in the header. Targets on a CPU with native bf16: KineFlow >= 1.25x diffusers'
+speed in fp32 and >= 1.3x in bf16.
 Scenario "full text": every text token is real. Scenario "padded text": the prompt is right-padded to 256
-tokens as the HunyuanVideo pipelines do; KineFlow drops the padding exactly, diffusers masks it.
+tokens as the HunyuanVideo pipelines do; KineFlow drops the padding exactly, diffusers and ComfyUI mask it.
+Every implementation gets the same inputs in the compute dtype (as their pipelines cast them).
+
+`--comfyui DIR` adds ComfyUI's HunyuanVideo model (comfy/ldm/hunyuan_video/model.py of the ComfyUI source tree DIR),
+imported into this process as ComfyUI runs it with `--cpu` (its operations, its CPU attention choice), with the
+same weights renamed to its keys.
 
 `--compile` instead times KineFlow eager against KineFlow with its blocks compiled by torch.compile (inductor, the
 loaders' `compile` option) on the "full text" scenario: the first compiled forward with an empty compile cache and
@@ -23,8 +33,10 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -106,9 +118,60 @@ def interleaved_medians(fn_a, fn_b, runs: int) -> tuple[float, float, float]:
     return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
 
-def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size: int = 2048, runs: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     return 2 * size**3 / median_seconds(lambda: a @ b, runs, warmup=2) / 1e9
+
+
+def interleaved_rounds(fns: dict, runs: int) -> dict[str, list[float]]:
+    """Call every fn once per round, in turn, after one warm-up round; each fn's times."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def comfyui_model(tree: str, ours: HunyuanVideoDiT, dtype: torch.dtype):
+    """ComfyUI's HunyuanVideo model from the source tree `tree`, as `python main.py --cpu` builds it, holding ours'
+    weights (ComfyUI's key names are a renaming of the internal ones: convert_state_dict(..., "comfy")), and the name
+    of the attention function ComfyUI chose."""
+    tree = Path(tree).resolve()
+    if not (tree / "comfy" / "ldm" / "hunyuan_video" / "model.py").is_file():
+        raise SystemExit(f"--comfyui {tree}: not a ComfyUI source tree (no comfy/ldm/hunyuan_video/model.py)")
+    sys.path.insert(0, str(tree))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # as `main.py --cpu`: model_management reads it when imported
+    import comfy.ops
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+    from comfy.ldm.modules.attention import optimized_attention
+
+    cfg = CONFIG
+    model = HunyuanVideo(
+        image_model="hunyuan_video", dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, vec_in_dim=cfg.text_states_dim_2,
+        context_in_dim=cfg.text_states_dim, hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_width_ratio,
+        num_heads=cfg.heads_num, depth=cfg.mm_double_blocks_depth, depth_single_blocks=cfg.mm_single_blocks_depth,
+        axes_dim=list(cfg.rope_dim_list), theta=cfg.rope_theta, patch_size=list(cfg.patch_size), qkv_bias=True,
+        guidance_embed=cfg.guidance_embed, byt5=False, meanflow=False, use_cond_type_embedding=False,
+        vision_in_dim=None, meanflow_sum=False,
+    ).eval()
+    theirs = model.state_dict()
+    internal_of = convert_state_dict({key: key for key in theirs}, "comfy")  # internal key -> ComfyUI key
+    ours_sd = ours.state_dict()
+    missing = sorted(set(internal_of) ^ set(ours_sd))
+    if missing:
+        raise SystemExit(f"ComfyUI's HunyuanVideo keys do not map onto KineFlow's: {missing[:5]}")
+    model.load_state_dict({internal_of[k]: v for k, v in ours_sd.items()}, strict=True)
+    return model, getattr(optimized_attention, "__name__", str(optimized_attention))
 
 
 def bench_compile(runs: int) -> None:
@@ -162,9 +225,30 @@ def _wall_and_cpu(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def forwards(ref, ours, comfy, inputs, dtype) -> dict:
+    """One forward per implementation on the same inputs, cast to the compute dtype as each pipeline does."""
+    x, t, text, mask, pooled, guidance = inputs
+    x, text, pooled = x.to(dtype), text.to(dtype), pooled.to(dtype)
+    impls = {"diffusers": lambda: ref(x, t, text, mask, pooled, guidance, return_dict=False)[0]}
+    if comfy is not None:  # ComfyUI embeds guidance x 1000 itself; its timestep is on the 0..1000 scale, like ours
+        impls["ComfyUI"] = lambda: comfy(x, t, text, y=pooled, guidance=guidance / 1000.0, attention_mask=mask)
+    impls["KineFlow"] = lambda: ours(x, t, text, mask, pooled, guidance)
+    return impls
+
+
+def cpu_header() -> str:
+    from kineflow.runtime import cpu
+
+    native = cpu.native_bf16()
+    return (f"{cpu.cpu_name()}, {torch.get_num_threads()} threads, native bf16 matmul: "
+            f"{native or 'no (bf16 kernels convert around fp32 ones)'}; torch {torch.__version__}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--comfyui", metavar="DIR", help="ComfyUI source tree: add its own HunyuanVideo model")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of KineFlow's forward")
     parser.add_argument("--compile", action="store_true", help="KineFlow eager vs compiled blocks (no diffusers)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -175,42 +259,51 @@ def main():
         bench_compile(args.runs)
         return
 
-    ref, ours = build_models()
+    ref32, ours32 = build_models()
     n_img = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
     scenarios = [("full text", 128, 128), ("padded text", 256, 64)]
-    rows = []
-    peak_before = matmul_peak_gflops()
-    with torch.inference_mode():
-        for name, text_len, valid in scenarios:
-            x, t, text, mask, pooled, guidance = make_inputs(text_len, valid)
-            ours_out = ours(x, t, text, mask, pooled, guidance)
-            ref_out = ref(x, t, text, mask, pooled, guidance, return_dict=False)[0]
-            max_err = (ours_out - ref_out).abs().max().item()
-            if args.profile:
-                from torch.profiler import ProfilerActivity, profile
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rows, peaks, attention_name = [], {}, None
+    for dtype_name in args.dtypes:
+        dtype = dtypes[dtype_name]
+        ref = copy.deepcopy(ref32).to(dtype) if dtype != torch.float32 else ref32
+        ours = copy.deepcopy(ours32).to(dtype) if dtype != torch.float32 else ours32
+        if args.comfyui:
+            comfy, attention_name = comfyui_model(args.comfyui, ours, dtype)
+        peak_before = matmul_peak_gflops(dtype=dtype)
+        with torch.inference_mode():
+            for name, text_len, valid in scenarios:
+                impls = forwards(ref, ours, comfy if args.comfyui else None, make_inputs(text_len, valid), dtype)
+                outputs = {impl: fn().float() for impl, fn in impls.items()}
+                errors = {impl: (out - outputs["diffusers"]).abs().max().item() for impl, out in outputs.items()
+                          if impl != "diffusers"}
+                if args.profile:
+                    from torch.profiler import ProfilerActivity, profile
 
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    ours(x, t, text, mask, pooled, guidance)
-                print(f"--- KineFlow profile, {name}")
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-            t_ref, t_ours, ratio = interleaved_medians(
-                lambda: ref(x, t, text, mask, pooled, guidance, return_dict=False),
-                lambda: ours(x, t, text, mask, pooled, guidance),
-                args.runs,
-            )
-            gflops = forward_flops(n_img, valid) / t_ours / 1e9
-            rows.append((name, text_len, valid, t_ref, t_ours, ratio, gflops, max_err))
-    peak = max(peak_before, matmul_peak_gflops())  # the machine is shared: keep the best of two measurements
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        impls["KineFlow"]()
+                    print(f"--- KineFlow profile, {dtype_name}, {name}")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+                times = interleaved_rounds(impls, args.runs)
+                rows.append((dtype_name, name, text_len, valid, times, forward_flops(n_img, valid), errors))
+        peaks[dtype_name] = max(peak_before, matmul_peak_gflops(dtype=dtype))  # shared machine: best of two
 
-    print(f"HunyuanVideo DiT, CPU fp32, {torch.get_num_threads()} threads, hidden {CONFIG.hidden_size}, "
-          f"{CONFIG.heads_num} heads, {CONFIG.mm_double_blocks_depth}+{CONFIG.mm_single_blocks_depth} blocks, "
-          f"{n_img} video tokens; median of {args.runs}")
-    print(f"matmul peak (2048^2 fp32, best of two measurements): {peak:.1f} GFLOP/s")
-    header = ("scenario", "text", "diffusers s", "KineFlow s", "ratio", "GFLOP/s", "of peak", "max|diff|")
-    print("{:<12} {:>8} {:>12} {:>11} {:>6} {:>8} {:>8} {:>10}".format(*header))
-    for name, text_len, valid, t_ref, t_ours, ratio, gflops, err in rows:
-        print(f"{name:<12} {valid:>3}/{text_len:<4} {t_ref:>12.3f} {t_ours:>11.3f} {ratio:>6.2f} "
-              f"{gflops:>8.1f} {gflops / peak:>8.0%} {err:>10.2e}")
+    print(f"HunyuanVideo DiT forward on the CPU: {cpu_header()}")
+    print(f"hidden {CONFIG.hidden_size}, {CONFIG.heads_num} heads, {CONFIG.mm_double_blocks_depth}+"
+          f"{CONFIG.mm_single_blocks_depth} blocks, {n_img} video tokens; median of {args.runs} interleaved rounds"
+          + (f"; ComfyUI from {args.comfyui}, attention {attention_name}" if args.comfyui else ""))
+    print("matmul peak (2048^2, best of two measurements): "
+          + ", ".join(f"{name} {peak:.1f} GFLOP/s" for name, peak in peaks.items()))
+    for dtype_name, name, text_len, valid, times, flops, errors in rows:
+        medians = {impl: statistics.median(ts) for impl, ts in times.items()}
+        parts = []
+        for impl, seconds in medians.items():
+            share = flops / seconds / 1e9 / peaks[dtype_name]  # the useful work: padding counts for nobody
+            slower = statistics.median(a / b for a, b in zip(times[impl], times["KineFlow"]))
+            ratio = "" if impl == "KineFlow" else f", {slower:.2f}x KineFlow's time"
+            diff = f", max|diff| {errors[impl]:.1e}" if impl in errors else ""
+            parts.append(f"{impl} {seconds:.3f} s ({share:.0%} of peak{ratio}{diff})")
+        print(f"{dtype_name} {name:<11} text {valid:>3}/{text_len:<3}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..models import attention as attention_mod
-from . import host
+from . import cpu, host
 
 if TYPE_CHECKING:
     from .offload import Residency
@@ -49,8 +49,11 @@ def resolve_attention(choice: str, device: torch.device) -> str:
 def apply(model: nn.Module, residency: Residency | None, attention: str, compile: str = "disabled",
           backend: str = "inductor") -> None:
     """Set a freshly loaded model's attention backend (from `resolve_attention`) and, when `compile` says so
-    ('enabled', or 'auto' with the run's default on), compile its blocks with torch.compile's `backend`."""
+    ('enabled', or 'auto' with the run's default on), compile its blocks with torch.compile's `backend`. Under the
+    kineflow command's `--threads auto`, a large model on the CPU raises torch's thread count (runtime/cpu.py)."""
     attention_mod.set_backend(model, attention)
+    if residency is not None:
+        cpu.fit_threads(model, residency.device)
     if compile == "enabled" or (compile == "auto" and host.compile_default()):
         compile_blocks(model, residency, backend)
 

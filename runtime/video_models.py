@@ -25,7 +25,7 @@ from ..samplers.sampling import FlowMatching
 from ..samplers.step_cache import RELEASED_TEACACHE_COEFFICIENTS, CacheCriterion, teacache, teacache_coefficients
 from ..samplers.schedules import flow_sigmas
 from ..shapes.vocabulary import Vocabulary, text_encoder_vocabulary
-from . import acceleration, host
+from . import acceleration, cpu, host
 from ..errors import KineFlowError
 from . import offload as offload_mod
 from . import previews
@@ -36,9 +36,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' means bf16 on accelerators and fp32 on the CPU (CPU half-precision kernels are slow)."""
+    """'auto' means bf16 on accelerators; on the CPU, bf16 where it multiplies bf16 natively and measurably faster
+    than fp32, else fp32 (runtime/cpu.py decides once per process and says why in the run log)."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return DTYPES[cpu.auto_dtype()[0]] if device.type == "cpu" else torch.bfloat16
     if name not in DTYPES:
         raise KineFlowError(f"unknown dtype {name!r}; expected one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -143,10 +144,11 @@ class VideoVAE:
     latent_format: LatentFormat = HUNYUAN_VIDEO_LATENT
     residency: offload_mod.Residency | None = None
 
-    def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiling, memory_budget_bytes: int, callback, group=None) -> torch.Tensor:
+        """`group`: a torch.distributed process group whose ranks share the tiles (runtime/distributed.py)."""
         with offload_mod.running(self.residency):
             return self.vae.decode_latents(latents, tiling=tiling, memory_budget_bytes=memory_budget_bytes,
-                                           callback=callback)
+                                           callback=callback, group=group)
 
     def encode(self, video: torch.Tensor, tiling, memory_budget_bytes: int, callback) -> torch.Tensor:
         with offload_mod.running(self.residency):

@@ -32,10 +32,13 @@ def test_package_code_uses_only_relative_imports_of_itself():
 
 def test_only_the_host_module_imports_comfyui():
     comfy_modules = {"comfy", "folder_paths", "comfy_execution", "server", "nodes", "latent_preview"}
+    # The DiT benchmark times ComfyUI's own model as a peer, imported from the ComfyUI tree given with --comfyui; it
+    # is a script beside the pack, never imported by it.
+    peers = {Path("benchmarks/bench_hunyuan_dit.py")}
     offenders = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
-        if rel.parts[0] in ("tests", "build") or rel == Path("runtime/host.py"):
+        if rel.parts[0] in ("tests", "build") or rel == Path("runtime/host.py") or rel in peers:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
