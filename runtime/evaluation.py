@@ -12,7 +12,9 @@ the ceiling a generator on that VAE can reach (a shape the VAE loses, no transfo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +23,11 @@ import torch
 from ..errors import InputFileError, KineFlowError
 from ..samplers.step_cache import StepCacheOptions
 from ..shapes.dataset import clip_tensor, frames_to_render
-from ..shapes.judge import ATTRIBUTES, judge, score
+from ..shapes.judge import ATTRIBUTES, PALETTE_NAMES, colour_adherence, concept_palette, judge, score
 from ..shapes.prompts import expected_from_spec, heldout_prompts, parse_prompt
 from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
 from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
+from ..shapes.vocabulary import Vocabulary
 from . import generation, host
 from .media import write_video
 from .video_models import load_text_encoders, load_video_model, load_video_vae
@@ -89,9 +92,52 @@ def load_vae_only(family: str, name: str) -> EvalModels:
     return EvalModels(None, load_video_vae(name), None, label=name)
 
 
+def parse_lora_option(text: str) -> tuple[str, float]:
+    """`FILE[:STRENGTH]` (the --lora option) -> (file, strength); a tail that is not a number is part of the name."""
+    name, sep, tail = text.rpartition(":")
+    if sep and name:
+        try:
+            strength = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(strength):
+            raise KineFlowError(f"--lora {text!r}: the strength must be a finite number; got {tail!r}")
+        return name, strength
+    return text, 1.0
+
+
+def trigger_words(lora_name: str) -> list[str]:
+    """The words a LoRA file says it teaches: the `trigger_words` of the `kineflow.lora` metadata record KineFlow's
+    LoRA trainer writes; [] for any other file (kohya / musubi metadata has no standard field for them)."""
+    from ..models import checkpoints
+
+    header = checkpoints.read_header(host.model_path("loras", lora_name))
+    try:
+        record = json.loads(header.metadata.get("kineflow.lora", "{}"))
+    except json.JSONDecodeError:
+        return []
+    words = record.get("trigger_words", []) if isinstance(record, dict) else []
+    return [w.lower() for w in words if isinstance(w, str) and w.isalpha()]
+
+
 def load_hunyuan_video(model: str = SHIPPED_NAMES["dit"], vae: str = SHIPPED_NAMES["vae"],
-                       llm: str = SHIPPED_NAMES["llm"], clip: str = SHIPPED_NAMES["clip"]) -> EvalModels:
-    return EvalModels(load_video_model(model), load_video_vae(vae), load_text_encoders(llm, clip), label=model)
+                       llm: str = SHIPPED_NAMES["llm"], clip: str = SHIPPED_NAMES["clip"],
+                       loras: list[tuple[str, float]] = ()) -> EvalModels:
+    """The family's models; `loras` [(file in loras/ or a path, strength)] go onto the transformer in order, through
+    the Load LoRA node's path (runtime/lora.py)."""
+    net = load_video_model(model)
+    text = load_text_encoders(llm, clip)
+    label = model
+    if loras:
+        from .lora import apply_lora
+
+        for name, strength in loras:
+            net = apply_lora(net, name, strength)
+            label += f" + {Path(name).name}" + ("" if strength == 1.0 else f":{strength:g}")
+            taught = trigger_words(name)
+            if taught and text.vocabulary is not None:  # words the LoRA taught the shipped model are known now
+                text = dataclasses.replace(text, vocabulary=Vocabulary(text.vocabulary.words | set(taught)))
+    return EvalModels(net, load_video_vae(vae), text, label=label)
 
 
 def load_animatediff(checkpoint: str = ANIMATEDIFF_CHECKPOINT, motion_module: str | None = ANIMATEDIFF_MOTION_MODULE,
@@ -139,16 +185,20 @@ def reconstruct_clip(models: EvalModels, clip: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: EvalSettings, heldout: int = 60,
-             save_dir: str | Path | None = None, reconstruct: bool = False) -> dict:
+             save_dir: str | Path | None = None, reconstruct: bool = False, concept: str = "") -> dict:
     """Generate (or, with `reconstruct`, round-trip the held-out clips through the VAE) and judge; returns
-    {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}."""
+    {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}. With `concept` (a concept colour,
+    shapes/attributes.py) the held-out set is that concept's (every first shape in its colour) and the judge tells
+    the concept colour from the palette; without it, the standard held-out set and palette."""
     specs = None
-    if reconstruct and prompts is not None:
-        raise KineFlowError("reconstruction judges the built-in held-out clips, which a prompt file cannot "
-                            "describe; leave out the prompt file")
+    if (reconstruct or concept) and prompts is not None:
+        raise KineFlowError(f"{'reconstruction' if reconstruct else 'a concept evaluation'} judges built-in held-out "
+                            "clips, which a prompt file cannot describe; leave out the prompt file")
+    palette = concept_palette(concept) if concept else PALETTE_NAMES
     if prompts is None:
         # AnimateDiff's 16 frames are the first 16 of 17, as in its trainer.
-        pairs = heldout_prompts(heldout, settings.seed, frames=frames_to_render(settings.frames), height=settings.height, width=settings.width)
+        pairs = heldout_prompts(heldout, settings.seed, frames=frames_to_render(settings.frames), height=settings.height,
+                                width=settings.width, concept=concept)
         prompts, specs = [p for p, _ in pairs], [s for _, s in pairs]
         expected = [expected_from_spec(s) for s in specs]
     else:
@@ -160,15 +210,21 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: 
             frames = reconstruct_clip(models, clip_tensor(specs[i])[:settings.frames])
         else:
             frames = generate_clip(models, prompt, settings, seed=settings.seed + i)
-        verdicts.append(judge(frames))
+        verdicts.append(judge(frames, palette))
         if save_dir is not None:
             write_video(frames, Path(save_dir) / f"eval_{i:03d}.mp4", fps=8.0, format="mp4")
         bar.update(1)
     scores = score(verdicts, expected)
+    adherence = colour_adherence(verdicts, expected, concept) if concept else None
     consistency = [v.temporal_consistency for v in verdicts if v.primary is not None]
     return {
         "models": models.label,
         "mode": "reconstruct" if reconstruct else "generate",
+        "concept": concept or None,
+        # The concept colour's figure: shapes asked for in it that were drawn in it (the other shapes of two-shape
+        # prompts are palette colours, scored under "accuracy" with the rest).
+        "concept_colour": None if adherence is None else {"accuracy": adherence.accuracy,
+                                                           "correct": adherence.correct, "scored": adherence.scored},
         "latent_format": models.vae.latent_format.name,
         "prompts": len(prompts),
         "settings": settings.__dict__,
@@ -197,12 +253,19 @@ def format_report(result: dict) -> str:
                  f"{run['width']}x{run['height']}, {run['frames']} frames"]
     else:
         settings = describe_settings(EvalSettings(**run), flow_shift=result["latent_format"] == "hunyuan_video")
-        lines = [f"{result['models']}: {result['prompts']} prompts, {settings}"]
+        concept = result.get("concept")
+        which = f"held-out prompts of the concept '{concept}'" if concept else "prompts"
+        lines = [f"{result['models']}: {result['prompts']} {which}, {settings}"]
     lines.append(f"{'attribute':<14}{'accuracy':>9}{'correct':>9}{'scored':>8}")
     for attribute, acc in result["accuracy"].items():
         c = result["counts"][attribute]
         shown = "-" if acc is None else f"{acc:.1%}"
         lines.append(f"{attribute:<14}{shown:>9}{c['correct']:>9}{c['scored']:>8}")
+    concept = result.get("concept_colour")
+    if concept is not None:
+        shown = "-" if concept["accuracy"] is None else f"{concept['accuracy']:.1%}"
+        lines.append(f"{result['concept'] + ' shapes':<14}{shown:>9}{concept['correct']:>9}{concept['scored']:>8}"
+                     f"  (drawn in the concept colour)")
     tc = result["temporal_consistency"]
     lines.append(f"temporal consistency: {'-' if tc is None else f'{tc:.3f}'}")
     if result["unknown_words"]:

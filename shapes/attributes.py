@@ -18,6 +18,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (235, 235, 235),
     "black": (20, 20, 20),
 }
+# Colours outside the palette, each a concept a LoRA can teach the shipped tiny model (training/train_lora.py). They
+# are never drawn in the base model's clips nor in its held-out set (which iterate COLOURS only); a concept clip gives
+# its first shape the concept's colour over a palette background. Orange sits between red and yellow, ~0.4 from each
+# in 0..1 units and far from the rest, so the judge tells it from both.
+CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "orange": (235, 130, 20),
+}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Unit vectors in image coordinates (x to the right, y downwards).
 _D = 1.0 / math.sqrt(2.0)

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import KineFlowError
-from .attributes import COLOURS, DIRECTIONS, GROWTH_FACTOR, SCALE_CHANGES, SHAPES
+from .attributes import CONCEPT_COLOURS, COLOURS, DIRECTIONS, GROWTH_FACTOR, SCALE_CHANGES, SHAPES
+
+# Every colour a shape may have: the palette and the concept colours (a background is always a palette colour).
+SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **CONCEPT_COLOURS}
 
 HELDOUT_FRACTION = 0.15
 
@@ -73,7 +76,7 @@ def frames_to_render(frames: int) -> int:
 @dataclass(frozen=True)
 class ShapeSpec:
     kind: str  # one of SHAPES
-    colour: str  # one of COLOURS
+    colour: str  # one of COLOURS, or of CONCEPT_COLOURS in a concept clip
     x: float  # centre on the first frame, fraction of the width
     y: float  # centre on the first frame, fraction of the height
     size: float  # half-extent on the first frame, fraction of the shorter side
@@ -84,7 +87,7 @@ class ShapeSpec:
     def __post_init__(self):
         for value, allowed, what in (
             (self.kind, SHAPES, "shape"),
-            (self.colour, COLOURS, "colour"),
+            (self.colour, SHAPE_COLOURS, "colour"),
             (self.direction, DIRECTIONS, "direction"),
             (self.scale_change, SCALE_CHANGES, "scale change"),
         ):
@@ -247,7 +250,7 @@ def render(spec: ClipSpec) -> np.ndarray:
     out[:] = np.asarray(COLOURS[spec.background], dtype=np.float32)
     for shape in spec.shapes:
         alpha = _coverage(shape, f, h, w)[..., None]
-        colour = np.asarray(COLOURS[shape.colour], dtype=np.float32)
+        colour = np.asarray(SHAPE_COLOURS[shape.colour], dtype=np.float32)
         out += alpha * (colour - out)
     return np.rint(out).astype(np.uint8)
 
@@ -275,6 +278,18 @@ def combos(split: str) -> tuple[tuple[str, str, str, str], ...]:
     )
 
 
+@lru_cache(maxsize=None)
+def concept_combos(concept: str, split: str) -> tuple[tuple[str, str, str, str], ...]:
+    """The (colour, shape, direction, background) combinations of a concept colour's split, split by the same hash
+    as the palette's, so a concept's held-out prompts are combinations its training never drew."""
+    if concept not in CONCEPT_COLOURS:
+        raise KineFlowError(f"unknown concept {concept!r}; expected one of {list(CONCEPT_COLOURS)}")
+    if split not in ("train", "heldout"):
+        raise KineFlowError(f"split must be 'train' or 'heldout'; got {split!r}")
+    return tuple((concept, k, d, b) for k in SHAPES for d in DIRECTIONS for b in COLOURS
+                 if combo_is_heldout(concept, k, d, b) == (split == "heldout"))
+
+
 def spec_split(spec: ClipSpec) -> str:
     """'heldout' if any shape of the clip uses a held-out combination, else 'train'."""
     held = any(combo_is_heldout(s.colour, s.kind, s.direction, spec.background) for s in spec.shapes)
@@ -290,10 +305,13 @@ def sample_spec(
     width: int = 64,
     two_shape_prob: float = 0.25,
     scale_change_prob: float = 0.4,
+    concept: str = "",
 ) -> ClipSpec:
-    """Draw a random clip of the split. Two-shape clips have no scale change (kept simple for a tiny model)."""
+    """Draw a random clip of the split. Two-shape clips have no scale change (kept simple for a tiny model).
+    With `concept` (a CONCEPT_COLOURS name) the first shape has that colour, from the concept's combinations."""
     validate_frames(frames)
-    colour, kind, direction, background = combos(split)[rng.integers(len(combos(split)))]
+    table = concept_combos(concept, split) if concept else combos(split)
+    colour, kind, direction, background = table[rng.integers(len(table))]
     two = rng.random() < two_shape_prob
     if two:
         scale = "none"
@@ -470,10 +488,13 @@ class ShapesVideoDataset(torch.utils.data.Dataset):
     two_shape_prob: float = 0.25
     scale_change_prob: float = 0.4
     caption_templates: str = ""  # "" -> "train" for the train split, "any" for held-out
+    concept: str = ""  # a CONCEPT_COLOURS name: every clip's first shape has that colour (see sample_spec)
 
     def __post_init__(self):
         validate_frames(self.frames)
         combos(self.split)  # validates the split name
+        if self.concept:
+            concept_combos(self.concept, self.split)  # validates the concept name
         if not self.caption_templates:
             self.caption_templates = "train" if self.split == "train" else "any"
 
@@ -493,6 +514,7 @@ class ShapesVideoDataset(torch.utils.data.Dataset):
             width=self.width,
             two_shape_prob=self.two_shape_prob,
             scale_change_prob=self.scale_change_prob,
+            concept=self.concept,
         )
         return spec, caption(spec, rng, self.caption_templates)
 

@@ -33,11 +33,24 @@ import numpy as np
 import torch
 
 from ..errors import KineFlowError
-from .dataset import COLOURS, GROWTH_FACTOR
+from .dataset import COLOURS, GROWTH_FACTOR, SHAPE_COLOURS
 from .prompts import UNKNOWN, ObjectAttributes, PromptAttributes
 
 PALETTE_NAMES = tuple(COLOURS)
 PALETTE = np.asarray([COLOURS[n] for n in PALETTE_NAMES], dtype=np.float32) / 255.0
+
+
+def concept_palette(*concepts: str) -> tuple[str, ...]:
+    """The colour names the judge tells apart when scoring concept clips: the palette and those concept colours."""
+    unknown = [c for c in concepts if c not in SHAPE_COLOURS]
+    if unknown:
+        raise KineFlowError(f"unknown colour(s) {unknown}; the judge knows {list(SHAPE_COLOURS)}")
+    return PALETTE_NAMES + tuple(c for c in dict.fromkeys(concepts) if c not in PALETTE_NAMES)
+
+
+def _palette_rgb(names: tuple[str, ...]) -> np.ndarray:
+    return PALETTE if names == PALETTE_NAMES else \
+        np.asarray([SHAPE_COLOURS[n] for n in names], dtype=np.float32) / 255.0
 CORE_RATIO = 0.6  # nearest / second-nearest palette distance below which a pixel is a "core" colour pixel
 MIN_OBJECT_FRACTION = 0.1  # of the largest object's core pixel count
 MIN_OBJECT_PIXELS = 0.001  # of the frame, per frame (and at least 4 pixels)
@@ -128,18 +141,18 @@ def _lut_index(pixels: np.ndarray) -> np.ndarray:
     return (q[:, 0] << (2 * LUT_BITS)) | (q[:, 1] << LUT_BITS) | q[:, 2]
 
 
-@lru_cache(maxsize=1)
-def _palette_tables() -> tuple[np.ndarray, np.ndarray]:
-    """For every quantised RGB cell: index of the nearest palette colour, and whether the pixel is "core"."""
+@lru_cache(maxsize=4)
+def _palette_tables(names: tuple[str, ...] = PALETTE_NAMES) -> tuple[np.ndarray, np.ndarray]:
+    """For every quantised RGB cell: index of the nearest colour of `names`, and whether the pixel is "core"."""
     levels = (np.arange(1 << LUT_BITS, dtype=np.float32) + 0.5) / (1 << LUT_BITS)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
-    dist2 = _squared_distances(grid, PALETTE)
+    dist2 = _squared_distances(grid, _palette_rgb(names))
     two_smallest = np.partition(dist2, 1, axis=1)[:, :2]
     return np.argmin(dist2, axis=1), two_smallest[:, 0] < CORE_RATIO**2 * two_smallest[:, 1]
 
 
-def _nearest_palette(rgb: np.ndarray) -> str:
-    return PALETTE_NAMES[int(np.argmin(np.linalg.norm(PALETTE - rgb, axis=1)))]
+def _nearest_palette(rgb: np.ndarray, names: tuple[str, ...] = PALETTE_NAMES) -> str:
+    return names[int(np.argmin(np.linalg.norm(_palette_rgb(names) - rgb, axis=1)))]
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -281,8 +294,9 @@ def _judge_object(
     )
 
 
-def judge(clip) -> Verdict:
-    """Judge one clip: float [F, H, W, 3] in 0..1 (numpy or torch) or uint8; a single [H, W, 3] image is one frame."""
+def judge(clip, palette: tuple[str, ...] = PALETTE_NAMES) -> Verdict:
+    """Judge one clip: float [F, H, W, 3] in 0..1 (numpy or torch) or uint8; a single [H, W, 3] image is one frame.
+    `palette`: the colour names to tell apart (`concept_palette(...)` adds concept colours to the palette)."""
     x = _as_float_clip(clip)
     f, h, w, _ = x.shape
     if h < 8 or w < 8:
@@ -291,14 +305,14 @@ def judge(clip) -> Verdict:
     edges = (x[:, :border], x[:, -border:], x[:, :, :border], x[:, :, -border:])
     ring = np.concatenate([e.reshape(-1, 3) for e in edges])
     bg_rgb = np.median(ring, axis=0)
-    bg_name = _nearest_palette(bg_rgb)
+    bg_name = _nearest_palette(bg_rgb, palette)
 
     pixels = x.reshape(-1, 3)
-    nearest_lut, core_lut = _palette_tables()
+    nearest_lut, core_lut = _palette_tables(tuple(palette))
     cell = _lut_index(pixels)
     nearest = nearest_lut[cell]
-    core = core_lut[cell] & (nearest != PALETTE_NAMES.index(bg_name))
-    counts = np.bincount(nearest[core], minlength=len(PALETTE_NAMES))
+    core = core_lut[cell] & (nearest != palette.index(bg_name))
+    counts = np.bincount(nearest[core], minlength=len(palette))
     min_count = max(MIN_OBJECT_FRACTION * counts.max(), f * max(4.0, MIN_OBJECT_PIXELS * h * w))
     found = [i for i in np.argsort(-counts) if counts[i] >= min_count]
     if not found:
@@ -314,7 +328,7 @@ def judge(clip) -> Verdict:
             axis = colours[k - 1] - bg_rgb
             alpha = ((x - bg_rgb) @ axis / max(float(axis @ axis), 1e-6))
             allowed = (assign == 0) | (assign == k)
-            objects.append(_judge_object(PALETTE_NAMES[i], colours[k - 1], masks, alpha, allowed, min(h, w)))
+            objects.append(_judge_object(palette[i], colours[k - 1], masks, alpha, allowed, min(h, w)))
     objects.sort(key=lambda o: -o.mean_area)
     return Verdict(bg_name, tuple(float(c) for c in bg_rgb), tuple(objects))
 
@@ -367,4 +381,17 @@ def score(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes]) -> 
             got = _match(verdict, exp, index, want)
             for attribute in ("colour", "shape", "direction", "scale_change"):
                 tally(attribute, getattr(want, attribute), getattr(got, attribute) if got else None)
+    return result
+
+
+def colour_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes], colour: str) -> AttributeScore:
+    """How often a shape asked for in `colour` was drawn in it (matched as `score` matches shapes): a concept
+    colour's own figure, apart from the other shapes of its prompts."""
+    result = AttributeScore()
+    for verdict, exp in zip(verdicts, expected, strict=True):
+        for index, want in enumerate(exp.objects):
+            if want.colour == colour:
+                got = _match(verdict, exp, index, want)
+                result.scored += 1
+                result.correct += int(got is not None and got.colour == colour)
     return result

@@ -44,15 +44,17 @@ def expected_from_spec(spec: ClipSpec) -> PromptAttributes:
 
 
 def heldout_prompts(
-    n: int, seed: int = 0, *, frames: int = 9, height: int = 64, width: int = 64
+    n: int, seed: int = 0, *, frames: int = 9, height: int = 64, width: int = 64, concept: str = ""
 ) -> list[tuple[str, ClipSpec]]:
-    """n (prompt, spec) pairs on held-out attribute combinations; about half use held-out sentence templates."""
+    """n (prompt, spec) pairs on held-out attribute combinations; about half use held-out sentence templates.
+    With `concept` (a concept colour, shapes/attributes.py) every prompt's first shape has that colour: the
+    concept's own held-out set; without it, the standard set the shipped models are scored on."""
     if n < 0:
         raise KineFlowError(f"number of prompts must be >= 0; got {n}")
     rng = np.random.default_rng([seed, 104729])
     out = []
     for i in range(n):
-        spec = sample_spec(rng, "heldout", frames=frames, height=height, width=width)
+        spec = sample_spec(rng, "heldout", frames=frames, height=height, width=width, concept=concept)
         out.append((caption(spec, rng, "heldout" if i % 2 else "train"), spec))
     return out
 

@@ -207,6 +207,58 @@ class DiTSettings:
             raise KineFlowError(f"--size must be a positive multiple of {unit} (8 x --patch-size); got {self.size}")
 
 
+@dataclass
+class LoraSettings:
+    """`lora`: a LoRA teaching an exported tiny model a concept colour (training/train_lora.py)."""
+
+    concept: str = _opt("orange", "the new colour word to teach (shapes/attributes.py CONCEPT_COLOURS)",
+                        choices=tuple(shapes.CONCEPT_COLOURS))
+    base: str = _opt("", "exported models folder whose transformer, VAE and text encoders the LoRA is trained "
+                         "on ('' = the pack's shipped weights/)")
+    rank: int = _opt(8, "LoRA rank (the file is ~74 KB per rank unit in fp16 with the default targets)")
+    alpha: float = _opt(8.0, "LoRA alpha: the update is up @ down * alpha / rank (kohya / musubi semantics)")
+    targets: str = _opt("blocks+text", "layers that get a LoRA: 'blocks' (every linear of the double and single "
+                                       "blocks) or 'blocks+text' (also the text refiner txt_in and the CLIP vector_in, "
+                                       "which read the prompt)", choices=("blocks", "blocks+text"))
+    steps: int = _opt(800, "optimizer steps (a resumed run continues up to this)")
+    batch_size: int = _opt(16, "latents per step")
+    concept_fraction: float = _opt(0.5, "share of each batch drawn from the concept's clips; the rest are the base "
+                                        "model's own training clips, so the rest of what it draws stays as it was")
+    lr: float = _opt(1e-3, "AdamW learning rate of the LoRA weights (after a linear warm-up)")
+    warmup: int = _opt(50, "warm-up steps")
+    decay_steps: int = _opt(200, DECAY_STEPS_HELP)
+    concept_clips: int = _opt(600, "concept clips (train split of the concept's combinations) encoded into the cache")
+    base_clips: int = _opt(600, "base training clips encoded into the cache (the regularising share)")
+    two_shape_prob: float = _opt(0.3, "fraction of the cached clips with two shapes")
+    size: int = _opt(128, "width and height of the clips (the base transformer's training size)")
+    caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
+    foreground_weight: float = _opt(16.0, "extra loss weight of the latent cells a shape covers or borders "
+                                          "(the shipped transformer's last fine-tune used 16)")
+    later_frame_weight: float = _opt(1.0, "loss weight of the latent frames after the first")
+    shift: float = _opt(3.0, "flow shift applied to the sampled sigma")
+    sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
+                               choices=("logit_normal", "uniform"))
+    seed: int = _opt(11, "seed of the clips, batches, noise and the LoRA's initialisation")
+    dtype: str = _opt("fp16", "dtype of the exported LoRA file", choices=tuple(DTYPES))
+    save_every: int = _opt(100, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise KineFlowError(f"--rank must be >= 1; got {self.rank}")
+        if not 0.0 < self.concept_fraction <= 1.0:
+            raise KineFlowError(f"--concept-fraction must be in (0, 1]; got {self.concept_fraction}")
+        if self.size < 16 or self.size % 16:
+            raise KineFlowError(f"--size must be a positive multiple of 16; got {self.size}")
+
+
+def _train_lora(run_dir: Path, settings: LoraSettings, *, resume: bool = False,
+                budget: Budget | None = None) -> StageResult:
+    from .train_lora import train_lora  # it builds on this module's loop and losses
+
+    return train_lora(run_dir, settings, resume=resume, budget=budget)
+
+
 # Settings that may change between a run and its resumption (everything else must match the checkpoint).
 FREE_SETTINGS = ("steps", "encoder_steps", "decoder_steps", "decay_steps", "save_every", "log_every")
 
@@ -1292,6 +1344,8 @@ STAGES = (
     Stage("dit", "dit-", DiTSettings, train_dit, "train the transformer"),
     Stage("vae-adapt", "adapt-", AdaptSettings, adapt_vae,
           "adapt the decoder to the transformer's latents (after 'dit' and an export)", in_all=False),
+    Stage("lora", "lora-", LoraSettings, _train_lora,
+          "a LoRA teaching an exported model a new colour word (kohya/musubi file in RUN/lora/)", in_all=False),
 )
 
 

@@ -1,0 +1,263 @@
+"""The `lora` stage: teach an exported tiny HunyuanVideo model a colour word it never saw, with a LoRA on its transformer.
+
+    python -m kineflow.training.train lora --run-dir runs/orange_lora --threads 1 [--concept orange] [--resume]
+
+The base model (default: the pack's shipped weights/) stays frozen: transformer, VAE and text encoders are read from
+its files; only the LoRA's `down` [rank, in] and `up` [out, rank] matrices train, on every linear layer of the
+transformer's blocks (and, with the default `--targets blocks+text`, of its text refiner `txt_in` and CLIP projection
+`vector_in`, the layers that read the prompt). Each layer computes `W x + up (down x) * alpha / rank`; `up` starts at
+zero, so step 0 is exactly the base model.
+
+Data: clips whose first shape has the concept colour (shapes/dataset.py `concept`; the concept's own train split of
+colour x shape x direction x background, its held-out combinations never drawn), plus the base model's own training
+clips (the palette only) as `--concept-fraction`'s complement of every batch, so that what the model already draws
+stays as it was. Latents (the base VAE) and text conditioning (the base text encoders, through the runtime's loader,
+exactly as Text Encode computes it at sampling time) are computed once into `RUN/lora/cache.pt`. The loss is the
+transformer's flow-matching loss (train.py `dit_loss`).
+
+What the text encoders make of the concept word: the tiny LLaMA's word-level tokenizer knows only the caption words,
+so `orange` becomes `[UNK]`; CLIP's full CLIP-L tokenizer has a token for it, but its pooled vector (all the
+transformer reads of CLIP) moves little between colour words. The transformer therefore learns "an unknown word where
+a colour belongs means orange" from the LLaMA stream: a LoRA of one concept colour also paints shapes of other unknown
+colour words orange (training/README.md, "LoRA: a new colour word").
+
+Resumable like the other stages (`--resume`; randomness of step k from (seed, "lora", k)); at the end the LoRA is
+written in the kohya / musubi-tuner layout the Load LoRA node reads (`export_lora`):
+`RUN/lora/kineflow_tiny_<concept>_lora.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import KineFlowError
+from ..models import hunyuan_video_dit as dit_mod
+from ..models.hunyuan_video_vae import HunyuanVideoVAE
+from ..models.lora import KOHYA_PREFIX
+from ..runtime.media import atomic_write
+from ..shapes import dataset as shapes
+from .common import Budget, file_digest, step_rngs
+from .tiny_models import save_safetensors, tiny_family
+from .train import (DTYPES, LoraSettings, StageResult, _pad_text, base_file, dit_loss, encoder_digest, run_loop,
+                    trainable_dit, video_batch)
+
+STAGE = "lora"
+TARGET_ROOTS = {"blocks": ("double_blocks.", "single_blocks."),
+                "blocks+text": ("double_blocks.", "single_blocks.", "txt_in.", "vector_in.")}
+
+
+def lora_file_name(concept: str) -> str:
+    return f"kineflow_tiny_{concept}_lora.safetensors"
+
+
+def base_dir(settings: LoraSettings) -> Path:
+    if settings.base:
+        return Path(settings.base)
+    from ..runtime.host import SHIPPED_WEIGHTS_DIR
+
+    return SHIPPED_WEIGHTS_DIR
+
+
+# --------------------------------------------------------------------------- the LoRA modules
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus `up @ down * scale` (the parameters live in the LoraNetwork)."""
+
+    def __init__(self, base: nn.Linear, network: LoraNetwork, key: str):
+        super().__init__()
+        self.base = base
+        self.key = key
+        object.__setattr__(self, "network", network)  # not a child: the network's state dict holds the LoRA
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.network.down[self.key], self.network.up[self.key]
+        return self.base(x) + F.linear(F.linear(x, down), up) * self.network.scale
+
+
+class LoraNetwork(nn.Module):
+    """The trainable LoRA of a transformer: {kohya key: down, up}, keyed by the module path with dots as underscores
+    (the kohya / musubi-tuner names without their `lora_unet_` prefix)."""
+
+    def __init__(self, net: nn.Module, roots: tuple[str, ...], rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
+        self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
+        self.modules_by_key: dict[str, str] = {}
+        targets = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear) and name.startswith(roots)]
+        if not targets:
+            raise KineFlowError(f"the transformer has no linear layer under {roots}")
+        for name, linear in targets:
+            key = name.replace(".", "_")
+            out_features, in_features = linear.weight.shape
+            down = torch.empty(rank, in_features)
+            bound = 1.0 / in_features ** 0.5  # kaiming-uniform(a=sqrt(5)) bound, as nn.Linear and LoRA use
+            down.uniform_(-bound, bound, generator=generator)
+            self.down[key] = nn.Parameter(down)
+            self.up[key] = nn.Parameter(torch.zeros(out_features, rank))
+            self.modules_by_key[key] = name
+            parent_name, _, child = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, child, LoraLinear(linear, self, key))
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lora_tensors(network: LoraNetwork, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The LoRA in the kohya / musubi-tuner layout: `lora_unet_<module path with _>.lora_down.weight` [rank, in],
+    `.lora_up.weight` [out, rank] and `.alpha` (a scalar: the update is up @ down * alpha / rank)."""
+    out = {}
+    for key in network.modules_by_key:
+        name = KOHYA_PREFIX + key
+        out[f"{name}.lora_down.weight"] = network.down[key].detach().to(dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = network.up[key].detach().to(dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(network.alpha, dtype=dtype)
+    return out
+
+
+def export_lora(network: LoraNetwork, path: Path, settings: LoraSettings, *, base_dit: Path, steps: int,
+                train_seconds: float) -> Path:
+    """Write the LoRA file with metadata naming its base model and concept (kohya's `ss_*` keys where they
+    exist, the full record under `kineflow.lora`)."""
+    record = {"concept": settings.concept, "trigger_words": [settings.concept],
+              "base_model": base_dit.name, "base_model_sha256": file_digest(base_dit),
+              "steps": steps, "train_seconds": round(train_seconds, 1), "settings": dataclasses.asdict(settings)}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(network.rank),
+        "ss_network_alpha": f"{network.alpha:g}",
+        "ss_base_model_version": "hunyuan_video",
+        "ss_training_comment": f"KineFlow tiny HunyuanVideo LoRA: the colour word '{settings.concept}'",
+        "kineflow.lora": json.dumps(record),
+    }
+    return save_safetensors(lora_tensors(network, DTYPES[settings.dtype]), path, metadata)
+
+
+# --------------------------------------------------------------------------- the frozen base model
+def load_base_dit(path: Path) -> dit_mod.HunyuanVideoDiT:
+    """The exported transformer as a trainable module (fp32), every weight frozen."""
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    net = trainable_dit(dit_mod.config_from_state_dict(state))
+    net.load_state_dict(state)
+    net.requires_grad_(False)
+    return net.eval()
+
+
+def load_base_vae(models_dir: Path) -> HunyuanVideoVAE:
+    from safetensors import safe_open
+
+    path = base_file(models_dir, "vae")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "scaling_factor" not in meta:
+        raise KineFlowError(f"{path} has no scaling_factor metadata: the lora stage takes a folder this trainer's "
+                            "`export` wrote")
+    config = dataclasses.replace(tiny_family(1).vae, scaling_factor=float(meta["scaling_factor"]),
+                                 norm_num_groups=int(meta.get("norm_num_groups", tiny_family(1).vae.norm_num_groups)))
+    vae = HunyuanVideoVAE(config)
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return vae.eval()
+
+
+def build_cache(run_dir: Path, settings: LoraSettings, models_dir: Path, batch: int = 8) -> dict:
+    """Latents and text conditioning of `concept_clips` concept clips, then `base_clips` base clips, and of the empty
+    prompt (the cache `dit_loss` reads); rebuilt when the settings or base files it came from change."""
+    path = run_dir / STAGE / "cache.pt"
+    llm, clip = base_file(models_dir, "llm"), base_file(models_dir, "clip")
+    vae = load_base_vae(models_dir)
+    key = {"concept": settings.concept, "concept_clips": settings.concept_clips, "base_clips": settings.base_clips,
+           "two_shape_prob": settings.two_shape_prob, "size": settings.size, "seed": settings.seed,
+           "dataset": shapes.DATASET_VERSION, "vae_encoder": encoder_digest(vae),
+           "text": hashlib.sha256("".join(file_digest(p) for p in (llm / "model.safetensors", llm / "tokenizer.json",
+                                                                   clip)).encode()).hexdigest()}
+    if path.exists():
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if cache["key"] == key:
+            return cache
+    from ..runtime.video_models import load_text_encoders
+
+    text = load_text_encoders(str(llm), str(clip))
+    parts = [shapes.ShapesVideoDataset(length=settings.concept_clips, seed=settings.seed, split="train",
+                                       concept=settings.concept, two_shape_prob=settings.two_shape_prob,
+                                       height=settings.size, width=settings.size),
+             shapes.ShapesVideoDataset(length=settings.base_clips, seed=settings.seed + 1, split="train",
+                                       two_shape_prob=settings.two_shape_prob, height=settings.size,
+                                       width=settings.size)]
+    from .common import TrainProgress
+
+    total = settings.concept_clips + settings.base_clips
+    latents, states, masks, pooled, captions = [], [], [], [], []
+    bar = TrainProgress("lora cache", 0, total)
+    with torch.no_grad():
+        for data in parts:
+            for start in range(0, len(data), batch):
+                video, texts = video_batch(data, range(start, min(start + batch, len(data))))
+                latents.append(vae.encode_latents(video))
+                encoded = text.encode(texts)
+                states.append(encoded["text_states"].float())
+                masks.append(encoded["text_mask"])
+                pooled.append(encoded["text_states_2"].float())
+                captions += texts
+                bar.update(len(captions), 0.0, force=False)
+        bar.close()
+        uncond = text.encode([""])
+    length = max(int(m.sum(dim=1).max()) for m in masks + [uncond["text_mask"]])
+    states, masks = zip(*(_pad_text(s, m, length) for s, m in zip(states, masks)))
+    u_states, u_mask = _pad_text(uncond["text_states"].float(), uncond["text_mask"], length)
+    cache = {"key": key, "latents": torch.cat(latents), "text_states": torch.cat(states),
+             "text_mask": torch.cat(masks), "text_states_2": torch.cat(pooled), "uncond_states": u_states,
+             "uncond_mask": u_mask, "uncond_states_2": uncond["text_states_2"].float(), "captions": captions,
+             "concept_clips": settings.concept_clips}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save(cache, tmp)
+    return cache
+
+
+def batch_indices(rng: np.random.Generator, settings: LoraSettings, concept_count: int, total: int) -> np.ndarray:
+    """One step's cache rows: round(batch x concept_fraction) concept clips, the rest base clips."""
+    n_concept = max(1, round(settings.batch_size * settings.concept_fraction))
+    if total == concept_count:
+        n_concept = settings.batch_size
+    concept = rng.integers(0, concept_count, n_concept)
+    base = rng.integers(concept_count, total, settings.batch_size - n_concept)
+    return np.concatenate([concept, base])
+
+
+def train_lora(run_dir: Path, settings: LoraSettings, *, resume: bool = False,
+               budget: Budget | None = None) -> StageResult:
+    run_dir = Path(run_dir)
+    models_dir = base_dir(settings)
+    if settings.concept_clips < 1:
+        raise KineFlowError(f"--concept-clips must be >= 1; got {settings.concept_clips}")
+    if settings.concept_fraction < 1.0 and settings.base_clips < 1:
+        raise KineFlowError("--base-clips must be >= 1 unless --concept-fraction is 1")
+    base_dit = base_file(models_dir, "dit")
+    cache = build_cache(run_dir, settings, models_dir)
+    net = load_base_dit(base_dit)
+    generator = torch.Generator().manual_seed(settings.seed)
+    network = LoraNetwork(net, TARGET_ROOTS[settings.targets], settings.rank, settings.alpha, generator)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=0.0)
+    concept_count, total = cache["concept_clips"], len(cache["latents"])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, gen = step_rngs(settings.seed, STAGE, step)
+        return dit_loss(net, cache, batch_indices(rng, settings, concept_count, total), gen, settings)
+
+    result = run_loop(STAGE, run_dir, network, optimizer, loss_fn, settings, resume=resume,
+                      budget=budget or Budget())
+    if result.finished:
+        path = export_lora(network, run_dir / STAGE / lora_file_name(settings.concept), settings, base_dit=base_dit,
+                           steps=result.step, train_seconds=result.train_seconds)
+        size = path.stat().st_size
+        print(f"lora: {path} ({size / 1e6:.3f} MB, rank {settings.rank}, {len(network.modules_by_key)} layers, "
+              f"{network.parameter_count()} parameters); copy it into your models folder's loras/")
+    return result
