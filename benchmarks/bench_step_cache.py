@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from kineflow.runtime import evaluation, generation, host
+from kineflow.runtime.cpu import cpu_name
 from kineflow.samplers import DEFAULT_STEP_CACHE_THRESHOLD
 from kineflow.samplers.step_cache import StepCacheOptions
 from kineflow.shapes.dataset import frames_to_render
@@ -36,14 +36,6 @@ from kineflow.shapes.prompts import expected_from_spec, heldout_prompts
 
 STEPS = {"hunyuan_video": 30, "animatediff": 20}
 SCORED = ("colour", "shape", "direction")
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def load(family: str) -> tuple[evaluation.EvalModels, nn.Module, nn.Module]:
@@ -127,7 +119,7 @@ def main() -> None:
     parser.add_argument("--family", choices=("hunyuan_video", "animatediff", "both"), default="both")
     parser.add_argument("-n", "--count", type=int, default=60, help="held-out prompts (default 60)")
     parser.add_argument("--thresholds", type=float, nargs="+",
-                        default=sorted({0.05, 0.1, DEFAULT_STEP_CACHE_THRESHOLD, 0.2}),
+                        default=sorted({0.05, 0.1, 0.15, 0.2, DEFAULT_STEP_CACHE_THRESHOLD}),
                         help="Step Cache thresholds to compare with uncached sampling")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import signal
 import sys
@@ -26,7 +27,7 @@ from typing import Callable, NamedTuple
 
 from ..errors import InputFileError, InterruptedRun, KineFlowError
 from ..models import ATTENTION_BACKENDS
-from . import files
+from . import cpu, files
 from .executor import (
     NodeExecutionError,
     WorkflowInvalid,
@@ -73,6 +74,22 @@ MODELS_DIR_HELP = ("folder with ComfyUI's model sub-folders (diffusion_models/, 
                    "$KINEFLOW_MODELS, else ./kineflow_models")
 
 
+THREADS_HELP = ("torch's CPU threads: N, auto (default: 1 while every model loaded is small, else one per core) or "
+                "torch (torch's own defaults); default $KINEFLOW_THREADS, else OMP_NUM_THREADS when set, else auto. "
+                "OpenMP waits passively (OMP_WAIT_POLICY=PASSIVE) unless you set OMP_WAIT_POLICY or give 'torch'")
+
+
+def _manage_threads(args: argparse.Namespace, ctx: Context) -> None:
+    """--threads / $KINEFLOW_THREADS -> runtime/cpu.py, before anything imports torch; the choice is one log line."""
+    requested = args.threads
+    if requested is None and os.environ.get("KINEFLOW_THREADS", "").strip():
+        try:
+            requested = cpu.parse_threads(os.environ["KINEFLOW_THREADS"])
+        except argparse.ArgumentTypeError as exc:
+            raise InputFileError(f"$KINEFLOW_THREADS: {exc}") from None
+    cpu.manage_threads(requested, ctx.stderr.write)
+
+
 INPUT_DIR_HELP = ("folder Load Video / Load Image read from (default ./input); a file path in the workflow must stay "
                   "inside it, a path given with --set may point anywhere")
 
@@ -110,13 +127,100 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", default=None,
                         help="compile the transformer's and UNet's blocks with torch.compile in the loaders left at "
                              "'auto' (default $KINEFLOW_COMPILE=1; the first run pays the compile time)")
+    parser.add_argument("--threads", type=cpu.parse_threads, metavar="N|auto|torch", help=THREADS_HELP)
+    par = parser.add_argument_group(
+        "parallel runs", "one run over several processes (torchrun semantics): the Sampler's transformer, context "
+        "windows and VAE decode are split over the ranks, and only rank 0 writes outputs (README: 'Several GPUs')")
+    par.add_argument("--nproc", type=_positive_int, metavar="N",
+                     help="start N processes on this machine, one per GPU (or sharing the CPU) and run the workflow "
+                          "over them")
+    par.add_argument("--nnodes", default="1", metavar="N|MIN:MAX",
+                     help="machines taking part, each running the same command with its own --nproc (needs "
+                          "--rdzv-endpoint); default 1")
+    par.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address shared by every machine")
+    par.add_argument("--rdzv-id", metavar="ID", help="run id shared by every machine of one run (default: a new one "
+                                                     "on one machine, 'kineflow' on several)")
+    par.add_argument("--rdzv-backend", default="c10d", help="rendezvous backend (torchrun's; default c10d)")
+    par.add_argument("--ulysses", type=_degree, default=0, metavar="N",
+                     help="Ulysses degree: ranks that split the transformer's attention heads (default: chosen)")
+    par.add_argument("--ring", type=_degree, default=0, metavar="N",
+                     help="ring-attention degree: ranks that split the video tokens' keys and values (default: "
+                          "chosen)")
+    par.add_argument("--cfg-parallel", type=_degree, default=0, metavar="N",
+                     help="1 or 2: ranks that split CFG's conditional and unconditional passes (default: 2 when "
+                          "cfg is not 1 and the ranks pair up)")
+    par.add_argument("--rank-timeout", type=float, metavar="SECONDS",
+                     help="how long a rank waits for the others in a collective before the run fails (default "
+                          "$KINEFLOW_RANK_TIMEOUT, else 60)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+def _degree(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (choose) or a number of ranks, got {text}")
+    return value
+
+
+def _launch(args: argparse.Namespace, ctx: Context) -> int:
+    """`run --nproc N` (or --nnodes): validate here, then start the workers (runtime/distributed.py)."""
+    from . import distributed, host
+
+    with host.configured(models_dir=args.models_dir, input_dir=args.input_dir, memory_budget=args.memory_budget,
+                         user_paths=override_paths(args.overrides)):
+        _, _, errors = prepare_prompt(args.file, overrides=args.overrides, node_classes=ctx.node_classes)
+    if errors:
+        raise WorkflowInvalid(errors)
+    distributed.timeout_seconds(args.rank_timeout)
+    device = host.parse_device(args.device) if args.device else None
+    if device is not None and device.type in ("meta", "mps"):
+        raise InputFileError("a dry run (--device meta) runs in one process, and MPS has no collectives; run it "
+                             "without --nproc" if device.type == "meta" else "runs over several processes need CUDA "
+                             "devices or the CPU; MPS has no collectives")
+    low, high = distributed.check_launch(args.nproc or 1, args.nnodes, args.rdzv_endpoint)
+    distributed.check_degrees(distributed.Degrees(args.ulysses, args.ring, args.cfg_parallel),
+                              (args.nproc or 1) * low if low == high else None)
+    run_parser = argparse.ArgumentParser(add_help=False)
+    _add_run_arguments(run_parser)
+    takes_value = {option for action in run_parser._actions if action.nargs != 0 for option in action.option_strings}
+    worker_argv = distributed.worker_arguments(args.argv, takes_value)
+    return distributed.launch(worker_argv, nproc=args.nproc or 1, nnodes=args.nnodes,
+                              rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                              rdzv_backend=args.rdzv_backend, debug=bool(getattr(args, "debug", False)),
+                              stderr=ctx.stderr)
 
 
 def _run(args: argparse.Namespace, ctx: Context) -> int:
+    from . import distributed, host
+
+    if args.nproc is not None and (args.nproc > 1 or args.nnodes != "1"):
+        return _launch(args, ctx)
+    if distributed.launched():  # a rank of a parallel run
+        try:
+            device = distributed.start(args.rank_timeout, distributed.Degrees(args.ulysses, args.ring,
+                                                                              args.cfg_parallel), args.device)
+            args.device = str(device)  # `cuda` becomes this rank's own cuda:LOCAL_RANK
+            if distributed.is_writer():
+                return _run_here(args, ctx)
+            with open(os.devnull, "w") as quiet, host.quiet():  # rank 0 reports for the run
+                return _run_here(args, Context(ctx._node_classes, quiet, quiet), progress=quiet)
+        finally:
+            distributed.stop()
+    return _run_here(args, ctx)
+
+
+def _run_here(args: argparse.Namespace, ctx: Context, progress=None) -> int:
     from . import host
 
     start = time.monotonic()
     _warn_if_missing_models_dir(args.models_dir, ctx)
+    _manage_threads(args, ctx)  # before torch is imported: OpenMP reads its environment once
     device = host.parse_device(args.device) if args.device else None
     if args.attention:
         from ..models import attention
@@ -125,7 +229,7 @@ def _run(args: argparse.Namespace, ctx: Context) -> int:
     options = dict(overrides=args.overrides, node_classes=ctx.node_classes, output_dir=args.output_dir,
                    models_dir=args.models_dir, input_dir=args.input_dir, device=device,
                    memory_budget=args.memory_budget, attention=args.attention, compile=args.compile,
-                   progress_stream=ctx.stderr)
+                   progress_stream=progress or ctx.stderr)
     if (device or host.compute_device()).type == "meta":
         from .plan import dry_run
 
@@ -134,6 +238,7 @@ def _run(args: argparse.Namespace, ctx: Context) -> int:
         ctx.stdout.write(plan.report(results))
         ctx.stderr.write(f"dry run: {len(results)} nodes in {time.monotonic() - start:.1f}s\n")
         return EXIT_OK
+    cpu.apply_threads()
     results = run_workflow(args.file, **options)
     saved = []
     for node_id, result in results.items():
@@ -300,7 +405,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="video height in pixels (default: --width if given, else the "
                                                    "shipped workflow's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step-cache", type=float, metavar="THRESHOLD",
+    parser.add_argument("--step-cache", type=_step_cache_threshold, metavar="THRESHOLD",
                         help="sample with the Step Cache node at this threshold (default: without it)")
     tiny = "(default: the shipped tiny model's)"
     hv = parser.add_argument_group("hunyuan_video models")
@@ -314,9 +419,19 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                                             "frame on its own")
     ad.add_argument("--motion-scale", type=float, default=1.0, help="motion module strength")
     parser.add_argument("--models-dir", help=MODELS_DIR_HELP)
+    parser.add_argument("--threads", type=cpu.parse_threads, metavar="N|auto|torch", help=THREADS_HELP)
     source.add_argument("--reconstruct", action="store_true",
                         help="judge the VAE alone: encode and decode the held-out clips themselves (what any "
                              "generator on this VAE can reach at best); loads only the VAE")
+    from ..shapes.attributes import CONCEPT_COLOURS  # plain Python: no torch at start-up
+
+    parser.add_argument("--concept", choices=tuple(CONCEPT_COLOURS),
+                        help="score the held-out prompts of a concept colour a LoRA teaches (every prompt's first "
+                             "shape in that colour; the judge also knows it) instead of the standard held-out set; "
+                             "with --reconstruct, the VAE's reconstructions of that concept's clips")
+    hv.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="apply a LoRA from loras/ (or a path) to the transformer, at STRENGTH (default 1); "
+                         "repeat to chain several")
     parser.add_argument("--save-dir", help="also write each generated video here as mp4")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of a table (with each prompt's expected and judged scene "
@@ -336,13 +451,27 @@ def _default_to_shipped_models(args: argparse.Namespace) -> None:
             setattr(args, option, name)
 
 
+def _step_cache_threshold(text: str) -> float:
+    """argparse type of --step-cache: a bad threshold is a usage error (exit 2), caught before any model loads."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"step cache threshold must be a finite number >= 0, got {text}")
+    return value
+
+
 def _eval(args: argparse.Namespace, ctx: Context) -> int:
     from dataclasses import replace
 
+    if args.lora and (args.family != "hunyuan_video" or args.reconstruct):
+        ctx.stderr.write("error: --lora applies a HunyuanVideo LoRA to the transformer; it needs --family "
+                         "hunyuan_video and a generating run (not --reconstruct)\n")
+        return EXIT_INVALID
+    _manage_threads(args, ctx)  # before torch is imported (evaluation and shapes.shipped import it)
     from . import evaluation, host
 
     _default_to_shipped_models(args)
     _warn_if_missing_models_dir(args.models_dir, ctx)
+    cpu.apply_threads()
     host.configure(models_dir=args.models_dir)
     prompts = evaluation.read_prompt_file(args.prompts) if args.prompts else None
     given = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
@@ -358,9 +487,10 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
         motion = None if args.motion_module.lower() == "none" else args.motion_module
         models = evaluation.load_animatediff(args.checkpoint, motion, args.motion_scale)
     else:
-        models = evaluation.load_hunyuan_video(args.model, args.vae, args.llm, args.clip)
+        models = evaluation.load_hunyuan_video(args.model, args.vae, args.llm, args.clip,
+                                               loras=[evaluation.parse_lora_option(o) for o in args.lora])
     result = evaluation.evaluate(models, prompts, heldout=args.count, settings=settings, save_dir=args.save_dir,
-                                 reconstruct=args.reconstruct)
+                                 reconstruct=args.reconstruct, concept=args.concept or "")
     ctx.stdout.write((evaluation.to_json(result) if args.json else evaluation.format_report(result)) + "\n")
     return EXIT_OK
 
@@ -399,9 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(ctx: Context, debug: bool, code: int, message: str) -> int:
+    from . import distributed
+
     if debug:
         ctx.stderr.write(traceback.format_exc())
-    ctx.stderr.write(f"error: {message}\n")
+    ctx.stderr.write(f"{distributed.message_prefix()}error: {message}\n")
     return code
 
 
@@ -451,14 +583,17 @@ def main(argv: list[str] | None = None, *, node_classes: dict | None = None, std
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help or a usage error; argparse has printed the message
         return EXIT_INVALID if exc.code not in (0, None) else EXIT_OK
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `run --nproc` hands it on to its workers
     stop = _StopSignals()
     try:
         code = _handle(args, ctx, stop)
+        stop.disarm()  # here, not only in `finally`: a signal arriving just before would raise inside `finally`
     except KeyboardInterrupt:  # a stop signal while a failure was being reported
         code = EXIT_INTERRUPTED
     finally:
         stop.disarm()
         files.remove_unfinished()
+        cpu.release_threads()
         if argv is not None:
             stop.restore()
     return SIGNAL_EXIT_BASE + stop.received if stop.received is not None else code
@@ -481,6 +616,11 @@ def _handle(args: argparse.Namespace, ctx: Context, stop: _StopSignals) -> int:
         return EXIT_FAILURE
     except (InterruptedRun, KeyboardInterrupt):
         by = f" by {signal.Signals(stop.received).name}" if stop.received not in (None, signal.SIGINT) else ""
+        from . import distributed
+
+        if distributed.launched() and stop.received == signal.SIGTERM:  # the agent stops the ranks this way
+            return _fail(ctx, debug, EXIT_INTERRUPTED, "stopped by the launcher (SIGTERM): another rank failed or "
+                                                       "the run was stopped; this rank wrote nothing.")
         return _fail(ctx, debug, EXIT_INTERRUPTED, f"interrupted{by}; nothing more was run.")
     except NodeExecutionError as exc:
         code = EXIT_INVALID if isinstance(exc.original, InputFileError) else EXIT_FAILURE

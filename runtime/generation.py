@@ -14,10 +14,12 @@ from ..models.hunyuan_video_vae import TilingOptions
 from ..samplers.context import ContextOptions, context_window_denoiser
 from ..samplers.guidance import make_cfg_denoiser
 from ..samplers.noise import seeded_noise, step_generators
+from ..samplers.prompt_schedule import latent_frame_weights, parse_schedule
+from ..samplers.prompt_travel import TravelDenoiser, combined_scope
 from ..samplers.sampling import sample
 from ..samplers.step_cache import StepCacheOptions, StepCacheRun
 from ..shapes.vocabulary import Vocabulary, unknown_words_message
-from . import host, previews
+from . import distributed, host, previews
 from ..errors import KineFlowError
 from .latent_formats import LATENT_FORMATS, check_video_size, video_memory_problem
 
@@ -43,6 +45,36 @@ def encode_prompts(text_encoder, prompt: str, negative_prompt: str = "") -> dict
     with torch.inference_mode():
         positive, negative = text_encoder.encode([prompt]), text_encoder.encode([negative_prompt])
     return {"positive": positive, "negative": negative}
+
+
+def encode_schedule(text_encoder, schedule: str, negative_prompt: str = "") -> dict:
+    """KINEFLOW_CONDITIONING for prompt travel: `encode_prompts` of the first keyframe's prompt (so the conditioning
+    also works where a schedule is not read), plus "travel": the parsed schedule and each keyframe's encoding. The
+    Sampler interpolates them per latent frame (samplers/prompt_travel.py)."""
+    parsed = parse_schedule(schedule)
+    conditioning = encode_prompts(text_encoder, parsed.prompts[0], negative_prompt)
+    encoded = [conditioning["positive"]]
+    for prompt in parsed.prompts[1:]:
+        if text_encoder.vocabulary is not None:
+            prompt = for_shipped_model(text_encoder.vocabulary, prompt)
+        with torch.inference_mode():
+            encoded.append(text_encoder.encode([prompt]))
+    conditioning["travel"] = {"schedule": parsed, "encoded": encoded}
+    return conditioning
+
+
+def _travel_denoiser(model, conditioning: dict, latent_frames: int, net_fn, negative, cfg: float,
+                     embedded_guidance: float, batch: int, device) -> TravelDenoiser | None:
+    """The denoiser of a prompt-travel run (None without a schedule): the keyframes' prompts interpolated per latent
+    frame, keyframes given in video frames (see samplers/prompt_schedule.py for the latent-frame mapping)."""
+    travel = conditioning.get("travel")
+    if travel is None:
+        return None
+    weights = latent_frame_weights(travel["schedule"], latent_frames, model.latent_format.temporal_ratio)
+    keyed = [_on(device, model.net_kwargs(_batched(encoded, batch), embedded_guidance, batch))
+             for encoded in travel["encoded"]]
+    return TravelDenoiser(model.model_sampling.wrap(net_fn), keyed, negative, cfg, weights,
+                          frame_text=getattr(model, "frame_text", False))
 
 
 def for_shipped_model(vocabulary: Vocabulary, prompt: str) -> str:
@@ -93,9 +125,12 @@ def sample_video(
     denoise: float = 1.0,
     context: ContextOptions | None = None,
     step_cache: StepCacheOptions | None = None,
+    parallel=None,
 ) -> dict:
     """Denoise `latent` under `conditioning`; denoise < 1 starts from the input latent (video-to-video).
-    `step_cache` skips the model's blocks on steps where they would change little (samplers/step_cache.py)."""
+    `step_cache` skips the model's blocks on steps where they would change little (samplers/step_cache.py).
+    In a run over several processes the work is split over them (runtime/distributed.py); `parallel`
+    (distributed.Degrees, from Parallel Options) sets the degrees."""
     samples = latent["samples"]
     fmt = model.latent_format
     if samples.ndim != 5 or samples.shape[1] != fmt.channels:
@@ -122,9 +157,12 @@ def sample_video(
     if step_cache is not None:
         cache = StepCacheRun(step_cache, model.step_cache_criterion, steps=len(sigmas) - 1)
         net_fn = cache.bind(net_fn)
-    denoiser = make_cfg_denoiser(model.model_sampling.wrap(net_fn), positive, negative, cfg)
+    travel = _travel_denoiser(model, conditioning, samples.shape[2], net_fn, negative, cfg, embedded_guidance,
+                              batch, device)
+    denoiser = travel or make_cfg_denoiser(model.model_sampling.wrap(net_fn), positive, negative, cfg)
     if context is not None:
-        denoiser = context_window_denoiser(denoiser, context, window_scope=cache.window if cache else None)
+        scope = combined_scope(cache.window if cache else None, travel.window if travel else None)
+        denoiser = context_window_denoiser(denoiser, context, window_scope=scope, group=distributed.window_group(model))
     if cache is not None:
         denoiser = cache.wrap(denoiser)
 
@@ -137,7 +175,8 @@ def sample_video(
                 preview = previews.animated_preview(denoised, *model.preview_factors, fmt.temporal_ratio).message()
         bar.update(1, preview=preview)
 
-    with model.running():
+    guided = negative is not None and cfg != 1.0
+    with model.running(), distributed.parallel_sampling(model, guided, context is not None, parallel):
         budget = previews.PreviewBudget()
         out = sample(model.model_sampling, denoiser, noise, sigmas, sampler_name, start,
                      generator=step_generators(seed, batch), callback=callback)
@@ -182,7 +221,8 @@ def decode_video(vae, latent: dict, tiling) -> torch.Tensor:
         raise KineFlowError(f"this VAE decodes latents [B, {vae.latent_format.channels}, T, H, W]; found shape {tuple(samples.shape)}")
     device = host.compute_device()
     with torch.inference_mode():
-        video = vae.decode(samples.to(device), tiling, _vae_budget(device), _vae_progress("VAE decode"))
+        video = vae.decode(samples.to(device), tiling, _vae_budget(device), _vae_progress("VAE decode"),
+                           **distributed.decode_options())
     frames = ((to_cpu(video.float()) + 1.0) / 2.0).clamp(0, 1)  # [B, 3, F, H, W]
     return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3).contiguous()
 

@@ -9,7 +9,7 @@ SAMPLER_NAMES = ("euler", "euler_ancestral", "ddim", "dpmpp_2m")
 SCHEDULER_NAMES = ("default", "karras")  # sigma spacing: the family's own, or Karras'
 PREDICTION_NAMES = ("eps", "v")  # what a discrete-schedule (SD1.5) UNet predicts: noise, or v
 # The Step Cache node's default threshold (step_cache.py; measured by benchmarks/bench_step_cache.py).
-DEFAULT_STEP_CACHE_THRESHOLD = 0.15
+DEFAULT_STEP_CACHE_THRESHOLD = 0.1
 
 
 def context_problem(length: int, overlap: int, stride: int) -> str | None:

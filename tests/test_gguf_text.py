@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from kineflow.errors import ModelFileError
 from kineflow.models import checkpoints

@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from kineflow.errors import KineFlowError, ModelFileError
 from kineflow.models.checkpoints import inspect_file
 from kineflow.runtime import cli, host
-from kineflow.runtime.executor import run_workflow
 from kineflow.runtime.lora import apply_lora
 from kineflow.runtime.video_models import load_video_model
 from kineflow.training.tiny_models import comfy_dit_names

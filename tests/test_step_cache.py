@@ -265,6 +265,27 @@ def test_skipped_blocks_keep_block_offloading_exact_and_prefetching(animatediff)
     assert fetched_ahead.count(False) <= len(residency.units) + 1 + order_changes, fetched_ahead
 
 
+def test_compiled_blocks_take_the_probe_call_and_give_the_eager_video(hunyuan, monkeypatch):
+    """The probe is a call of the first (compiled) double block: it traces a graph of its own, breaks none."""
+    from torch._dynamo.utils import counters
+
+    from kineflow.runtime import acceleration
+
+    monkeypatch.setattr(acceleration, "_compiled", {})
+    torch._dynamo.reset()
+    counters.clear()
+    eager, cond = hunyuan
+    latent = empty_latent("hunyuan_video", 32, 32, 5, 1)
+    settings = dict(step_cache=StepCacheOptions(1.0), **HV_SAMPLE)
+    expected = sample_video(eager, cond, latent, **settings)["samples"]
+    model = load_video_model("kineflow_tiny_dit.safetensors")
+    assert acceleration.compile_blocks(model.net, model.residency, backend="aot_eager")
+    out = sample_video(model, cond, latent, **settings)["samples"]
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- the node and the polynomial
 def test_a_workflow_with_step_cache_runs_through_kineflow_run(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("kineflow.runtime.executor._DEFAULT_CACHE", OutputCache())
@@ -275,6 +296,13 @@ def test_a_workflow_with_step_cache_runs_through_kineflow_run(tmp_path, monkeypa
     assert list((tmp_path / "out").rglob("*.mp4"))
     assert any("step cache (teacache, threshold 0.5) skipped the model's blocks in" in r.getMessage()
                for r in caplog.records)
+
+
+def test_eval_samples_with_the_step_cache_it_is_given(capsys):
+    assert cli.main(["eval", "-n", "1", "--steps", "4", "--width", "32", "--step-cache", "0.1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["step_cache"] == 0.1
+    assert cli.main(["eval", "-n", "1", "--step-cache", "-1"]) == 2
+    assert "threshold must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_the_shipped_transformer_carries_its_fitted_polynomial_and_others_get_the_published_one():
