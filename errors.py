@@ -25,3 +25,8 @@ class InterruptedRun(Exception):
 class RankFailure(KineFlowError):
     """A run over several processes lost one of them: a rank died, hung past the collective timeout, or failed.
     Exit code 1; nothing is written."""
+
+
+class StoppedByRankZero(InterruptedRun):
+    """A worker of a worker pool (runtime/workers.py) stopped its sampling call because rank 0, the ComfyUI process,
+    stopped at the same step (interrupted by the user, or failed); the worker stays ready for the next call."""

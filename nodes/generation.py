@@ -98,7 +98,7 @@ class KineFlowSampler:
         }, "optional": {
             "context_options": ("KINEFLOW_CONTEXT_OPTIONS", {"tooltip": "Sliding context windows for videos longer than the model's window."}),
             "step_cache": ("KINEFLOW_STEP_CACHE", {"tooltip": "From Step Cache: skip the model's blocks on steps where they would change little (faster, slightly different video)."}),
-            "parallel": ("KINEFLOW_PARALLEL", {"tooltip": "From Parallel Options: how a run over several processes (kineflow run --nproc N) splits the transformer."}),
+            "parallel": ("KINEFLOW_PARALLEL", {"tooltip": "From Parallel Options: how a run over several processes (kineflow run --nproc N, or this process plus the worker devices Parallel Options lists) splits the transformer."}),
         }}
 
     @classmethod

@@ -19,6 +19,9 @@ Two halves:
   and each file rank 0 writes is renamed into place only after every rank has answered, so a run that loses a rank
   writes nothing. Only rank 0 prints progress and results; errors are printed by every rank, prefixed `[rank N]`.
 
+A one-process run (a ComfyUI server) with Parallel Options' worker devices runs the same worker side on each of its
+ranks, through runtime/workers.py (`joined`, `step_agreement`): there the process group outlives a prompt.
+
 torch is imported inside the functions: `kineflow --help` and validation must not wait for it.
 """
 
@@ -34,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..errors import InputFileError, KineFlowError, RankFailure
+from ..errors import InputFileError, KineFlowError, RankFailure, StoppedByRankZero
 from . import files, host
 
 log = logging.getLogger(__name__)
@@ -56,10 +59,12 @@ _WAIT, _COMMIT, _DONE, _FAILED = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class Degrees:
-    """Parallel degrees asked for (0 = choose): from the CLI (--ulysses/--ring/--cfg-parallel) or Parallel Options."""
+    """Parallel degrees asked for (0 = choose): from the CLI (--ulysses/--ring/--cfg-parallel) or Parallel Options.
+    `devices`: Parallel Options' worker devices (runtime/workers.py), one per worker; empty: no workers."""
     ulysses: int = 0
     ring: int = 0
     cfg: int = 0
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("ulysses", "ring", "cfg"):
@@ -77,6 +82,9 @@ class _Run:
     degrees = Degrees()
     groups: dict = {}  # plan -> ParallelGroups, built once per run on every rank (building is a collective)
     announced: set = set()
+    # A sampling call of a worker pool (runtime/workers.py): the ranks agree after every step whether to go on.
+    agreeing = False
+    agreed_stop = False  # set when the ranks agreed to stop (rank 0 was interrupted or failed in its step callback)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -166,6 +174,60 @@ def stop() -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(rank_: int, world: int, timeout: float, groups: dict, announced: set):
+    """One sampling call of a worker pool (runtime/workers.py) on one of its ranks: the process group is already
+    joined; `groups` and `announced` are the pool's, kept between calls. The ranks agree after each step whether to
+    go on (`step_agreement`). Restores the one-process state after."""
+    _Run.rank, _Run.world_size, _Run.timeout = rank_, world, timeout
+    _Run.groups, _Run.announced = groups, announced
+    _Run.active = _Run.agreeing = True
+    _Run.agreed_stop = False
+    try:
+        yield
+    finally:
+        _Run.active = _Run.agreeing = False
+        _Run.rank, _Run.world_size, _Run.groups, _Run.announced = 0, 1, {}, set()
+
+
+@contextlib.contextmanager
+def step_agreement():
+    """Around a sampler's step callback (progress, previews, interruption): in a worker pool's call every rank
+    says whether its callback raised, and all stop together if one did. Rank 0's callback is where ComfyUI's
+    interrupt is checked, so an interrupt stops every rank at the same step and the pool stays usable. Elsewhere,
+    nothing."""
+    if not _Run.agreeing:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    raised = None
+    try:
+        yield
+    except BaseException as error:  # the host's interrupt exception is not an Exception in every host
+        raised = error
+    flag = torch.tensor([int(raised is not None)], dtype=torch.int64,
+                        device=host.compute_device() if dist.get_backend() == "nccl" else "cpu")
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    except Exception as error:
+        raise _lost("agreeing to go on after a step", error) from None
+    if not int(flag.item()):
+        return
+    _Run.agreed_stop = True
+    if raised is not None:
+        raise raised
+    if _Run.rank == 0:
+        raise RankFailure("a worker failed in its step callback; every rank stopped (the worker's message says why)")
+    raise StoppedByRankZero("rank 0 stopped the run (interrupted or failed); this worker stopped with it")
+
+
+def stopped_together() -> bool:
+    """Whether the last worker-pool call on this rank ended by the ranks agreeing to stop (`step_agreement`)."""
+    return _Run.agreed_stop
 
 
 def _lost(what: str, error: BaseException, waited: float | None = None) -> RankFailure:
@@ -353,8 +415,9 @@ def parallel_sampling(model, guided: bool, context: bool = False, requested: Deg
     says how the work is shared. Outside a parallel run, nothing."""
     if not _parallel():
         if requested is not None:
-            log.warning("KineFlow: Parallel Options has no effect in a run of one process; its degrees apply to runs "
-                        "started with `kineflow run --nproc N` (or torchrun)")
+            log.warning("KineFlow: Parallel Options has no effect in a run of one process unless it names worker "
+                        "devices (e.g. cuda:1,cuda:2); its degrees apply to runs started with `kineflow run --nproc N` "
+                        "(or torchrun)")
         yield
         return
     if not _splits_calls(model):

@@ -130,7 +130,14 @@ def sample_video(
     """Denoise `latent` under `conditioning`; denoise < 1 starts from the input latent (video-to-video).
     `step_cache` skips the model's blocks on steps where they would change little (samplers/step_cache.py).
     In a run over several processes the work is split over them (runtime/distributed.py); `parallel`
-    (distributed.Degrees, from Parallel Options) sets the degrees."""
+    (distributed.Degrees, from Parallel Options) sets the degrees; with worker devices, this process and workers on
+    those devices split it (runtime/workers.py)."""
+    if parallel is not None and parallel.devices and not host.is_dry_run():
+        from . import workers
+
+        return workers.sample_video(model, conditioning, latent, parallel, seed=seed, steps=steps, cfg=cfg,
+                                    shift=shift, embedded_guidance=embedded_guidance, sampler_name=sampler_name,
+                                    scheduler=scheduler, denoise=denoise, context=context, step_cache=step_cache)
     samples = latent["samples"]
     fmt = model.latent_format
     if samples.ndim != 5 or samples.shape[1] != fmt.channels:
@@ -169,11 +176,12 @@ def sample_video(
     bar = host.progress(len(sigmas) - 1, "sampling")
 
     def callback(step, total, x, denoised):
-        preview = None
-        if bar.shows_previews and not denoised.is_meta and budget.due():
-            with budget.spending():
-                preview = previews.animated_preview(denoised, *model.preview_factors, fmt.temporal_ratio).message()
-        bar.update(1, preview=preview)
+        with distributed.step_agreement():  # with workers, every rank stops at the step where rank 0 stopped
+            preview = None
+            if bar.shows_previews and not denoised.is_meta and budget.due():
+                with budget.spending():
+                    preview = previews.animated_preview(denoised, *model.preview_factors, fmt.temporal_ratio).message()
+            bar.update(1, preview=preview)
 
     guided = negative is not None and cfg != 1.0
     with model.running(), distributed.parallel_sampling(model, guided, context is not None, parallel):

@@ -44,4 +44,6 @@ def apply_lora(model, lora_name: str, strength: float = 1.0, block_strengths: st
     for update in updates:
         merge_lora(net.get_submodule(update.module), update.up, update.down, strength * per_block(update.module))
     log.info("LoRA %s: %d layers of the transformer at strength %g", path.name, len(updates), strength)
-    return dataclasses.replace(model, net=net, residency=residency)
+    recipe = model.recipe and dataclasses.replace(
+        model.recipe, loras=(*model.recipe.loras, (str(path.resolve()), float(strength), block_strengths)))
+    return dataclasses.replace(model, net=net, residency=residency, recipe=recipe)

@@ -46,6 +46,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- diffusion model
+@dataclass(frozen=True)
+class LoadRecipe:
+    """How a HunyuanVideo handle was made from files, enough for another process to make the same one (the workers
+    of runtime/workers.py): Load Video Model's file and options (`weight_dtype` as resolved, so every process computes
+    in the same dtype), then each Load LoRA in order as (file, strength, block strengths)."""
+    path: str
+    weight_dtype: str
+    fp8: bool
+    offload: str
+    resident_blocks: int | None
+    attention: str
+    compile: str
+    loras: tuple[tuple[str, float, str], ...] = ()
+
+
 @dataclass
 class HunyuanVideoModel:
     """KINEFLOW_VIDEO_MODEL for the HunyuanVideo transformer (flow matching, velocity prediction).
@@ -69,6 +84,8 @@ class HunyuanVideoModel:
     # How the Step Cache judges this model's probes: TeaCache with the file's fitted polynomial, else the published one.
     step_cache_criterion: CacheCriterion = field(
         default_factory=lambda: teacache(RELEASED_TEACACHE_COEFFICIENTS["hunyuan_video"]))
+    # How the handle was made from files (None: built in code, which no other process can repeat).
+    recipe: LoadRecipe | None = None
 
     def running(self):
         """Entered around a sampling run: the offload policy brings the weights to the compute device."""
@@ -123,7 +140,10 @@ def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = 
         resident_blocks=resident_blocks, budget_bytes=host.memory_budget(), prefix=det.prefix, fp8=fp8,
         convert=lambda sd: dit_mod.convert_state_dict(sd, det.layout), config_from=dit_mod.config_from_state_dict)
     acceleration.apply(net, residency, attention, compile)
-    return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), residency=residency,
+    recipe = LoadRecipe(path=str(path.resolve()), weight_dtype=next(k for k, v in DTYPES.items() if v == dtype), fp8=fp8,
+                        offload=offload, resident_blocks=resident_blocks, attention=attention,
+                        compile=compile if compile != "auto" else "enabled" if host.compile_default() else "disabled")
+    return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), residency=residency, recipe=recipe,
                              preview_factors=previews.preview_factors(header.metadata, HUNYUAN_VIDEO_LATENT),
                              step_cache_criterion=teacache(teacache_coefficients(header.metadata, "hunyuan_video",
                                                                                  path.name)))
