@@ -90,7 +90,7 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base():
-    return load_video_model("kineflow_tiny_dit.safetensors")
+    return load_video_model("kineflow_tiny_dit.safetensors", "fp32")  # exact sums: not the CPU's auto dtype
 
 
 def _inputs():
@@ -135,12 +135,12 @@ def test_block_strengths_scale_named_blocks(models_dir, base):
 
 
 def test_lora_on_an_fp8_transformer_runs_beside_the_fp8_weights(models_dir, base):
-    fp8 = load_video_model("kineflow_tiny_dit.safetensors", fp8=True, offload="blocks", resident_blocks=1)
+    fp8 = load_video_model("kineflow_tiny_dit.safetensors", "fp32", fp8=True, offload="blocks", resident_blocks=1)
     patched = apply_lora(fp8, "kohya.safetensors", 1.0)
     qkv = patched.net.get_submodule("double_blocks.0.img_attn_qkv")
     assert qkv.weight.dtype == torch.float8_e4m3fn and len(qkv.loras) == 1
     # The same fp8 weights with the update merged in float: what the on-the-fly LoRA must equal.
-    reference = load_video_model("kineflow_tiny_dit.safetensors", fp8=True)
+    reference = load_video_model("kineflow_tiny_dit.safetensors", "fp32", fp8=True)
     for target, delta in _expected_deltas().items():
         layer = reference.net.get_submodule(target)
         layer.weight = torch.nn.Parameter(layer.weight.float() + delta, requires_grad=False)
