@@ -280,6 +280,10 @@ class Pool:
         causes, silent, lost = [], [], []
         settle = time.monotonic() + 1.0  # a killed worker's exit shows a moment after its sockets close
         for worker in self.workers:
+            # A worker that fails sends its message and exits at once: wait for the exit before reading, or a worker
+            # that only lost a hung peer (its RankFailure) would be reported by its exit code as the cause.
+            while worker.ended() is None and time.monotonic() < settle:
+                time.sleep(0.05)
             message = None
             with contextlib.suppress(OSError, EOFError):
                 if worker.conn.poll(0):
@@ -288,8 +292,6 @@ class Pool:
                 (lost if message[1].startswith(RankFailure.__name__) else causes).append(
                     f"{worker.describe()} failed: {message[1]}")
                 continue
-            while worker.ended() is None and time.monotonic() < settle:
-                time.sleep(0.05)
             if worker.ended():
                 causes.append(f"{worker.describe()} {worker.ended()}")
             else:
@@ -367,7 +369,10 @@ def sample_video(model, conditioning: dict, latent: dict, parallel, **options) -
     inputs = {"conditioning": _on_cpu(conditioning), "latent": _on_cpu(latent), "parallel": call, **options}
     try:
         for worker in pool.workers:
-            _send(worker.conn, ("sample", recipe, inputs))
+            try:
+                _send(worker.conn, ("sample", recipe, inputs))
+            except OSError as error:  # it died since the pool was checked: a lost rank, reported as one
+                raise RankFailure(f"{worker.describe()} could not be sent the call ({error})") from error
         with distributed.joined(0, pool.world, pool.timeout, pool.groups, pool.announced):
             result = generation.sample_video(model, conditioning, latent, parallel=call, **options)
     except BaseException as error:

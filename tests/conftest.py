@@ -15,6 +15,20 @@ import torch
 from kineflow.runtime import host
 
 DATA_DIR = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_for_dtype_auto():
+    """`dtype: auto` is fp32 in the suite's own process on every CPU: on a CPU with native bf16 it would be bf16
+    (runtime/cpu.py), and the parity and exact-output checks are written for fp32. Session-wide, so that
+    module-scoped fixtures load their models after it. tests/test_cpu_choice.py tests the choice itself;
+    subprocess runs choose as users' runs do."""
+    from kineflow.runtime import cpu
+
+    before = cpu._dtype_choice
+    cpu._dtype_choice = ("fp32", "the test suite pins fp32")
+    yield
+    cpu._dtype_choice = before
 CALLS: list[tuple[str, dict]] = []
 
 
