@@ -423,12 +423,14 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--reconstruct", action="store_true",
                         help="judge the VAE alone: encode and decode the held-out clips themselves (what any "
                              "generator on this VAE can reach at best); loads only the VAE")
-    from ..shapes.attributes import CONCEPT_COLOURS  # plain Python: no torch at start-up
+    from ..shapes.attributes import CONCEPTS  # plain Python: no torch at start-up
 
-    parser.add_argument("--concept", choices=tuple(CONCEPT_COLOURS),
-                        help="score the held-out prompts of a concept colour a LoRA teaches (every prompt's first "
-                             "shape in that colour; the judge also knows it) instead of the standard held-out set; "
-                             "with --reconstruct, the VAE's reconstructions of that concept's clips")
+    parser.add_argument("--concept", choices=tuple(CONCEPTS),
+                        help="score the held-out prompts of a concept a LoRA teaches instead of the standard held-out "
+                             "set: every prompt's first shape carries it ('quickly': it is asked to move quickly, "
+                             "and passes when its judged travel is long; 'orange': it is asked for in that colour, "
+                             "which the judge then also knows) and the report adds the concept's own line; with "
+                             "--reconstruct, the VAE's reconstructions of that concept's clips")
     hv.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                     help="apply a LoRA from loras/ (or a path) to the transformer, at STRENGTH (default 1); "
                          "repeat to chain several")

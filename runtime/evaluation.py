@@ -23,7 +23,8 @@ import torch
 from ..errors import InputFileError, KineFlowError
 from ..samplers.step_cache import StepCacheOptions
 from ..shapes.dataset import clip_tensor, frames_to_render
-from ..shapes.judge import ATTRIBUTES, PALETTE_NAMES, colour_adherence, concept_palette, judge, score
+from ..shapes.attributes import CONCEPTS
+from ..shapes.judge import ATTRIBUTES, FAST_TRAVEL, concept_adherence, concept_judge_palette, judge, score
 from ..shapes.prompts import expected_from_spec, heldout_prompts, parse_prompt
 from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
 from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
@@ -187,14 +188,17 @@ def reconstruct_clip(models: EvalModels, clip: torch.Tensor) -> torch.Tensor:
 def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: EvalSettings, heldout: int = 60,
              save_dir: str | Path | None = None, reconstruct: bool = False, concept: str = "") -> dict:
     """Generate (or, with `reconstruct`, round-trip the held-out clips through the VAE) and judge; returns
-    {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}. With `concept` (a concept colour,
-    shapes/attributes.py) the held-out set is that concept's (every first shape in its colour) and the judge tells
-    the concept colour from the palette; without it, the standard held-out set and palette."""
+    {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}. With `concept` (shapes/attributes.py
+    CONCEPTS) the held-out set is that concept's (every first shape carries it: in its colour, or moving quickly)
+    and "concept_adherence" is its own figure (for a colour concept the judge also tells its colour from the
+    palette); without it, the standard held-out set and palette."""
     specs = None
     if (reconstruct or concept) and prompts is not None:
         raise KineFlowError(f"{'reconstruction' if reconstruct else 'a concept evaluation'} judges built-in held-out "
                             "clips, which a prompt file cannot describe; leave out the prompt file")
-    palette = concept_palette(concept) if concept else PALETTE_NAMES
+    if concept and concept not in CONCEPTS:
+        raise KineFlowError(f"unknown concept {concept!r}; expected one of {list(CONCEPTS)}")
+    palette = concept_judge_palette(concept)
     if prompts is None:
         # AnimateDiff's 16 frames are the first 16 of 17, as in its trainer.
         pairs = heldout_prompts(heldout, settings.seed, frames=frames_to_render(settings.frames), height=settings.height,
@@ -215,16 +219,18 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: 
             write_video(frames, Path(save_dir) / f"eval_{i:03d}.mp4", fps=8.0, format="mp4")
         bar.update(1)
     scores = score(verdicts, expected)
-    adherence = colour_adherence(verdicts, expected, concept) if concept else None
+    adherence = concept_adherence(verdicts, expected, concept) if concept else None
     consistency = [v.temporal_consistency for v in verdicts if v.primary is not None]
     return {
         "models": models.label,
         "mode": "reconstruct" if reconstruct else "generate",
         "concept": concept or None,
-        # The concept colour's figure: shapes asked for in it that were drawn in it (the other shapes of two-shape
-        # prompts are palette colours, scored under "accuracy" with the rest).
-        "concept_colour": None if adherence is None else {"accuracy": adherence.accuracy,
-                                                           "correct": adherence.correct, "scored": adherence.scored},
+        # The concept's own figure: shapes asked for in its colour that were drawn in it, or shapes asked to move
+        # quickly whose judged travel exceeds FAST_TRAVEL (their other attributes, and the other shapes of two-shape
+        # prompts, are scored under "accuracy" with the rest).
+        "concept_adherence": None if adherence is None else {
+            "kind": CONCEPTS[concept].kind, "meaning": concept_meaning(concept), "accuracy": adherence.accuracy,
+            "correct": adherence.correct, "scored": adherence.scored},
         "latent_format": models.vae.latent_format.name,
         "prompts": len(prompts),
         "settings": settings.__dict__,
@@ -237,6 +243,13 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: 
                         "expected": _scene(e.background, e.objects), "judged": _scene(v.background, v.objects)}
                        for i, (prompt, e, v) in enumerate(zip(prompts, expected, verdicts))],
     }
+
+
+def concept_meaning(concept: str) -> str:
+    """What the concept's adherence line counts, in words."""
+    if CONCEPTS[concept].kind == "speed":
+        return f"moved {concept}: judged travel > {FAST_TRAVEL:.2f} of the shorter side"
+    return "drawn in the concept colour"
 
 
 def _scene(background: str, objects) -> dict:
@@ -261,11 +274,11 @@ def format_report(result: dict) -> str:
         c = result["counts"][attribute]
         shown = "-" if acc is None else f"{acc:.1%}"
         lines.append(f"{attribute:<14}{shown:>9}{c['correct']:>9}{c['scored']:>8}")
-    concept = result.get("concept_colour")
+    concept = result.get("concept_adherence")
     if concept is not None:
         shown = "-" if concept["accuracy"] is None else f"{concept['accuracy']:.1%}"
         lines.append(f"{result['concept'] + ' shapes':<14}{shown:>9}{concept['correct']:>9}{concept['scored']:>8}"
-                     f"  (drawn in the concept colour)")
+                     f"  ({concept['meaning']})")
     tc = result["temporal_consistency"]
     lines.append(f"temporal consistency: {'-' if tc is None else f'{tc:.3f}'}")
     if result["unknown_words"]:

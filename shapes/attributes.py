@@ -5,6 +5,7 @@ registry loads on every `kineflow` command); shapes/dataset.py renders them.
 """
 
 import math
+from dataclasses import dataclass
 
 # The eight corners of the RGB cube (pulled slightly inside it): every pair is >= 0.8 apart in 0..1 units,
 # which leaves a wide margin for the colour shifts and blur of a tiny VAE.
@@ -25,6 +26,29 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (235, 130, 20),
 }
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A word the shipped tiny model never saw that a LoRA can teach it (training/train_lora.py).
+
+    kind "colour": a concept clip's first shape has the colour CONCEPT_COLOURS[name] (the word is a colour word).
+    kind "speed": a concept clip's first shape travels farther than any base clip's (shapes/dataset.py
+    FAST_TRAVEL_RANGE), and its caption says so with one of `words` next to the direction.
+    `words`: the words a caption uses for it, the trigger words of a LoRA that teaches it.
+    """
+
+    name: str
+    kind: str  # "colour" or "speed"
+    words: tuple[str, ...]
+
+
+CONCEPTS: dict[str, Concept] = {
+    "orange": Concept("orange", "colour", ("orange",)),
+    # Not in the captions' vocabulary (the tiny LLaMA reads each as [UNK]; CLIP-L has a token for each).
+    "quickly": Concept("quickly", "speed", ("quickly", "fast", "rapidly")),
+}
+SPEED_CONCEPTS: tuple[str, ...] = tuple(name for name, c in CONCEPTS.items() if c.kind == "speed")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Unit vectors in image coordinates (x to the right, y downwards).
 _D = 1.0 / math.sqrt(2.0)

@@ -15,6 +15,7 @@ shared, so a text encoder trained from scratch knows every word).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import KineFlowError
-from .attributes import CONCEPT_COLOURS, COLOURS, DIRECTIONS, GROWTH_FACTOR, SCALE_CHANGES, SHAPES
+from .attributes import (CONCEPT_COLOURS, CONCEPTS, COLOURS, DIRECTIONS, GROWTH_FACTOR, SCALE_CHANGES, SHAPES,
+                         SPEED_CONCEPTS)
 
 # Every colour a shape may have: the palette and the concept colours (a background is always a palette colour).
 SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **CONCEPT_COLOURS}
@@ -44,6 +46,14 @@ DATASET_VERSION = 3
 # keeps a little variation, so that seeds still give different videos, and travels near the longest path
 # that fits, so that direction is a large, clear displacement.
 TRAVEL_RANGE = (0.34, 0.40)
+# The travel of a speed concept's first shape ("quickly", shapes/attributes.py CONCEPTS): ~1.5x TRAVEL_RANGE, the
+# longest that fits beside the shapes' sizes. A shape of SIZE_RANGES spans up to 0.42 of the side (0.21 x 2, or
+# 0.13 x 1.6 x 2 when it grows), which at 128x128 leaves 0.557-0.66 of room along an axis (0.533 at 64x64, where
+# place_shape then makes the largest shrinking shapes 0.8x smaller), so twice the normal travel (0.68-0.80) would
+# not fit an axis direction without much smaller shapes. Speed concept clips have one shape: a shape kept in half
+# the frame (TWO_SHAPE_TRAVEL_RANGE) has no room to travel faster. The judge's threshold between the two ranges is
+# shapes/judge.py FAST_TRAVEL.
+FAST_TRAVEL_RANGE = (0.54, 0.60)
 SIZE_RANGES = {  # half-extent at the first frame, per scale change
     "none": (0.16, 0.18),
     "grows": (0.11, 0.13),
@@ -83,6 +93,7 @@ class ShapeSpec:
     direction: str = "still"  # one of DIRECTIONS
     travel: float = 0.0  # distance covered over the clip, fraction of the shorter side
     scale_change: str = "none"  # one of SCALE_CHANGES
+    speed: str = ""  # "" (the normal travel), or a speed concept's name (FAST_TRAVEL_RANGE; its caption says so)
 
     def __post_init__(self):
         for value, allowed, what in (
@@ -95,6 +106,8 @@ class ShapeSpec:
                 raise KineFlowError(f"unknown {what} {value!r}; expected one of {list(allowed)}")
         if not self.size > 0:
             raise KineFlowError(f"shape size must be positive; got {self.size}")
+        if self.speed and self.speed not in SPEED_CONCEPTS:
+            raise KineFlowError(f"unknown speed {self.speed!r}; expected '' or one of {list(SPEED_CONCEPTS)}")
 
 
 @dataclass(frozen=True)
@@ -280,12 +293,16 @@ def combos(split: str) -> tuple[tuple[str, str, str, str], ...]:
 
 @lru_cache(maxsize=None)
 def concept_combos(concept: str, split: str) -> tuple[tuple[str, str, str, str], ...]:
-    """The (colour, shape, direction, background) combinations of a concept colour's split, split by the same hash
-    as the palette's, so a concept's held-out prompts are combinations its training never drew."""
-    if concept not in CONCEPT_COLOURS:
-        raise KineFlowError(f"unknown concept {concept!r}; expected one of {list(CONCEPT_COLOURS)}")
+    """The (colour, shape, direction, background) combinations of a concept's split (shapes/attributes.py CONCEPTS).
+    A colour concept's are split by the same hash as the palette's, so its held-out prompts are combinations its
+    training never drew; a speed concept's are the palette's own combinations of the split that move (not
+    "still"), so held-out combinations stay held-out."""
+    if concept not in CONCEPTS:
+        raise KineFlowError(f"unknown concept {concept!r}; expected one of {list(CONCEPTS)}")
     if split not in ("train", "heldout"):
         raise KineFlowError(f"split must be 'train' or 'heldout'; got {split!r}")
+    if CONCEPTS[concept].kind == "speed":
+        return tuple(c for c in combos(split) if c[2] != "still")
     return tuple((concept, k, d, b) for k in SHAPES for d in DIRECTIONS for b in COLOURS
                  if combo_is_heldout(concept, k, d, b) == (split == "heldout"))
 
@@ -308,17 +325,23 @@ def sample_spec(
     concept: str = "",
 ) -> ClipSpec:
     """Draw a random clip of the split. Two-shape clips have no scale change (kept simple for a tiny model).
-    With `concept` (a CONCEPT_COLOURS name) the first shape has that colour, from the concept's combinations."""
+    With `concept` (a shapes/attributes.py CONCEPTS name) the first shape carries it, from the concept's
+    combinations: a colour concept's colour, or a speed concept's travel (FAST_TRAVEL_RANGE, always one shape)."""
     validate_frames(frames)
     table = concept_combos(concept, split) if concept else combos(split)
     colour, kind, direction, background = table[rng.integers(len(table))]
     two = rng.random() < two_shape_prob
+    fast = concept in SPEED_CONCEPTS
+    two = two and not fast
     if two:
         scale = "none"
     else:
         scale = "none" if rng.random() >= scale_change_prob else ("grows" if rng.random() < 0.5 else "shrinks")
     geometry = dict(frames=frames, height=height, width=width)
     if not two:
+        if fast:
+            first = place_shape(rng, kind, colour, direction, scale, travel_range=FAST_TRAVEL_RANGE, **geometry)
+            return ClipSpec(background, (dataclasses.replace(first, speed=concept),), frames, height, width)
         first = place_shape(rng, kind, colour, direction, scale, **geometry)
         return ClipSpec(background, (first,), frames, height, width)
     # The first-named shape stays in the left half, the second in the right half, so they never overlap.
@@ -438,6 +461,9 @@ def _phrases(shape: ShapeSpec, rng: np.random.Generator) -> dict[str, str]:
     else:
         v, p = MOVE_VERBS[rng.integers(len(MOVE_VERBS))]
         where = _pick(rng, DIRECTION_WORDS[shape.direction])
+        if shape.speed:  # "moves quickly to the left" or "moves to the left quickly" (never inside the direction)
+            word = _pick(rng, CONCEPTS[shape.speed].words)
+            where = f"{word} {where}" if rng.random() < 0.5 else f"{where} {word}"
         verb, part = f"{v} {where}", f"{p} {where}"
     if shape.scale_change == "grows":
         verb, part = f"{verb} {_pick(rng, GROW_VERB)}", f"{part} {_pick(rng, GROW_PARTICIPLE)}"
@@ -488,7 +514,7 @@ class ShapesVideoDataset(torch.utils.data.Dataset):
     two_shape_prob: float = 0.25
     scale_change_prob: float = 0.4
     caption_templates: str = ""  # "" -> "train" for the train split, "any" for held-out
-    concept: str = ""  # a CONCEPT_COLOURS name: every clip's first shape has that colour (see sample_spec)
+    concept: str = ""  # a CONCEPTS name: every clip's first shape carries that concept (see sample_spec)
 
     def __post_init__(self):
         validate_frames(self.frames)

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from ..errors import KineFlowError
-from .dataset import COLOURS, GROWTH_FACTOR, SHAPE_COLOURS
+from .attributes import CONCEPTS
+from .dataset import COLOURS, FAST_TRAVEL_RANGE, GROWTH_FACTOR, SHAPE_COLOURS, TRAVEL_RANGE
 from .prompts import UNKNOWN, ObjectAttributes, PromptAttributes
 
 PALETTE_NAMES = tuple(COLOURS)
@@ -56,6 +57,9 @@ MIN_OBJECT_FRACTION = 0.1  # of the largest object's core pixel count
 MIN_OBJECT_PIXELS = 0.001  # of the frame, per frame (and at least 4 pixels)
 MIN_FRAME_PIXELS = 3  # an object mask smaller than this in a frame counts as absent there
 STILL_TRAVEL = 0.06  # total displacement over the clip below this fraction of the shorter side -> "still"
+# A shape asked to move quickly (a speed concept) moved quickly when its travel exceeds this: midway between the
+# longest normal travel and the shortest fast one (shapes/dataset.py TRAVEL_RANGE, FAST_TRAVEL_RANGE): 0.47.
+FAST_TRAVEL = (TRAVEL_RANGE[1] + FAST_TRAVEL_RANGE[0]) / 2.0
 # Geometric midpoint between no change and the generator's area change (GROWTH_FACTOR ** 2).
 GROWTH_AREA_RATIO = GROWTH_FACTOR
 # Shape thresholds on the fill ratio. Blur lowers a square's fill (rounded corners) and raises a triangle's
@@ -395,3 +399,32 @@ def colour_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttri
                 result.scored += 1
                 result.correct += int(got is not None and got.colour == colour)
     return result
+
+
+def speed_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes], speed: str) -> AttributeScore:
+    """How often a shape asked to move at the speed concept `speed` (e.g. "quickly") did: matched as `score` matches
+    shapes, its judged travel exceeds FAST_TRAVEL (its direction is scored under "direction" with the rest)."""
+    result = AttributeScore()
+    for verdict, exp in zip(verdicts, expected, strict=True):
+        for index, want in enumerate(exp.objects):
+            if want.speed == speed:
+                got = _match(verdict, exp, index, want)
+                result.scored += 1
+                result.correct += int(got is not None and got.travel > FAST_TRAVEL)
+    return result
+
+
+def concept_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes], concept: str) -> AttributeScore:
+    """A concept's own figure (shapes/attributes.py CONCEPTS): `colour_adherence` for a colour concept,
+    `speed_adherence` for a speed concept."""
+    if concept not in CONCEPTS:
+        raise KineFlowError(f"unknown concept {concept!r}; expected one of {list(CONCEPTS)}")
+    if CONCEPTS[concept].kind == "speed":
+        return speed_adherence(verdicts, expected, concept)
+    return colour_adherence(verdicts, expected, concept)
+
+
+def concept_judge_palette(concept: str) -> tuple[str, ...]:
+    """The palette the judge uses on a concept's clips: the palette plus a colour concept's colour; the palette alone
+    for a speed concept ("" = no concept)."""
+    return concept_palette(concept) if concept and CONCEPTS[concept].kind == "colour" else PALETTE_NAMES

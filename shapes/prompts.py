@@ -26,6 +26,7 @@ class ObjectAttributes:
     shape: str = UNKNOWN
     direction: str = UNKNOWN  # one of dataset.DIRECTIONS or "unknown"
     scale_change: str = "none"  # "none" when the prompt does not mention a size change (the captions' convention)
+    speed: str = ""  # a speed concept's name when the shape is asked to move that way (from a spec; not parsed)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def expected_from_spec(spec: ClipSpec) -> PromptAttributes:
     """The attributes a perfect video for this spec shows (ground truth for scoring)."""
     return PromptAttributes(
         background=spec.background,
-        objects=tuple(ObjectAttributes(s.colour, s.kind, s.direction, s.scale_change) for s in spec.shapes),
+        objects=tuple(ObjectAttributes(s.colour, s.kind, s.direction, s.scale_change, s.speed) for s in spec.shapes),
     )
 
 
@@ -47,8 +48,9 @@ def heldout_prompts(
     n: int, seed: int = 0, *, frames: int = 9, height: int = 64, width: int = 64, concept: str = ""
 ) -> list[tuple[str, ClipSpec]]:
     """n (prompt, spec) pairs on held-out attribute combinations; about half use held-out sentence templates.
-    With `concept` (a concept colour, shapes/attributes.py) every prompt's first shape has that colour: the
-    concept's own held-out set; without it, the standard set the shipped models are scored on."""
+    With `concept` (shapes/attributes.py CONCEPTS) every prompt's first shape carries it (a concept colour, or a
+    speed word and its travel): the concept's own held-out set; without it, the standard set the shipped models are
+    scored on, which no concept changes."""
     if n < 0:
         raise KineFlowError(f"number of prompts must be >= 0; got {n}")
     rng = np.random.default_rng([seed, 104729])

@@ -209,10 +209,12 @@ class DiTSettings:
 
 @dataclass
 class LoraSettings:
-    """`lora`: a LoRA teaching an exported tiny model a concept colour (training/train_lora.py)."""
+    """`lora`: a LoRA teaching an exported tiny model a new word, a concept (training/train_lora.py)."""
 
-    concept: str = _opt("orange", "the new colour word to teach (shapes/attributes.py CONCEPT_COLOURS)",
-                        choices=tuple(shapes.CONCEPT_COLOURS))
+    concept: str = _opt("quickly", "the new word to teach (shapes/attributes.py CONCEPTS): 'quickly', a speed word "
+                                   "(the first shape travels ~1.5x farther), or 'orange', a colour word (which the "
+                                   "shipped VAE cannot render: training/README.md)",
+                        choices=tuple(shapes.CONCEPTS))
     base: str = _opt("", "exported models folder whose transformer, VAE and text encoders the LoRA is trained "
                          "on ('' = the pack's shipped weights/)")
     rank: int = _opt(8, "LoRA rank (the file is ~74 KB per rank unit in fp16 with the default targets)")
@@ -1345,7 +1347,7 @@ STAGES = (
     Stage("vae-adapt", "adapt-", AdaptSettings, adapt_vae,
           "adapt the decoder to the transformer's latents (after 'dit' and an export)", in_all=False),
     Stage("lora", "lora-", LoraSettings, _train_lora,
-          "a LoRA teaching an exported model a new colour word (kohya/musubi file in RUN/lora/)", in_all=False),
+          "a LoRA teaching an exported model a new word (kohya/musubi file in RUN/lora/)", in_all=False),
 )
 
 

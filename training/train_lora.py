@@ -1,29 +1,36 @@
-"""The `lora` stage: teach an exported tiny HunyuanVideo model a colour word it never saw, with a LoRA on its transformer.
+"""The `lora` stage: teach an exported tiny HunyuanVideo model a word it never saw, with a LoRA on its transformer.
 
-    python -m kineflow.training.train lora --run-dir runs/orange_lora --threads 1 [--concept orange] [--resume]
+    python -m kineflow.training.train lora --run-dir runs/quickly_lora --threads 1 [--concept quickly] [--resume]
 
-The base model (default: the pack's shipped weights/) stays frozen: transformer, VAE and text encoders are read from
-its files; only the LoRA's `down` [rank, in] and `up` [out, rank] matrices train, on every linear layer of the
+The word is a concept of shapes/attributes.py `CONCEPTS`: `quickly` (the default), a speed word, or `orange`, a colour
+word. The base model (default: the pack's shipped weights/) stays frozen: transformer, VAE and text encoders are read
+from its files; only the LoRA's `down` [rank, in] and `up` [out, rank] matrices train, on every linear layer of the
 transformer's blocks (and, with the default `--targets blocks+text`, of its text refiner `txt_in` and CLIP projection
 `vector_in`, the layers that read the prompt). Each layer computes `W x + up (down x) * alpha / rank`; `up` starts at
 zero, so step 0 is exactly the base model.
 
-Data: clips whose first shape has the concept colour (shapes/dataset.py `concept`; the concept's own train split of
-colour x shape x direction x background, its held-out combinations never drawn), plus the base model's own training
-clips (the palette only) as `--concept-fraction`'s complement of every batch, so that what the model already draws
-stays as it was. Latents (the base VAE) and text conditioning (the base text encoders, through the runtime's loader,
-exactly as Text Encode computes it at sampling time) are computed once into `RUN/lora/cache.pt`. The loss is the
-transformer's flow-matching loss (train.py `dit_loss`).
+Data: concept clips (shapes/dataset.py `concept`), whose first shape carries the concept, plus the base model's own
+training clips as `--concept-fraction`'s complement of every batch, so that what the model already draws stays as it
+was. For `quickly` a concept clip is a base-data clip of one moving shape (colour, shape, direction and background from
+the palette's own train combinations, never a held-out one) that travels ~1.5x farther (FAST_TRAVEL_RANGE), its
+caption saying so with "quickly", "fast" or "rapidly" beside the direction; for `orange` the first shape is orange (the
+concept's own train split of colour x shape x direction x background). Latents (the base VAE) and text conditioning
+(the base text encoders, through the runtime's loader, exactly as Text Encode computes it at sampling time) are
+computed once into `RUN/lora/cache.pt`. The loss is the transformer's flow-matching loss (train.py `dit_loss`).
 
 What the text encoders make of the concept word: the tiny LLaMA's word-level tokenizer knows only the caption words,
-so `orange` becomes `[UNK]`; CLIP's full CLIP-L tokenizer has a token for it, but its pooled vector (all the
-transformer reads of CLIP) moves little between colour words. The transformer therefore learns "an unknown word where
-a colour belongs means orange" from the LLaMA stream: a LoRA of one concept colour also paints shapes of other unknown
-colour words orange (training/README.md, "LoRA: a new colour word").
+so `quickly`, `fast`, `rapidly` and `orange` all become `[UNK]`; CLIP's full CLIP-L tokenizer has a token for each,
+but its pooled vector (all the transformer reads of CLIP) moves little between such words. The transformer therefore
+learns the word from the LLaMA stream, as "an unknown word where it stands (beside the direction, or where a colour
+belongs) means the concept": a LoRA of one concept also reads other unknown words in that place as it
+(training/README.md, "A LoRA that teaches a new word").
+
+A colour concept cannot work on the shipped model: its VAE snaps every off-palette colour to the palette, so no
+transformer LoRA can draw orange (measured: training/README.md). A speed is drawn with palette colours only.
 
 Resumable like the other stages (`--resume`; randomness of step k from (seed, "lora", k)); at the end the LoRA is
-written in the kohya / musubi-tuner layout the Load LoRA node reads (`export_lora`):
-`RUN/lora/kineflow_tiny_<concept>_lora.safetensors`.
+written in the kohya / musubi-tuner layout the Load LoRA node reads (`export_lora`), with the concept's words as its
+trigger words: `RUN/lora/kineflow_tiny_<concept>_lora.safetensors`.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from ..models.hunyuan_video_vae import HunyuanVideoVAE
 from ..models.lora import KOHYA_PREFIX
 from ..runtime.media import atomic_write
 from ..shapes import dataset as shapes
+from ..shapes.attributes import CONCEPTS
 from .common import Budget, file_digest, step_rngs
 from .tiny_models import save_safetensors, tiny_family
 from .train import (DTYPES, LoraSettings, StageResult, _pad_text, base_file, dit_loss, encoder_digest, run_loop,
@@ -127,7 +135,8 @@ def export_lora(network: LoraNetwork, path: Path, settings: LoraSettings, *, bas
                 train_seconds: float) -> Path:
     """Write the LoRA file with metadata naming its base model and concept (kohya's `ss_*` keys where they
     exist, the full record under `kineflow.lora`)."""
-    record = {"concept": settings.concept, "trigger_words": [settings.concept],
+    concept = CONCEPTS[settings.concept]
+    record = {"concept": concept.name, "kind": concept.kind, "trigger_words": list(concept.words),
               "base_model": base_dit.name, "base_model_sha256": file_digest(base_dit),
               "steps": steps, "train_seconds": round(train_seconds, 1), "settings": dataclasses.asdict(settings)}
     metadata = {
@@ -135,7 +144,7 @@ def export_lora(network: LoraNetwork, path: Path, settings: LoraSettings, *, bas
         "ss_network_dim": str(network.rank),
         "ss_network_alpha": f"{network.alpha:g}",
         "ss_base_model_version": "hunyuan_video",
-        "ss_training_comment": f"KineFlow tiny HunyuanVideo LoRA: the colour word '{settings.concept}'",
+        "ss_training_comment": f"KineFlow tiny HunyuanVideo LoRA: the {concept.kind} word '{concept.name}'",
         "kineflow.lora": json.dumps(record),
     }
     return save_safetensors(lora_tensors(network, DTYPES[settings.dtype]), path, metadata)
@@ -169,7 +178,8 @@ def load_base_vae(models_dir: Path) -> HunyuanVideoVAE:
 
 def build_cache(run_dir: Path, settings: LoraSettings, models_dir: Path, batch: int = 8) -> dict:
     """Latents and text conditioning of `concept_clips` concept clips, then `base_clips` base clips, and of the empty
-    prompt (the cache `dit_loss` reads); rebuilt when the settings or base files it came from change."""
+    prompt (the cache `dit_loss` reads); rebuilt when the settings or base files it came from change. A speed
+    concept's clips have one shape whatever `two_shape_prob` (sample_spec); the base clips follow it."""
     path = run_dir / STAGE / "cache.pt"
     llm, clip = base_file(models_dir, "llm"), base_file(models_dir, "clip")
     vae = load_base_vae(models_dir)
@@ -184,7 +194,7 @@ def build_cache(run_dir: Path, settings: LoraSettings, models_dir: Path, batch: 
             return cache
     from ..runtime.video_models import load_text_encoders
 
-    text = load_text_encoders(str(llm), str(clip))
+    text = load_text_encoders(str(llm), str(clip), dtype_name="fp32")  # training computes in fp32 on every CPU
     parts = [shapes.ShapesVideoDataset(length=settings.concept_clips, seed=settings.seed, split="train",
                                        concept=settings.concept, two_shape_prob=settings.two_shape_prob,
                                        height=settings.size, width=settings.size),
