@@ -366,8 +366,9 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
 
     if lora.is_hunyuan_video_lora(keys):
         info = lora.describe(tensors)
+        text = ", ".join(f"{n} {lora.TEXT_ENCODER_NAMES[e]}" for e, n in info["text_encoder_targets"].items() if n)
         return Detection("hunyuan_video_lora", info["format"], f"rank {info['rank']}",
-                         note=f"targets {info['targets']} layers")
+                         note=f"targets {info['targets']} layers" + (f" and text-encoder layers: {text}" if text else ""))
 
     # ---- HunyuanVideo transformer
     if _has(keys, "double_blocks.") and _has(keys, "single_blocks."):

@@ -14,6 +14,7 @@ The result is the KINEFLOW_CONDITIONING payload: {"text_states" [B, L, 4096], "t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -84,6 +85,14 @@ class HunyuanTextEncoder(nn.Module):
         self.clip_length = clip_length
         # Where token ids go. None: where the weights are; set it when an offloader moves them only when they run.
         self.device: torch.device | None = None
+
+    def with_towers(self, llama: LlamaTextEncoder, clip: CLIPTextModel) -> "HunyuanTextEncoder":
+        """The same encoder (tokenizers, template, settings, device) over other LLaMA and CLIP modules, such as copies
+        with a LoRA merged in; this one is left as it is."""
+        other = copy.copy(self)
+        other._modules = dict(self._modules)  # nn.Module keeps its children in this dict: the copy needs its own
+        other.llama, other.clip = llama, clip
+        return other
 
     def count_template_tokens(self) -> int:
         """Tokens of the template before the prompt, as the tokenizer adds them (BOS included)."""

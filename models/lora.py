@@ -9,6 +9,20 @@ an `alpha`; the update is `up @ down * alpha / rank`, or `up @ down` without alp
 - ComfyUI-style: `diffusion_model.double_blocks.0.img_attn_qkv.lora_up.weight` (original or ComfyUI names, either
   pair naming).
 
+A file may also (or only) carry LoRAs for the text encoders, LLaMA and CLIP-L (`text_encoder_updates`). Which encoder
+a layer belongs to is told by its module path, never by a prefix's number, since the conventions disagree on those:
+- kohya-style `lora_te_`, `lora_te1_`, `lora_te2_` + the underscored module path: ComfyUI's key map reads
+  `lora_te_text_model_encoder_layers_N_...` and `lora_te1_text_model_...` (SDXL numbering) as CLIP-L; OneTrainer's
+  HunyuanVideo LoRAs write the LLaMA as `lora_te1_layers_N_self_attn_q_proj` (diffusers' LlamaModel names) and
+  CLIP-L as `lora_te2_text_model_encoder_layers_N_...`; `lora_te_model_layers_N_...` (the LLaMA with `model.`, as
+  ComfyUI and transformers' causal LM name it) is read too;
+- diffusers / PEFT, named after HunyuanVideoPipeline's components: `text_encoder.layers.N.self_attn.q_proj` (the
+  LlamaModel) and `text_encoder_2.text_model.encoder.layers.N...` (the CLIPTextModel); ComfyUI also reads
+  `text_encoder.text_model.encoder.layers.N...` as CLIP-L;
+- ComfyUI's generic names, `text_encoders.` + a module of its HunyuanVideo text encoder:
+  `text_encoders.llama.transformer.model.layers.N...`, `text_encoders.clip_l.transformer.text_model...`;
+- OneTrainer's OMI names: `llama.language_model.model.layers.N...`, `clip_l.text_model.encoder.layers.N...`.
+
 The transformer fuses what diffusers keeps apart: q, k, v into one `..._attn_qkv` layer, and q, k, v plus the MLP
 input into each single block's `linear1`. LoRAs on the parts become one LoRA on the fused layer: the downs
 stacked, the ups block-diagonal, so the fused update is exactly the parts' updates one above the other.
@@ -37,23 +51,109 @@ KOHYA_PREFIX = "lora_unet_"
 
 def is_hunyuan_video_lora(keys: Iterable[str]) -> bool:
     """LoRA pairs whose names are HunyuanVideo transformer blocks in one of the formats above (not, say, an SD
-    UNet's `down_blocks...transformer_blocks`)."""
+    UNet's `down_blocks...transformer_blocks`), or a file of text-encoder LoRAs only (LLaMA and / or CLIP-L)."""
     keys = list(keys)
     if not any(k.endswith(suffix) for k in keys for suffix, role in _ROLE_SUFFIXES if role != "alpha"):
         return False
-    return any(k.startswith((KOHYA_PREFIX + "double_blocks_", KOHYA_PREFIX + "single_blocks_")) or
-               re.match(r"(\w+\.)?(double_blocks|single_blocks|single_transformer_blocks)\.\d", k) or
-               re.match(r"(base_model\.model\.|transformer\.)?transformer_blocks\.\d", k) for k in keys)
+    if any(k.startswith((KOHYA_PREFIX + "double_blocks_", KOHYA_PREFIX + "single_blocks_")) or
+           re.match(r"(\w+\.)?(double_blocks|single_blocks|single_transformer_blocks)\.\d", k) or
+           re.match(r"(base_model\.model\.|transformer\.)?transformer_blocks\.\d", k) for k in keys):
+        return True
+    return all(is_text_encoder_key(k) for k in keys) and any(text_encoder_of(k) for k in keys)
 
 
 def lora_format(keys: Iterable[str]) -> str:
     """"kohya", "diffusers" or "comfy" (original / ComfyUI module names)."""
     keys = list(keys)
-    if any(k.startswith(KOHYA_PREFIX) for k in keys):
+    if any(k.startswith((KOHYA_PREFIX, TEXT_KOHYA_PREFIX)) for k in keys):
         return "kohya"
-    if any("transformer_blocks." in k for k in keys):
+    if any("transformer_blocks." in k or k.startswith(("text_encoder.", "text_encoder_2.")) for k in keys):
         return "diffusers"
     return "comfy"
+
+
+# --------------------------------------------------------------------------- text encoders (see the module docstring)
+TEXT_KOHYA_PREFIX = "lora_te"  # lora_te_, lora_te1_, lora_te2_
+# Prefixes in front of an encoder's own module path; the LLaMA's path may lack the `model.` of the internal names.
+_TEXT_PREFIXES = ("text_encoders.llama.transformer.", "text_encoders.clip_l.transformer.", "text_encoder_2.",
+                  "text_encoder.", "llama.language_model.", "clip_l.")
+_TEXT_MARKERS = (TEXT_KOHYA_PREFIX, "text_encoders.", "text_encoder.", "text_encoder_2.", "llama.", "clip_l.")
+TEXT_ENCODER_NAMES = {"llama": "LLaMA", "clip": "CLIP-L"}
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """Whether a LoRA key is named for a text encoder (in any of the conventions), not the transformer."""
+    return key.startswith(_TEXT_MARKERS)
+
+
+def text_encoder_of(key: str) -> str | None:
+    """"llama" or "clip" when a text-encoder LoRA key names a layer of that encoder's shape of model, else None."""
+    if not is_text_encoder_key(key):
+        return None
+    if re.search(r"(^|[._])text_model[._]encoder[._]layers[._]\d", key):
+        return "clip"
+    if re.search(r"(^|[._])layers[._]\d+[._](self_attn|mlp)[._]", key):
+        return "llama"
+    return None
+
+
+def split_text_encoder(tensors: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+    """(the transformer's tensors, the text encoders') of a LoRA file."""
+    text = {k: v for k, v in tensors.items() if is_text_encoder_key(k)}
+    return {k: v for k, v in tensors.items() if k not in text}, text
+
+
+def _text_target(name: str, kohya_names: dict[str, tuple[str, str]], linears: dict[str, set[str]]
+                 ) -> tuple[str, str] | None:
+    """(encoder, internal module path) of a text-encoder LoRA's module name; None if it matches no layer."""
+    kohya = re.match(TEXT_KOHYA_PREFIX + r"\d?_(.+)", name)
+    if kohya:
+        return kohya_names.get(kohya.group(1))
+    for prefix in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    else:
+        return None
+    for encoder, names in linears.items():
+        for candidate in (name, "model." + name):
+            if candidate in names:
+                return encoder, candidate
+    return None
+
+
+def text_encoder_updates(tensors: Mapping[str, torch.Tensor], encoders: Mapping[str, nn.Module]
+                         ) -> tuple[dict[str, list[Update]], list[str]]:
+    """{encoder ("llama" / "clip"): its layer updates} from a LoRA file's text-encoder tensors, and the LoRA module
+    names matching no layer of either encoder (`encoders`: {"llama": LlamaTextEncoder, "clip": CLIPTextModel})."""
+    from torch import nn
+
+    from .weights import linear_shape
+
+    pairs = lora_pairs(tensors)
+    linears = {encoder: {name for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+               for encoder, net in encoders.items()}
+    kohya_names = {}
+    for encoder, names in linears.items():
+        for name in names:
+            kohya_names[name.replace(".", "_")] = (encoder, name)
+            if name.startswith("model."):  # diffusers' LlamaModel has no `model.` level
+                kohya_names[name[len("model."):].replace(".", "_")] = (encoder, name)
+    updates: dict[str, list[Update]] = {}
+    unmatched = []
+    for name, pair in pairs.items():
+        target = _text_target(name, kohya_names, linears)
+        if target is None:
+            unmatched.append(name)
+            continue
+        encoder, module = target
+        expected = tuple(linear_shape(encoders[encoder].get_submodule(module)))
+        found = (pair.up.shape[0], pair.down.shape[1])
+        if found != expected:
+            raise ModelFileError(f"the LoRA for {name!r} is {list(found)} ([out, in]); the {TEXT_ENCODER_NAMES[encoder]} "
+                                 f"layer {module!r} is {list(expected)}: is it a LoRA for another text encoder?")
+        updates.setdefault(encoder, []).append(Update(module, pair.scaled_up(), pair.down))
+    return updates, unmatched
 
 
 @dataclass
@@ -96,13 +196,24 @@ def read_pairs(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, LoraPair]
     return pairs, stray
 
 
+def lora_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, LoraPair]:
+    """`read_pairs` of a file that must hold LoRA weights only."""
+    pairs, stray = read_pairs(tensors)
+    if stray:
+        raise ModelFileError(f"{len(stray)} tensors are not LoRA weights (e.g. {stray[:3]}); expected names ending in "
+                             "lora_down/lora_up/lora_A/lora_B '.weight' or '.alpha'")
+    return pairs
+
+
 def describe(tensors: Mapping[str, object]) -> dict:
-    """What `kineflow inspect` says of a LoRA file: format, rank(s) and how many layers it targets (from shapes)."""
+    """What `kineflow inspect` says of a LoRA file: format, rank(s), how many transformer layers it targets and how
+    many of each text encoder's (from names and shapes)."""
     ranks = {tuple(info.shape)[0] for key, info in tensors.items()
              if key.endswith((".lora_down.weight", ".lora_A.weight"))}
     targets = {key.rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in key}
+    text = {encoder: len({t for t in targets if text_encoder_of(t) == encoder}) for encoder in TEXT_ENCODER_NAMES}
     return {"format": lora_format(tensors), "rank": sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks),
-            "targets": len(targets)}
+            "targets": len([t for t in targets if not is_text_encoder_key(t)]), "text_encoder_targets": text}
 
 
 # --------------------------------------------------------------------------- matching to the transformer
@@ -147,10 +258,7 @@ def dit_updates(tensors: Mapping[str, torch.Tensor], net: nn.Module) -> tuple[li
 
     from .weights import linear_shape
 
-    pairs, stray = read_pairs(tensors)
-    if stray:
-        raise ModelFileError(f"{len(stray)} tensors are not LoRA weights (e.g. {stray[:3]}); expected names ending in "
-                             "lora_down/lora_up/lora_A/lora_B '.weight' or '.alpha'")
+    pairs = lora_pairs(tensors)
     linears = {name for name, m in net.named_modules() if isinstance(m, nn.Linear)}
     kohya_names = {name.replace(".", "_"): name for name in linears}
     whole: dict[str, list[LoraPair]] = {}

@@ -1,4 +1,5 @@
-"""Load LoRA: HunyuanVideo transformer LoRAs (kohya / musubi-tuner, diffusers / PEFT and ComfyUI-style files).
+"""Load LoRA: HunyuanVideo LoRAs (kohya / musubi-tuner, diffusers / PEFT and ComfyUI-style files) for the
+transformer and, when a file carries them, the text encoders.
 
 The work is in runtime/lora.py, imported when the node runs.
 """
@@ -9,10 +10,11 @@ from ._common import check_model_files, model_choices
 
 class KineFlowLoadLoRA:
     DESCRIPTION = ("Applies a HunyuanVideo LoRA (kohya / musubi-tuner, diffusers / PEFT or ComfyUI-style file) to a "
-                   "copy of the video model; the input model is left unchanged. Chain several to combine them.")
+                   "copy of the video model, and its text-encoder layers, if it has any, to a copy of the text "
+                   "encoders connected; the inputs are left unchanged. Chain several to combine them.")
     CATEGORY = "KineFlow/loaders"
-    RETURN_TYPES = ("KINEFLOW_VIDEO_MODEL",)
-    RETURN_NAMES = ("model",)
+    RETURN_TYPES = ("KINEFLOW_VIDEO_MODEL", "KINEFLOW_TEXT_ENCODER")
+    RETURN_NAMES = ("model", "text_encoder")
     FUNCTION = "apply"
 
     @classmethod
@@ -26,6 +28,9 @@ class KineFlowLoadLoRA:
             "block_strengths": ("STRING", {"default": "", "multiline": False, "tooltip": (
                 "Optional factors per block, multiplied with strength, e.g. 'double_blocks=1, single_blocks.20-39=0.5'. "
                 "The most specific entry wins; blocks not named get 1.")}),
+            "text_encoders": ("KINEFLOW_TEXT_ENCODER", {"tooltip": (
+                "Optional: from Load Text Encoders or another Load LoRA. The file's LLaMA / CLIP-L layers, if any, go "
+                "into a copy given at the text_encoder output; unconnected, they are skipped with a warning.")}),
         }}
 
     @classmethod
@@ -42,10 +47,10 @@ class KineFlowLoadLoRA:
             return str(e)
         return check_model_files(("loras", lora_name, "hunyuan_video_lora"))
 
-    def apply(self, model, lora_name, strength, block_strengths=""):
+    def apply(self, model, lora_name, strength, block_strengths="", text_encoders=None):
         from ..runtime import lora
 
-        return (lora.apply_lora(model, lora_name, strength, block_strengths),)
+        return lora.load_lora(model, text_encoders, lora_name, strength, block_strengths)
 
 
 NODE_CLASS_MAPPINGS = {"KineFlowLoadLoRA": KineFlowLoadLoRA}

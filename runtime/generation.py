@@ -40,6 +40,9 @@ def encode_prompts(text_encoder, prompt: str, negative_prompt: str = "") -> dict
     """KINEFLOW_CONDITIONING: the encoded prompt and negative prompt. As in ComfyUI, an empty negative prompt is
     encoded too: it is the unconditional branch CFG pushes away from (models are trained with empty captions).
     For a shipped tiny model, both are first put into the words it knows (`for_shipped_model`)."""
+    if text_encoder is None:  # encode_schedule comes here first
+        raise KineFlowError("no text encoder reached this node: Load LoRA's text_encoder output carries text encoders "
+                            "only when its text_encoders input is connected (to Load Text Encoders)")
     if text_encoder.vocabulary is not None:
         prompt, negative_prompt = (for_shipped_model(text_encoder.vocabulary, p) for p in (prompt, negative_prompt))
     with torch.inference_mode():
