@@ -309,3 +309,36 @@ def test_eval_concept_quickly_reports_its_own_line(capsys):
     with pytest.raises(KineFlowError, match="unknown concept"):
         evaluation.evaluate(None, None, settings=evaluation.shipped_workflow_settings("hunyuan_video"),
                             concept="purple")
+
+
+def test_distillation_fits_the_base_rows_to_the_base_models_own_prediction(base_models, tmp_path):
+    """--preserve distill: with the LoRA switched off the layers are the base model's; at initialisation (every
+    `up` zero) the student equals its teacher, so base rows cost nothing and only concept rows move the LoRA."""
+    settings = _settings(base_models, preserve="distill", caption_dropout=0.0)
+    net = train_lora.load_base_dit(base_models / "diffusion_models" / SHIPPED_NAMES["dit"])
+    network = train_lora.LoraNetwork(net, train_lora.TARGET_ROOTS["blocks+text"], 2, 1.0, torch.Generator())
+    cache = train_lora.build_cache(tmp_path, settings, base_models)
+    rows = np.arange(len(cache["latents"]))
+    everything_taught = torch.ones(len(rows), dtype=torch.bool)
+    teacher_calls = []
+
+    def teacher(*inputs):
+        teacher_calls.append(len(inputs[0]))
+        network.enabled = False
+        try:
+            return net(*inputs)
+        finally:
+            network.enabled = True
+
+    loss = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings, teacher=teacher,
+                          taught=everything_taught)
+    assert teacher_calls == [len(rows)] and float(loss) == 0.0
+    with torch.no_grad():
+        for up in network.up.values():
+            up.normal_(0, 0.1)  # a trained LoRA: now the student differs from its teacher on the taught rows
+    taught = torch.as_tensor(rows >= cache["concept_clips"])
+    distilled = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings, teacher=teacher,
+                               taught=taught)
+    plain = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings)
+    assert float(distilled) > 0.0 and not torch.isclose(distilled, plain)
+    assert train_lora.train_lora(tmp_path / "run", settings).finished

@@ -227,6 +227,10 @@ class LoraSettings:
     concept_fraction: float = _opt(0.5, "share of each batch drawn from the concept's clips; the rest are the base "
                                         "model's own training clips, so the rest of what it draws stays as it was")
     lr: float = _opt(1e-3, "AdamW learning rate of the LoRA weights (after a linear warm-up)")
+    preserve: str = _opt("data", "what the base clips of a batch are fitted to: 'data' (the flow-matching target, as "
+                                 "in the base model's training) or 'distill' (the base model's own prediction, LoRA "
+                                 "off: keeps what it draws without the word; one more forward of those rows)",
+                         choices=("data", "distill"))
     warmup: int = _opt(50, "warm-up steps")
     decay_steps: int = _opt(200, DECAY_STEPS_HELP)
     concept_clips: int = _opt(600, "concept clips (train split of the concept's combinations) encoded into the cache")
@@ -940,8 +944,10 @@ def sample_sigmas(batch: int, settings: DiTSettings, gen: torch.Generator) -> to
 
 
 def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Generator,
-             settings: DiTSettings) -> torch.Tensor:
-    """Flow-matching MSE on a batch of cached clips; dropped captions use the cached empty prompt."""
+             settings: DiTSettings, teacher=None, taught=None) -> torch.Tensor:
+    """Flow-matching MSE on a batch of cached clips; dropped captions use the cached empty prompt. With `teacher`
+    (a callable taking the transformer's inputs) the rows where the boolean `taught` is True are fitted to its
+    prediction instead of the flow-matching target (distillation: the LoRA stage's base clips)."""
     idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
     x0 = cache["latents"][idx]
     b = len(idx)
@@ -952,15 +958,21 @@ def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Gene
     x_t = (1.0 - s) * x0 + s * noise
     pick = lambda key, ukey: torch.where(drop.view(-1, *[1] * (cache[key].ndim - 1)),  # noqa: E731
                                          cache[ukey].expand_as(cache[key][idx]), cache[key][idx])
-    velocity = dit(x_t, sigma * 1000.0, pick("text_states", "uncond_states"), pick("text_mask", "uncond_mask"),
-                   pick("text_states_2", "uncond_states_2"))
+    inputs = (x_t, sigma * 1000.0, pick("text_states", "uncond_states"), pick("text_mask", "uncond_mask"),
+              pick("text_states_2", "uncond_states_2"))
+    velocity = dit(*inputs)
+    target = noise - x0
+    if teacher is not None and bool(taught.any()):
+        with torch.no_grad():
+            target = target.clone()
+            target[taught] = teacher(*(t[taught] for t in inputs)).float()
     if not settings.foreground_weight and settings.later_frame_weight == 1.0:
-        return F.mse_loss(velocity.float(), noise - x0)
+        return F.mse_loss(velocity.float(), target)
     weight = torch.ones_like(x0[:, :1])
     if settings.foreground_weight:
         weight = weight + settings.foreground_weight * foreground_cells(x0)
     weight[:, :, 1:] *= settings.later_frame_weight
-    return ((velocity.float() - (noise - x0)).square() * weight).mean() / weight.mean()
+    return ((velocity.float() - target).square() * weight).mean() / weight.mean()
 
 
 # Distance (over channels, in scaled-latent units) from the clip's background latent beyond which a cell shows a

@@ -86,6 +86,8 @@ class LoraLinear(nn.Module):
         object.__setattr__(self, "network", network)  # not a child: the network's state dict holds the LoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.network.enabled:
+            return self.base(x)
         down, up = self.network.down[self.key], self.network.up[self.key]
         return self.base(x) + F.linear(F.linear(x, down), up) * self.network.scale
 
@@ -97,6 +99,7 @@ class LoraNetwork(nn.Module):
     def __init__(self, net: nn.Module, roots: tuple[str, ...], rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
         self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
+        self.enabled = True  # off: the layers compute the base model alone (the distillation teacher)
         self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
         self.modules_by_key: dict[str, str] = {}
         targets = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear) and name.startswith(roots)]
@@ -258,9 +261,20 @@ def train_lora(run_dir: Path, settings: LoraSettings, *, resume: bool = False,
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=0.0)
     concept_count, total = cache["concept_clips"], len(cache["latents"])
 
+    def base_model(*inputs) -> torch.Tensor:
+        network.enabled = False
+        try:
+            return net(*inputs)
+        finally:
+            network.enabled = True
+
     def loss_fn(step: int) -> torch.Tensor:
         rng, gen = step_rngs(settings.seed, STAGE, step)
-        return dit_loss(net, cache, batch_indices(rng, settings, concept_count, total), gen, settings)
+        rows = batch_indices(rng, settings, concept_count, total)
+        if settings.preserve == "distill":
+            return dit_loss(net, cache, rows, gen, settings, teacher=base_model,
+                            taught=torch.as_tensor(rows >= concept_count))
+        return dit_loss(net, cache, rows, gen, settings)
 
     result = run_loop(STAGE, run_dir, network, optimizer, loss_fn, settings, resume=resume,
                       budget=budget or Budget())
