@@ -312,6 +312,8 @@ def _read_folder_header(folder: Path) -> Header:
             cls = declared.get("_class_name") or ",".join(map(str, declared.get("architectures", [])))
             if cls:
                 metadata["class_name"] = str(cls)
+            if declared.get("image_condition_type"):  # diffusers' HunyuanVideo transformer: what shapes cannot tell
+                metadata["image_condition_type"] = str(declared["image_condition_type"])
         except (ValueError, AttributeError, TypeError, RecursionError):
             pass  # the class name only helps detection; the weights' names decide
     return Header(folder, tensors, metadata)
@@ -335,9 +337,10 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
     if isinstance(header, Header):
         tensors = header.tensors
         class_name = header.metadata.get("class_name", "")
+        image_condition = header.metadata.get("image_condition_type")
     else:
         tensors = {k: v if isinstance(v, TensorInfo) else TensorInfo("F32", tuple(v)) for k, v in header.items()}
-        class_name = ""
+        class_name, image_condition = "", None
     keys = list(tensors)
     shape = lambda k: tensors[k].shape  # noqa: E731
 
@@ -375,11 +378,13 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
         prefix = _common_prefix(keys, "double_blocks.")
         layout = "original" if _has(keys, "img_attn_qkv") else "comfy" if _has(keys, "img_attn.qkv") else None
         in_ch = _first_shape(tensors, "img_in.proj.weight")
-        return Detection("hunyuan_video_dit", layout, _dit_version(in_ch), prefix=prefix)
+        version, note = _dit_version(in_ch, image_condition)
+        return Detection("hunyuan_video_dit", layout, version, prefix=prefix, note=note)
     if _has(keys, "single_transformer_blocks.") and _has(keys, "context_embedder.token_refiner"):
         in_ch = _first_shape(tensors, "x_embedder.proj.weight")
-        return Detection("hunyuan_video_dit", "diffusers", _dit_version(in_ch),
-                         prefix=_common_prefix(keys, "x_embedder."))
+        version, note = _dit_version(in_ch, image_condition)
+        return Detection("hunyuan_video_dit", "diffusers", version, prefix=_common_prefix(keys, "x_embedder."),
+                         note=note)
 
     # ---- VAEs: the HunyuanVideo VAE has causal 3D convs (".conv." wrapped, 5-D weights)
     conv_in = [k for k in keys if k.endswith("encoder.conv_in.conv.weight") or k.endswith("decoder.conv_in.conv.weight")]
@@ -435,11 +440,24 @@ def _first_shape(tensors: Mapping[str, TensorInfo], suffix: str) -> tuple[int, .
     return None
 
 
-def _dit_version(in_shape: tuple[int, ...] | None) -> str | None:
-    """HunyuanVideo text-to-video takes 16 latent channels; the image-to-video release concatenates more."""
+# The HunyuanVideo releases by input channels (the output has 16): version name and what `inspect` says of it.
+_DIT_VARIANTS = {
+    16: ("t2v", "text to video; HunyuanVideo-I2V's token-replace release has the same keys and shapes "
+                "(Image To Video with mode token_replace)"),
+    32: ("i2v-32ch", "image to video, SkyReels-V1-Hunyuan-I2V layout: image latent concatenated (Image To Video)"),
+    33: ("i2v-33ch", "image to video, HunyuanVideo-I2V's first release: image latent + mask concatenated "
+                     "(Image To Video)"),
+}
+
+
+def _dit_version(in_shape: tuple[int, ...] | None, image_condition: str | None = None) -> tuple[str | None, str]:
+    """(version, note) of a HunyuanVideo transformer from its input projection's shape and the file's declared
+    image conditioning (a token-replace file has the text-to-video shapes)."""
     if not in_shape or len(in_shape) < 2:
-        return None
-    return "t2v" if in_shape[1] == 16 else "i2v" if in_shape[1] in (32, 33) else f"in{in_shape[1]}"
+        return None, ""
+    if in_shape[1] == 16 and image_condition == "token_replace":
+        return "i2v-token-replace", "image to video, HunyuanVideo-I2V's token-replace release (Image To Video)"
+    return _DIT_VARIANTS.get(in_shape[1], (f"in{in_shape[1]}", ""))
 
 
 def _context_width(unet: Mapping[str, TensorInfo]) -> int | None:

@@ -23,6 +23,17 @@ is passed to attention as `KeyPadding`, which the packed-sequence kernels run wi
 
 Step caching (models/caching.py, TeaCache): the probe is the first double block's modulated video input; on a step
 the cache skips, the text refiner and every block are skipped and the video tokens get the cached residual.
+
+Image to video (`image_condition`), as the released I2V variants condition on a first frame:
+- "latent_concat": the input projection takes more channels than the model predicts. HunyuanVideo-I2V's first
+  release (33 = 16 noisy + 16 image latent + 1 mask) and SkyReels-V1-Hunyuan-I2V (32 = 16 noisy + 16 image latent);
+  the image latent sits in latent frame 0 and zeros elsewhere, the mask is 1 in frame 0 and 0 elsewhere
+  (`image_condition_channels`). Detected from the shape of `img_in.proj.weight`.
+- "token_replace": HunyuanVideo-I2V's later release (16 input channels, the same weights' names and shapes as the
+  text-to-video model, so not detectable from the file): latent frame 0 holds the clean image latent, and its video
+  tokens are modulated by the conditioning vector of timestep 0 (time_in(0) + vector_in(clip), no guidance term)
+  in every double and single block, while the other tokens, the text and the final layer keep the step's vector.
+  `forward(..., token_replace=True)` runs it on any 16-channel model; the sampler keeps frame 0 clean.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ class HunyuanVideoDiTConfig:
     text_states_dim_2: int = 768
     guidance_embed: bool = True
     qkv_bias: bool = True
+    image_condition: str | None = None  # None (text to video), "latent_concat" or "token_replace"
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -80,6 +92,13 @@ class HunyuanVideoDiTConfig:
             )
         if len(self.patch_size) != 3:
             raise ValueError(f"patch_size must be (t, h, w), got {self.patch_size}")
+        concat = (2 * self.out_channels, 2 * self.out_channels + 1)
+        expected = {None: (self.out_channels,), "latent_concat": concat, "token_replace": (self.out_channels,)}
+        if self.image_condition not in expected:
+            raise ValueError(f"image_condition {self.image_condition!r} is not one of {list(expected)}")
+        if self.in_channels not in expected[self.image_condition]:
+            raise ValueError(f"image_condition {self.image_condition!r} needs in_channels in "
+                             f"{expected[self.image_condition]} (out_channels {self.out_channels}); got {self.in_channels}")
 
     @property
     def head_dim(self) -> int:
@@ -88,6 +107,19 @@ class HunyuanVideoDiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_width_ratio)
+
+    @property
+    def image_mask_channel(self) -> bool:
+        """latent_concat with a mask channel after the image latent (HunyuanVideo-I2V 33ch; SkyReels-V1 has none)."""
+        return self.in_channels == 2 * self.out_channels + 1
+
+    @property
+    def variant(self) -> str:
+        """Which release the shapes say this is: t2v, i2v-33ch (HunyuanVideo-I2V latent concat + mask), i2v-32ch
+        (SkyReels-V1-Hunyuan-I2V) or i2v-token-replace."""
+        if self.image_condition == "latent_concat":
+            return f"i2v-{self.in_channels}ch"
+        return "i2v-token-replace" if self.image_condition == "token_replace" else "t2v"
 
     @classmethod
     def full(cls) -> "HunyuanVideoDiTConfig":
@@ -206,6 +238,29 @@ def norm_modulate(x, shift, scale):
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), 1 + scale)
 
 
+@dataclass
+class FirstFrame:
+    """Token replace inside the blocks: the `tokens` leading video tokens (latent frame 0, or this rank's part of it)
+    are modulated from `vec_act`, the activated conditioning vector of timestep 0."""
+    vec_act: torch.Tensor
+    tokens: int
+
+
+def modulate_first(x, shift, scale, first_mods, tokens: int):
+    """norm_modulate, the first `tokens` tokens with the timestep-0 (shift, scale) `first_mods` when given."""
+    if first_mods is None or tokens == 0:
+        return norm_modulate(x, shift, scale)
+    return torch.cat((norm_modulate(x[:, :tokens], *first_mods), norm_modulate(x[:, tokens:], shift, scale)), dim=1)
+
+
+def gate_first(x, y, gate, first_gate, tokens: int):
+    """x + y * gate, the first `tokens` tokens gated by the timestep-0 `first_gate` when given."""
+    if first_gate is None or tokens == 0:
+        return torch.addcmul(x, y, gate)
+    return torch.cat((torch.addcmul(x[:, :tokens], y[:, :tokens], first_gate),
+                      torch.addcmul(x[:, tokens:], y[:, tokens:], gate)), dim=1)
+
+
 def attention(q, k, v, mask, backend: str):
     """q, k, v [B, L, H, D] -> [B, L, H*D]. SDPA's CPU kernels return a [B, L, H, D]-contiguous tensor, so
     the final reshape is free. A `ShardedAttention` mask (video tokens split over ranks) runs the distributed
@@ -301,28 +356,33 @@ class MMDoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_attn_proj", nn.Linear(h, h, bias=cfg.qkv_bias))
             setattr(self, f"{s}_mlp", MLP(h, cfg.mlp_hidden, gelu_tanh))
 
-    def _qkv(self, x, shift, scale, stream: str):
-        qkv = getattr(self, f"{stream}_attn_qkv")(norm_modulate(x, shift, scale))
+    def _qkv(self, x, normed, stream: str):
+        qkv = getattr(self, f"{stream}_attn_qkv")(normed)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
         return getattr(self, f"{stream}_attn_q_norm")(q), getattr(self, f"{stream}_attn_k_norm")(k), v
 
-    def forward(self, img, txt, vec_act, freqs_cis, mask, probe: bool = False):
-        """`probe`: return only the video tokens as the attention takes them in, normed and modulated (the step
-        cache's probe, models/caching.py); txt, freqs_cis and mask are then unused."""
+    def forward(self, img, txt, vec_act, freqs_cis, mask, first: FirstFrame | None = None, probe: bool = False):
+        """`first`: token replace (see FirstFrame). `probe`: return only the video tokens as the attention takes them
+        in, normed and modulated (the step cache's probe, models/caching.py); txt, freqs_cis and mask are then unused."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec_act)
+        f_shift1, f_scale1, f_gate1, f_shift2, f_scale2, f_gate2 = (
+            self.img_mod(first.vec_act) if first is not None else (None,) * 6)
+        n_first = 0 if first is None else first.tokens
+        img_in = modulate_first(img, i_shift1, i_scale1, None if first is None else (f_shift1, f_scale1), n_first)
         if probe:
-            return norm_modulate(img, i_shift1, i_scale1)
+            return img_in
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec_act)
-        iq, ik, iv = self._qkv(img, i_shift1, i_scale1, "img")
-        tq, tk, tv = self._qkv(txt, t_shift1, t_scale1, "txt")
+        iq, ik, iv = self._qkv(img, img_in, "img")
+        tq, tk, tv = self._qkv(txt, norm_modulate(txt, t_shift1, t_scale1), "txt")
         n_img = img.shape[1]
         q, k, v = torch.cat((iq, tq), 1), torch.cat((ik, tk), 1), torch.cat((iv, tv), 1)
         apply_rope_(q[:, :n_img], freqs_cis)
         apply_rope_(k[:, :n_img], freqs_cis)
         attn = attention(q, k, v, mask, self.attention_backend)
 
-        img = torch.addcmul(img, self.img_attn_proj(attn[:, :n_img]), i_gate1)
-        img = torch.addcmul(img, self.img_mlp(norm_modulate(img, i_shift2, i_scale2)), i_gate2)
+        img = gate_first(img, self.img_attn_proj(attn[:, :n_img]), i_gate1, f_gate1, n_first)
+        mlp_in = modulate_first(img, i_shift2, i_scale2, None if first is None else (f_shift2, f_scale2), n_first)
+        img = gate_first(img, self.img_mlp(mlp_in), i_gate2, f_gate2, n_first)
         txt = torch.addcmul(txt, self.txt_attn_proj(attn[:, n_img:]), t_gate1)
         txt = torch.addcmul(txt, self.txt_mlp(norm_modulate(txt, t_shift2, t_scale2)), t_gate2)
         return img, txt
@@ -343,15 +403,19 @@ class MMSingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim)
         self.modulation = Modulation(h, 3)
 
-    def forward(self, x, vec_act, n_img, freqs_cis, mask):
+    def forward(self, x, vec_act, n_img, freqs_cis, mask, first: FirstFrame | None = None):
+        """x: [video; text] tokens; `first`: token replace (see FirstFrame), on the leading video tokens."""
         shift, scale, gate = self.modulation(vec_act)
-        qkv, mlp = self.linear1(norm_modulate(x, shift, scale)).split((3 * self.hidden, self.mlp_hidden), dim=-1)
+        f_shift, f_scale, f_gate = self.modulation(first.vec_act) if first is not None else (None,) * 3
+        n_first = 0 if first is None else first.tokens
+        normed = modulate_first(x, shift, scale, None if first is None else (f_shift, f_scale), n_first)
+        qkv, mlp = self.linear1(normed).split((3 * self.hidden, self.mlp_hidden), dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         apply_rope_(q[:, :n_img], freqs_cis)
         apply_rope_(k[:, :n_img], freqs_cis)
         out = self.linear2(torch.cat((attention(q, k, v, mask, self.attention_backend), gelu_tanh(mlp)), dim=-1))
-        return torch.addcmul(x, out, gate)
+        return gate_first(x, out, gate, f_gate, n_first)
 
 
 class FinalLayer(nn.Module):
@@ -429,14 +493,34 @@ class HunyuanVideoDiT(nn.Module):
         return [*self.double_blocks, *self.single_blocks]
 
     def forward(self, x, timestep, text_states, text_mask, text_states_2, guidance=None,
-                step_cache: StepCacheHook | None = None):
+                step_cache: StepCacheHook | None = None, image_latent: torch.Tensor | None = None,
+                token_replace: bool | None = None):
+        """`image_latent` (latent_concat models): the channels joined to the noisy latent `x` [B, C, T, H, W], see
+        `image_condition_channels`. `token_replace`: latent frame 0 of `x` is the clean image latent, modulated as at
+        timestep 0 (None: as the config says)."""
+        cfg = self.config
+        if image_latent is not None:
+            x = torch.cat((x, image_latent.to(device=x.device, dtype=x.dtype)), dim=1)
+        if x.shape[1] != cfg.in_channels:
+            what = {None: "a text-to-video model", "token_replace": "a token-replace image-to-video model",
+                    "latent_concat": f"an image-to-video model ({cfg.out_channels} noisy latent channels + "
+                                     f"{cfg.in_channels - cfg.out_channels} of the image)"}[cfg.image_condition]
+            raise KineFlowError(f"this HunyuanVideo transformer is {what} and takes {cfg.in_channels} input channels; "
+                                f"got {x.shape[1]}" + ("" if image_latent is not None or cfg.image_condition is None
+                                                       else ": it needs Image To Video's conditioning"))
+        if token_replace is None:
+            token_replace = cfg.image_condition == "token_replace"
+        if token_replace and cfg.image_condition == "latent_concat":
+            raise KineFlowError("token replace is for 16-channel models (HunyuanVideo-I2V's token-replace release); "
+                                "this one takes its image as concatenated latent channels")
         if self.parallel is not None:
             return self.parallel.run(self._forward, x, timestep, text_states, text_mask, text_states_2, guidance,
-                                     step_cache)
-        return self._forward(x, timestep, text_states, text_mask, text_states_2, guidance, step_cache)
+                                     step_cache, token_replace=token_replace)
+        return self._forward(x, timestep, text_states, text_mask, text_states_2, guidance, step_cache,
+                             token_replace=token_replace)
 
     def _forward(self, x, timestep, text_states, text_mask, text_states_2, guidance, step_cache,
-                 batch_split: bool = False):
+                 batch_split: bool = False, token_replace: bool = False):
         """`batch_split`: this is one CFG-parallel group's half of the caller's batch."""
         cfg = self.config
         sp = self.parallel if self.parallel is not None and self.parallel.plan.sequence_degree > 1 else None
@@ -465,13 +549,19 @@ class HunyuanVideoDiT(nn.Module):
 
         img = self.img_in(x)
         n_img = n_tokens = img.shape[1]
+        n_first = grid[1] * grid[2]  # the video tokens of the first latent frame
         freqs = self.rope(grid, x.device)
         if sp is not None:  # this rank's slice of the video tokens; n_img counts the tokens this rank runs
             img, freqs = sp.shard_tokens(img, freqs)
             n_img = img.shape[1]
+            n_first = min(max(n_first - sp.token_offset(n_img), 0), n_img)
+        first = None
+        if token_replace:  # as the I2V release: timestep 0 and the CLIP vector, no guidance term
+            first_vec = self.time_in(torch.zeros_like(timestep), dtype) + self.vector_in(text_states_2)
+            first = FirstFrame(F.silu(first_vec), n_first)
         residual = None
         if step_cache is not None:  # TeaCache's probe: what the first double block's attention takes in of the video
-            probe = self.double_blocks[0](img, None, vec_act, None, None, probe=True)
+            probe = self.double_blocks[0](img, None, vec_act, None, None, first, probe=True)
             if self.parallel is not None:
                 probe = self.parallel.gather_probe(probe, n_tokens, batch_split)
             residual = step_cache.reuse(probe)
@@ -507,10 +597,10 @@ class HunyuanVideoDiT(nn.Module):
             blocks_in = img
             txt = self.txt_in(text_states, timestep, pooled, refiner_mask)  # only the blocks read the text
             for block in self.double_blocks:
-                img, txt = block(img, txt, vec_act, freqs, joint_mask)
+                img, txt = block(img, txt, vec_act, freqs, joint_mask, first)
             x = torch.cat((img, txt), dim=1)
             for block in self.single_blocks:
-                x = block(x, vec_act, n_img, freqs, joint_mask)
+                x = block(x, vec_act, n_img, freqs, joint_mask, first)
             img = x[:, :n_img]
             if step_cache is not None:
                 step_cache.store(img - blocks_in)
@@ -531,6 +621,24 @@ def _key_mask(valid: torch.Tensor, lengths: tuple[int, ...] | None):
     (`lengths` real keys per item), else a dense boolean mask."""
     dense = valid[:, None, None, :]
     return dense if lengths is None else KeyPadding(dense, lengths)
+
+
+def image_condition_channels(cfg: HunyuanVideoDiTConfig, image: torch.Tensor, frames: int) -> torch.Tensor:
+    """The channels a latent_concat model takes after the noisy latent, for `frames` latent frames: the image's
+    latent `image` [B, C, 1, H, W] in frame 0 and zeros in the others, then (HunyuanVideo-I2V 33ch) a mask channel,
+    1 in frame 0 and 0 elsewhere. SkyReels-V1 (32 channels) has no mask."""
+    if cfg.image_condition != "latent_concat":
+        raise KineFlowError(f"image channels are for latent_concat models; this one is {cfg.variant}")
+    b, c, t, h, w = image.shape
+    if c != cfg.out_channels or t != 1:
+        raise KineFlowError(f"expected the image latent [B, {cfg.out_channels}, 1, H, W]; found {tuple(image.shape)}")
+    latent = image.new_zeros(b, c, frames, h, w)
+    latent[:, :, :1] = image
+    if not cfg.image_mask_channel:
+        return latent
+    mask = image.new_zeros(b, 1, frames, h, w)
+    mask[:, :, :1] = 1.0
+    return torch.cat((latent, mask), dim=1)
 
 
 # --------------------------------------------------------------------------- checkpoint layouts
@@ -688,8 +796,12 @@ def convert_state_dict(sd: dict, layout: str) -> dict:
     raise ValueError(f"unknown HunyuanVideo DiT layout {layout!r}; expected 'original', 'comfy' or 'diffusers'")
 
 
-def config_from_state_dict(shapes: dict) -> HunyuanVideoDiTConfig:
-    """Derive the config from internal-layout key -> shape (tuples, torch.Size or tensors)."""
+def config_from_state_dict(shapes: dict, image_condition: str | None = None) -> HunyuanVideoDiTConfig:
+    """Derive the config from internal-layout key -> shape (tuples, torch.Size or tensors).
+
+    The image conditioning follows from the input projection: twice the output channels (+1 for a mask) is
+    latent_concat. A token-replace model has the text-to-video shapes, so only `image_condition` (what the file's
+    metadata declares) can say so."""
     shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
 
     def need(key):
@@ -713,9 +825,16 @@ def config_from_state_dict(shapes: dict) -> HunyuanVideoDiTConfig:
         mlp_hidden = need("single_blocks.0.linear1.weight")[0] - 3 * hidden
     else:
         raise ModelFileError("HunyuanVideo transformer weights have neither double_blocks nor single_blocks")
+    out_channels = need("final_layer.linear.weight")[0] // math.prod(patch)
+    if in_channels in (2 * out_channels, 2 * out_channels + 1):
+        image_condition = "latent_concat"
+    elif image_condition == "latent_concat":
+        raise ModelFileError(f"the file declares latent_concat image conditioning, but its input projection takes "
+                             f"{in_channels} channels for {out_channels} output channels; expected "
+                             f"{2 * out_channels} or {2 * out_channels + 1}")
     return HunyuanVideoDiTConfig(
         in_channels=in_channels,
-        out_channels=need("final_layer.linear.weight")[0] // math.prod(patch),
+        out_channels=out_channels,
         patch_size=patch,
         hidden_size=hidden,
         heads_num=hidden // head_dim,
@@ -728,4 +847,5 @@ def config_from_state_dict(shapes: dict) -> HunyuanVideoDiTConfig:
         text_states_dim_2=need("vector_in.in_layer.weight")[1],
         guidance_embed="guidance_in.mlp.0.weight" in shapes,
         qkv_bias=n_double == 0 or "double_blocks.0.img_attn_qkv.bias" in shapes,
+        image_condition=image_condition,
     )

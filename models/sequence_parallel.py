@@ -157,18 +157,19 @@ class ParallelGroups:
     def splits_batch(self, batch: int) -> bool:
         return self.plan.cfg == 2 and batch % 2 == 0
 
-    def run(self, forward, x, timestep, text_states, text_mask, text_states_2, guidance, step_cache):
-        """The model's forward under CFG parallel: this group's half of an even batch, then the halves gathered."""
+    def run(self, forward, x, timestep, text_states, text_mask, text_states_2, guidance, step_cache, **options):
+        """The model's forward under CFG parallel: this group's half of an even batch, then the halves gathered.
+        `options`: keyword arguments of the forward that are not per batch item (passed as they are)."""
         b = x.shape[0]
         if not self.splits_batch(b):
-            return forward(x, timestep, text_states, text_mask, text_states_2, guidance, step_cache)
+            return forward(x, timestep, text_states, text_mask, text_states_2, guidance, step_cache, **options)
         half = slice(self.cfg_index * b // 2, (self.cfg_index + 1) * b // 2)
         timestep = torch.as_tensor(timestep, device=x.device).expand(b)[half]
         if guidance is not None:
             guidance = torch.as_tensor(guidance, device=x.device).expand(b)[half]
         text_mask = None if text_mask is None else text_mask[half]
         out = forward(x[half], timestep, text_states[half], text_mask, text_states_2[half], guidance, step_cache,
-                      batch_split=True)
+                      batch_split=True, **options)
         return self.all_gather(out, self.cfg_group, 0, "cfg")
 
     def shard_tokens(self, img: torch.Tensor, freqs: torch.Tensor):
@@ -182,6 +183,10 @@ class ParallelGroups:
             freqs = torch.cat((freqs, torch.ones_like(freqs[:1]).expand(pad, *freqs.shape[1:])))
         start = self.sequence_rank * local
         return img[:, start:start + local], freqs[start:start + local]
+
+    def token_offset(self, local: int) -> int:
+        """Where this rank's slice of `local` video tokens (from shard_tokens) starts in the whole sequence."""
+        return self.sequence_rank * local
 
     def gather_tokens(self, local: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """All ranks' token slices [B, N/P, C] -> [B, N, C] (padding dropped)."""

@@ -3,7 +3,7 @@ in runtime/generation.py, imported when a node runs)."""
 
 from ..models.tiling import tiling_problem
 from ..runtime import host
-from ..runtime.latent_formats import LATENT_FORMATS, validate_latent_inputs, video_memory_problem
+from ..runtime.latent_formats import IMAGE_CONDITION_MODES, LATENT_FORMATS, validate_latent_inputs, video_memory_problem
 from ..runtime.validation import check_declared
 from ..samplers import DEFAULT_STEP_CACHE_THRESHOLD, SAMPLER_NAMES, SCHEDULER_NAMES, context_problem
 
@@ -85,8 +85,8 @@ class KineFlowSampler:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("KINEFLOW_VIDEO_MODEL", {"tooltip": "From Load Video Model (HunyuanVideo) or Load SD Checkpoint + Apply Motion Module (AnimateDiff)."}),
-            "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode."}),
-            "latent": ("LATENT", {"tooltip": "Empty Video Latent, or a VAE Encode output for video-to-video."}),
+            "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode, Prompt Schedule or Image To Video."}),
+            "latent": ("LATENT", {"tooltip": "Empty Video Latent, Image To Video's latent, or a VAE Encode output for video-to-video."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "tooltip": "Noise seed; the same seed gives the same video on any device."}),
             "steps": ("INT", {"default": 8, "min": 1, "max": 200, "step": 1, "tooltip": "Sampling steps."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale against the negative prompt; 1 = off (one model pass per step, fastest)."}),
@@ -244,6 +244,49 @@ class KineFlowVAEEncode:
         return (generation.encode_video(vae, images, options),)
 
 
+class KineFlowImageToVideo:
+    DESCRIPTION = ("Starts a HunyuanVideo image-to-video run from a first frame: the image is centre-cropped to the "
+                   "video's aspect ratio, resized to width x height and VAE-encoded; the Sampler then gives the model "
+                   "that latent at every step (concatenated channels for HunyuanVideo-I2V 33ch and SkyReels-V1, the "
+                   "clean first latent frame for HunyuanVideo-I2V's token-replace release), to the negative prompt "
+                   "too. The prompt conditions as text only: the LLaVA image tokens of HunyuanVideo-I2V's text "
+                   "encoder are not supported. Outputs the conditioning and an empty latent of the chosen size.")
+    CATEGORY = "KineFlow/conditioning"
+    RETURN_TYPES = ("KINEFLOW_CONDITIONING", "LATENT")
+    RETURN_NAMES = ("conditioning", "latent")
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode (or Prompt Schedule): the prompt and negative prompt."}),
+            "vae": ("KINEFLOW_VAE", {"tooltip": "HunyuanVideo's VAE, from Load Video VAE: encodes the first frame."}),
+            "image": ("IMAGE", {"tooltip": "The first frame (of a batch, only the first image is used); centre-cropped to the aspect of width x height, then resized to it."}),
+            "width": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video width in pixels, a multiple of 16."}),
+            "height": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video height in pixels, a multiple of 16."}),
+            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 1, "tooltip": "Number of video frames, 4k+1 (1, 5, 9, ... 129); the first is the image."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1, "tooltip": "Videos generated at once from the same image (seeds seed, seed+1, ...)."}),
+            "mode": (list(IMAGE_CONDITION_MODES), {"default": "auto", "tooltip": "auto: as the model's file says (HunyuanVideo-I2V 33ch: image latent + mask channels; SkyReels-V1: image latent channels). token_replace: HunyuanVideo-I2V's token-replace release, whose 16-channel file looks like text to video (ComfyUI's 'v2 (replace)')."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None, batch_size=None, mode=None):
+        sizes = dict(width=width, height=height, frames=frames, batch_size=batch_size)
+        declared = check_declared(cls, mode=mode, **sizes)
+        if declared is not True or None in sizes.values():  # linked sizes are checked when the node runs
+            return declared
+        size = validate_latent_inputs("hunyuan_video", width, height, frames, max_size=MAX_SIZE, max_frames=1025)
+        if size is not True:
+            return size
+        return video_memory_problem("hunyuan_video", width, height, frames, batch_size, host.read_budget(),
+                                    host.RAISE_BUDGET) or True
+
+    def build(self, conditioning, vae, image, width, height, frames, batch_size, mode):
+        from ..runtime import generation
+
+        return generation.image_to_video(conditioning, vae, image, width, height, frames, batch_size, mode)
+
+
 NODE_CLASS_MAPPINGS = {
     "KineFlowTextEncode": KineFlowTextEncode,
     "KineFlowEmptyVideoLatent": KineFlowEmptyVideoLatent,
@@ -252,6 +295,7 @@ NODE_CLASS_MAPPINGS = {
     "KineFlowStepCache": KineFlowStepCache,
     "KineFlowVAEDecode": KineFlowVAEDecode,
     "KineFlowVAEEncode": KineFlowVAEEncode,
+    "KineFlowImageToVideo": KineFlowImageToVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KineFlowTextEncode": "Text Encode (KineFlow)",
@@ -261,4 +305,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "KineFlowStepCache": "Step Cache (KineFlow)",
     "KineFlowVAEDecode": "VAE Decode (KineFlow)",
     "KineFlowVAEEncode": "VAE Encode (KineFlow)",
+    "KineFlowImageToVideo": "Image To Video (KineFlow)",
 }

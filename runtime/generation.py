@@ -12,7 +12,7 @@ import torch
 
 from ..models.hunyuan_video_vae import TilingOptions
 from ..samplers.context import ContextOptions, context_window_denoiser
-from ..samplers.guidance import make_cfg_denoiser
+from ..samplers.guidance import first_frame_denoiser, make_cfg_denoiser
 from ..samplers.noise import seeded_noise, step_generators
 from ..samplers.prompt_schedule import latent_frame_weights, parse_schedule
 from ..samplers.prompt_travel import TravelDenoiser, combined_scope
@@ -21,7 +21,7 @@ from ..samplers.step_cache import StepCacheOptions, StepCacheRun
 from ..shapes.vocabulary import Vocabulary, unknown_words_message
 from . import distributed, host, previews
 from ..errors import KineFlowError
-from .latent_formats import LATENT_FORMATS, check_video_size, video_memory_problem
+from .latent_formats import IMAGE_CONDITION_MODES, LATENT_FORMATS, check_video_size, video_memory_problem
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,15 @@ def encode_schedule(text_encoder, schedule: str, negative_prompt: str = "") -> d
 
 
 def _travel_denoiser(model, conditioning: dict, latent_frames: int, net_fn, negative, cfg: float,
-                     embedded_guidance: float, batch: int, device) -> TravelDenoiser | None:
+                     embedded_guidance: float, batch: int, device, image_kwargs: dict) -> TravelDenoiser | None:
     """The denoiser of a prompt-travel run (None without a schedule): the keyframes' prompts interpolated per latent
-    frame, keyframes given in video frames (see samplers/prompt_schedule.py for the latent-frame mapping)."""
+    frame, keyframes given in video frames (see samplers/prompt_schedule.py for the latent-frame mapping).
+    `image_kwargs` (Image To Video's, on the device) go with every keyframe's prompt."""
     travel = conditioning.get("travel")
     if travel is None:
         return None
     weights = latent_frame_weights(travel["schedule"], latent_frames, model.latent_format.temporal_ratio)
-    keyed = [_on(device, model.net_kwargs(_batched(encoded, batch), embedded_guidance, batch))
+    keyed = [{**_on(device, model.net_kwargs(_batched(encoded, batch), embedded_guidance, batch)), **image_kwargs}
              for encoded in travel["encoded"]]
     return TravelDenoiser(model.model_sampling.wrap(net_fn), keyed, negative, cfg, weights,
                           frame_text=getattr(model, "frame_text", False))
@@ -159,17 +160,24 @@ def sample_video(
         sigmas = torch.cat([sigmas[:2], sigmas[-2:]])
     start = samples.to(device=device, dtype=torch.float32) if denoise < 1.0 else None
 
+    image_kwargs, image_mode = _image_condition(model, conditioning.get("image"), tuple(samples.shape), context)
+    image_kwargs = _on(device, image_kwargs)
     positive = _on(device, model.net_kwargs(_batched(conditioning["positive"], batch), embedded_guidance, batch))
+    positive.update(image_kwargs)
     negative = None
     if conditioning.get("negative") is not None:
         negative = _on(device, model.net_kwargs(_batched(conditioning["negative"], batch), embedded_guidance, batch))
+        negative.update(image_kwargs)  # as the reference pipelines: the unconditional branch sees the image too
     net_fn, cache = model.net_fn, None
     if step_cache is not None:
         cache = StepCacheRun(step_cache, model.step_cache_criterion, steps=len(sigmas) - 1)
         net_fn = cache.bind(net_fn)
     travel = _travel_denoiser(model, conditioning, samples.shape[2], net_fn, negative, cfg, embedded_guidance,
-                              batch, device)
+                              batch, device, image_kwargs)
     denoiser = travel or make_cfg_denoiser(model.model_sampling.wrap(net_fn), positive, negative, cfg)
+    if image_mode == "token_replace":
+        first = conditioning["image"]["latent"].expand(batch, -1, -1, -1, -1)
+        denoiser = first_frame_denoiser(denoiser, first.to(device=device, dtype=torch.float32))
     if context is not None:
         scope = combined_scope(cache.window if cache else None, travel.window if travel else None)
         denoiser = context_window_denoiser(denoiser, context, window_scope=scope, group=distributed.window_group(model))
@@ -195,6 +203,45 @@ def sample_video(
         log.info("KineFlow: step cache (%s, threshold %g) skipped the model's blocks in %d of %d calls",
                  cache.criterion.name, cache.threshold, cache.skips, cache.calls)
     return {"samples": to_cpu(out), "latent_format": fmt.name}
+
+
+def _image_condition(model, image: dict | None, latent_shape: tuple[int, ...], context) -> tuple[dict, str | None]:
+    """The model's keyword arguments for Image To Video's first frame (none without one) and the mode they run
+    (None, "latent_concat" or "token_replace"). Context windows would give every window the first frame's place,
+    so the two are refused together."""
+    image_kwargs = getattr(model, "image_kwargs", None)
+    if image_kwargs is None:
+        if image is not None:
+            raise KineFlowError(f"the {model.family} model takes no first frame; Image To Video's conditioning is for "
+                                "HunyuanVideo image-to-video models (HunyuanVideo-I2V, SkyReels-V1-Hunyuan-I2V)")
+        return {}, None
+    kwargs, mode = image_kwargs(image, latent_shape)
+    if mode is not None and context is not None:
+        raise KineFlowError("image to video with context windows is not supported: the first frame belongs to the "
+                            "first window only, which the windows do not model yet; disconnect Context Options "
+                            "(or sample without Image To Video)")
+    return kwargs, mode
+
+
+def image_to_video(conditioning: dict, vae, image: torch.Tensor, width: int, height: int, frames: int, batch: int,
+                   mode: str) -> tuple[dict, dict]:
+    """Image To Video: (conditioning with the first frame, an empty latent to sample into). The first IMAGE frame is
+    centre-cropped to the aspect of width x height, resized to it (bilinear, antialiased), VAE-encoded as a
+    one-frame video (posterior mean, scaled) and kept as {"latent": [1, C, 1, H/8, W/8], "mode": mode}; the
+    Sampler hands it to the model each step (see HunyuanVideoModel.image_kwargs)."""
+    from .media import resize_frames
+
+    if vae.latent_format.name != "hunyuan_video":
+        raise KineFlowError(f"Image To Video needs HunyuanVideo's VAE (from Load Video VAE); this one makes "
+                            f"{vae.latent_format.name} latents")
+    if mode not in IMAGE_CONDITION_MODES:
+        raise KineFlowError(f"mode must be one of {', '.join(IMAGE_CONDITION_MODES)}; got {mode!r}")
+    if conditioning.get("positive") is None:
+        raise KineFlowError("Image To Video's conditioning has no prompt; connect Text Encode's output")
+    latent = empty_latent("hunyuan_video", width, height, frames, batch)
+    first = resize_frames(image[:1, :, :, :3], width, height, "bilinear", "center")
+    encoded = encode_video(vae, first, "auto")["samples"]
+    return {**conditioning, "image": {"latent": encoded, "mode": mode}}, latent
 
 
 # --------------------------------------------------------------------------- VAE

@@ -33,6 +33,10 @@ HUNYUAN_VIDEO_LATENT = LatentFormat("hunyuan_video", 16, 4, 8, frame_multiple=4)
 SD15_LATENT = LatentFormat("sd15", 4, 1, 8)
 LATENT_FORMATS = {f.name: f for f in (HUNYUAN_VIDEO_LATENT, SD15_LATENT)}
 
+# Image To Video's modes: "auto" conditions the way the model's file says (latent concat for 32/33 input channels);
+# "token_replace" for HunyuanVideo-I2V's token-replace release, whose 16-channel file looks like text to video.
+IMAGE_CONDITION_MODES = ("auto", "token_replace")
+
 
 def nearest_valid_size(fmt: LatentFormat, width: int, height: int, frames: int) -> tuple[int, int, int]:
     m, f = fmt.size_multiple, fmt.frame_multiple

@@ -26,7 +26,7 @@ from ..samplers.step_cache import RELEASED_TEACACHE_COEFFICIENTS, CacheCriterion
 from ..samplers.schedules import flow_sigmas
 from ..shapes.vocabulary import Vocabulary, text_encoder_vocabulary
 from . import acceleration, cpu, host
-from ..errors import KineFlowError
+from ..errors import KineFlowError, ModelFileError
 from . import offload as offload_mod
 from . import previews
 from .latent_formats import HUNYUAN_VIDEO_LATENT, LatentFormat
@@ -95,6 +95,46 @@ class HunyuanVideoModel:
     def guidance_embedded(self) -> bool:
         return bool(self.net.config.guidance_embed)
 
+    @property
+    def image_condition(self) -> str | None:
+        """How the model takes a first frame: None (text to video, or a token-replace release its file does not
+        declare), "latent_concat" or "token_replace" (models/hunyuan_video_dit.py)."""
+        return self.net.config.image_condition
+
+    def image_kwargs(self, image: dict | None, latent_shape: tuple[int, ...]) -> tuple[dict, str | None]:
+        """Keyword arguments for `net_fn` from Image To Video's conditioning (`image`: {"latent": [1|B, C, 1, H, W],
+        "mode": "auto" | "token_replace"}, or None), for a noisy latent of `latent_shape`, and the mode they run.
+        The same arguments go with the negative prompt: the reference pipelines give both branches the image."""
+        cfg = self.net.config
+        if image is None:
+            if cfg.image_condition is not None:
+                raise KineFlowError(
+                    f"this HunyuanVideo transformer is an image-to-video model ({cfg.variant}) and needs a first frame; "
+                    "found conditioning without one: put an Image To Video node between Text Encode and the Sampler")
+            return {}, None
+        mode = cfg.image_condition
+        if image["mode"] == "token_replace":
+            if mode == "latent_concat":
+                raise KineFlowError(f"Image To Video's mode is token_replace, but this model ({cfg.variant}) takes its "
+                                    "image as concatenated latent channels; set mode to auto")
+            mode = "token_replace"
+        if mode is None:
+            raise KineFlowError(
+                "this HunyuanVideo transformer takes no image (16 input channels: text to video); found Image To "
+                "Video's conditioning. If the file is HunyuanVideo-I2V's token-replace release (the same shapes), "
+                "set Image To Video's mode to token_replace; else use an image-to-video model "
+                "(HunyuanVideo-I2V 33ch, SkyReels-V1-Hunyuan-I2V)")
+        first = image["latent"]
+        b, c, _, h, w = latent_shape
+        if tuple(first.shape[1:]) != (c, 1, h, w) or first.shape[0] not in (1, b):
+            raise KineFlowError(f"Image To Video's image latent {tuple(first.shape)} does not fit the latent "
+                                f"{tuple(latent_shape)}; expected [1 or {b}, {c}, 1, {h}, {w}] (use the latent "
+                                "Image To Video gives, or the same size and frames)")
+        first = first.expand(b, -1, -1, -1, -1)
+        if mode == "token_replace":
+            return {"token_replace": True}, mode
+        return {"image_latent": dit_mod.image_condition_channels(cfg, first, latent_shape[2])}, mode
+
     def net_kwargs(self, text: dict, embedded_guidance: float, batch: int) -> dict:
         """Keyword arguments for `net_fn` from one encoded prompt (see models/hunyuan_text.py)."""
         if "text_states" not in text:
@@ -132,13 +172,20 @@ def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = 
                      ) -> HunyuanVideoModel:
     path = host.model_path("diffusion_models", name_or_path)
     header, det = checkpoints.require_family(path, "hunyuan_video_dit")
+    # A token-replace image-to-video file has the text-to-video shapes: only its metadata (or a diffusers folder's
+    # config.json) can say what it is.
+    declared = header.metadata.get("image_condition_type")
+    if declared not in (None, "latent_concat", "token_replace"):
+        raise ModelFileError(f"{path.name!r} declares image_condition_type {declared!r}; expected latent_concat or "
+                             "token_replace")
     device = host.compute_device()
     dtype = resolve_dtype(weight_dtype, device)
     attention = acceleration.resolve_attention(attention, device)
     net, residency = offload_mod.load(
         header, dit_mod.HunyuanVideoDiT, policy=offload, device=device, dtype=dtype, name=path.name,
         resident_blocks=resident_blocks, budget_bytes=host.memory_budget(), prefix=det.prefix, fp8=fp8,
-        convert=lambda sd: dit_mod.convert_state_dict(sd, det.layout), config_from=dit_mod.config_from_state_dict)
+        convert=lambda sd: dit_mod.convert_state_dict(sd, det.layout),
+        config_from=lambda shapes: dit_mod.config_from_state_dict(shapes, declared))
     acceleration.apply(net, residency, attention, compile)
     recipe = LoadRecipe(path=str(path.resolve()), weight_dtype=next(k for k, v in DTYPES.items() if v == dtype), fp8=fp8,
                         offload=offload, resident_blocks=resident_blocks, attention=attention,

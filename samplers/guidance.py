@@ -122,3 +122,17 @@ def guided_call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: 
         x0_cond = denoiser(x, sigma, **cond)
         x0_uncond = denoiser(x, sigma, **uncond)
     return x0_uncond + (x0_cond - x0_uncond) * scale
+
+
+def first_frame_denoiser(denoiser: Denoiser, frame: torch.Tensor) -> Denoiser:
+    """Image to video by token replace (HunyuanVideo-I2V): latent frame 0 is the clean image latent `frame`
+    [B, C, 1, H, W], both in what the model sees at every step and in every estimate it returns, so any sampler
+    ends on it; the other frames are denoised as usual. (The reference pipeline steps frames 1.. only and puts the
+    image back in front; the model's inputs are the same.)"""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((frame.to(x.dtype), x[:, :, 1:]), dim=2)
+        x0 = denoiser(x, sigma)
+        return torch.cat((frame.to(x0.dtype), x0[:, :, 1:]), dim=2)
+
+    return denoise

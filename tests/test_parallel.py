@@ -5,6 +5,7 @@ degree, heads that do not divide by the Ulysses degree, a step cache, and a few 
 One process pool per world size runs every case of that size (each rank compares its own full output with the
 single-process forward of the same seeded model); the parent checks the reported differences."""
 
+import dataclasses
 import datetime
 import json
 import os
@@ -38,12 +39,19 @@ CASES = {
     "ulysses2xring2_plain": (4, ParallelPlan(ulysses=2, ring=2), "tiny", "plain", "forward"),
     "cfg2xulysses2": (4, ParallelPlan(ulysses=2, cfg=2), "tiny", "padded_odd", "forward"),
     "cfg2xring2_sampler": (4, ParallelPlan(ring=2, cfg=2), "tiny", "sampler", "sampler"),
+    # Image to video: the first latent frame's 15 tokens fall on ranks 0 and 1 only (12 + 3 of 45, ring 4); the
+    # concatenated image channels are per token.
+    "ring4_token_replace": (4, ParallelPlan(ring=4), "tiny", "padded_odd", "token_replace"),
+    "ulysses2_token_replace": (2, ParallelPlan(ulysses=2), "tiny", "padded_odd", "token_replace"),
+    "cfg2xulysses2_i2v_concat": (4, ParallelPlan(ulysses=2, cfg=2), "i2v33", "padded_odd", "forward"),
 }
 
 
 def build_model(name: str) -> HunyuanVideoDiT:
     if name == "tiny":
         cfg = HunyuanVideoDiTConfig.tiny()
+    elif name == "i2v33":  # HunyuanVideo-I2V's latent concat: 16 noisy + 16 image + 1 mask channels
+        cfg = dataclasses.replace(HunyuanVideoDiTConfig.tiny(), in_channels=33, image_condition="latent_concat")
     else:  # three heads: no Ulysses degree > 1 divides them, so the heads are padded
         cfg = HunyuanVideoDiTConfig(hidden_size=96, heads_num=3, mm_double_blocks_depth=1, mm_single_blocks_depth=1,
                                     rope_dim_list=default_rope_dims(32), text_states_dim=32, text_states_dim_2=24)
@@ -112,7 +120,7 @@ def drive(model, how: str, inputs):
         if how == "step_cache":
             return run_step_cache(model, inputs)
         x, timestep, text, mask, pooled, guidance = inputs
-        return model(x, timestep, text, mask, pooled, guidance)
+        return model(x, timestep, text, mask, pooled, guidance, token_replace=how == "token_replace")
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]):
