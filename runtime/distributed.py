@@ -544,10 +544,13 @@ def launch(worker_argv: list[str], *, nproc: int, nnodes: str = "1", rdzv_endpoi
     try:
         elastic_launch(config, sys.executable)("-m", package, *worker_argv)
     except ChildFailedError as error:
-        # The root cause: not a rank the agent stopped itself (SIGTERM: 143 from our handler, or -15), then the earliest.
+        # The root cause: not a rank the agent stopped itself (SIGTERM: 143 from our handler, or -15); a rank killed
+        # by another signal before one that exited on its own (a rank that lost a killed peer exits with code 1, and
+        # may do so before the agent has seen the kill); then the earliest.
         stopped = (128 + signal.SIGTERM, -signal.SIGTERM)
         first_rank, first = min(error.failures.items(),
-                                key=lambda item: (item[1].exitcode in stopped, item[1].timestamp, item[0]))
+                                key=lambda item: (item[1].exitcode in stopped, (item[1].exitcode or 0) >= 0,
+                                                  item[1].timestamp, item[0]))
         stderr.write(f"error: rank {first_rank} (pid {first.pid}) {_describe(first)} after "
                      f"{time.monotonic() - start:.1f}s; every rank was stopped and nothing was written"
                      f"{'' if first.exitcode in (1, 2) else ' (its own messages, if any, are above)'}.\n")
