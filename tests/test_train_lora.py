@@ -332,7 +332,7 @@ def test_distillation_fits_the_base_rows_to_the_base_models_own_prediction(base_
 
     loss = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings, teacher=teacher,
                           taught=everything_taught)
-    assert teacher_calls == [len(rows)] and float(loss) == 0.0
+    assert teacher_calls == [len(rows)] and float(loss.detach()) == 0.0
     with torch.no_grad():
         for up in network.up.values():
             up.normal_(0, 0.1)  # a trained LoRA: now the student differs from its teacher on the taught rows
@@ -340,5 +340,5 @@ def test_distillation_fits_the_base_rows_to_the_base_models_own_prediction(base_
     distilled = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings, teacher=teacher,
                                taught=taught)
     plain = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings)
-    assert float(distilled) > 0.0 and not torch.isclose(distilled, plain)
+    assert float(distilled.detach()) > 0.0 and not torch.isclose(distilled, plain)
     assert train_lora.train_lora(tmp_path / "run", settings).finished
