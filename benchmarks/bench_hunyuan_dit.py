@@ -105,19 +105,6 @@ def median_seconds(fn, runs: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fn_a, fn_b, runs: int) -> tuple[float, float, float]:
-    """Alternate a and b so both see the same machine load; return median(a), median(b), median(a/b)."""
-    fn_a(), fn_b()  # warm-up
-    times_a, times_b = [], []
-    for _ in range(runs):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    ratios = [a / b for a, b in zip(times_a, times_b)]
-    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
-
-
 def matmul_peak_gflops(size: int = 2048, runs: int = 5, dtype: torch.dtype = torch.float32) -> float:
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     return 2 * size**3 / median_seconds(lambda: a @ b, runs, warmup=2) / 1e9

@@ -347,8 +347,10 @@ def plan_degrees(world: int, guided: bool, requested: Degrees, heads: int) -> tu
     elif requested.ring:
         ring, ulysses = requested.ring, rest // max(requested.ring, 1)
     else:
-        ulysses = math.gcd(rest, heads)
-        ring = rest // ulysses
+        from ..models.sequence_parallel import ParallelPlan
+
+        chosen = ParallelPlan.for_heads(world, heads, cfg)
+        ulysses, ring = chosen.ulysses, chosen.ring
     if ulysses * ring * cfg != world:
         raise InputFileError(f"parallel degrees ulysses {ulysses} x ring {ring} x cfg {cfg} = {ulysses * ring * cfg} "
                              f"do not match the {world} ranks; their product must be the number of processes")

@@ -388,30 +388,28 @@ def score(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes]) -> 
     return result
 
 
-def colour_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes], colour: str) -> AttributeScore:
-    """How often a shape asked for in `colour` was drawn in it (matched as `score` matches shapes): a concept
-    colour's own figure, apart from the other shapes of its prompts."""
+def _adherence(verdicts, expected, asked, achieved) -> AttributeScore:
+    """Of the expected shapes `asked(want)` selects, matched as `score` matches shapes, how many `achieved(got)`."""
     result = AttributeScore()
     for verdict, exp in zip(verdicts, expected, strict=True):
         for index, want in enumerate(exp.objects):
-            if want.colour == colour:
+            if asked(want):
                 got = _match(verdict, exp, index, want)
                 result.scored += 1
-                result.correct += int(got is not None and got.colour == colour)
+                result.correct += int(got is not None and achieved(got))
     return result
+
+
+def colour_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes], colour: str) -> AttributeScore:
+    """How often a shape asked for in `colour` was drawn in it: a concept colour's own figure, apart from the other
+    shapes of its prompts."""
+    return _adherence(verdicts, expected, lambda want: want.colour == colour, lambda got: got.colour == colour)
 
 
 def speed_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes], speed: str) -> AttributeScore:
-    """How often a shape asked to move at the speed concept `speed` (e.g. "quickly") did: matched as `score` matches
-    shapes, its judged travel exceeds FAST_TRAVEL (its direction is scored under "direction" with the rest)."""
-    result = AttributeScore()
-    for verdict, exp in zip(verdicts, expected, strict=True):
-        for index, want in enumerate(exp.objects):
-            if want.speed == speed:
-                got = _match(verdict, exp, index, want)
-                result.scored += 1
-                result.correct += int(got is not None and got.travel > FAST_TRAVEL)
-    return result
+    """How often a shape asked to move at the speed concept `speed` (e.g. "quickly") did: its judged travel exceeds
+    FAST_TRAVEL (its direction is scored under "direction" with the rest)."""
+    return _adherence(verdicts, expected, lambda want: want.speed == speed, lambda got: got.travel > FAST_TRAVEL)
 
 
 def concept_adherence(verdicts: Sequence[Verdict], expected: Sequence[PromptAttributes], concept: str) -> AttributeScore:
