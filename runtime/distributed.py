@@ -77,7 +77,6 @@ class _Run:
     active = False
     rank = 0
     world_size = 1
-    local_rank = 0
     timeout = DEFAULT_TIMEOUT
     degrees = Degrees()
     groups: dict = {}  # plan -> ParallelGroups, built once per run on every rank (building is a collective)
@@ -132,7 +131,7 @@ def start(timeout: float | None = None, degrees: Degrees | None = None, device_n
     rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
     degrees = degrees or Degrees()
-    _Run.rank, _Run.world_size, _Run.local_rank = rank_, world, local
+    _Run.rank, _Run.world_size = rank_, world
     _Run.timeout = timeout_seconds(timeout)
     _Run.degrees = degrees
     _Run.groups, _Run.announced = {}, set()

@@ -98,7 +98,6 @@ class TravelDenoiser:
         self._frames: tuple[int, ...] | None = None
         self._mixes: dict[tuple[float, ...], dict[str, Any]] = {}
         self._per_frame: dict[str, Any] | None = None
-        self.passes = 0  # model evaluations (CFG pairs count once), for tests and logs
 
     @contextlib.contextmanager
     def window(self, frames):
@@ -139,18 +138,15 @@ class TravelDenoiser:
         if self.frame_text:
             cond = self._frame_conditioning(frames, x)
             uncond = None if self.uncond is None else {k: _per_frame(v, len(frames)) for k, v in self.uncond.items()}
-            self.passes += 1
             return guided_call(self.denoiser, x, sigma, cond, uncond, self.scale, self.batched)
         groups: dict[tuple[float, ...], list[int]] = {}
         for position, frame in enumerate(frames):
             groups.setdefault(self.rows[frame], []).append(position)
         if len(groups) == 1:
-            self.passes += 1
             return guided_call(self.denoiser, x, sigma, self.mix(next(iter(groups))), self.uncond, self.scale,
                                self.batched)
         out = torch.empty_like(x)
         for row, positions in groups.items():
-            self.passes += 1
             denoised = guided_call(self.denoiser, x, sigma, self.mix(row), self.uncond, self.scale, self.batched)
             index = torch.tensor(positions, device=x.device)
             out.index_copy_(2, index, denoised.index_select(2, index))
