@@ -719,19 +719,27 @@ def fit_latents(vae: HunyuanVideoVAE, data: shapes.ShapesVideoDataset, seed: int
         return videos, torch.cat([vae.encode(v).mean for v in videos])
 
 
+def read_vae_file(path: Path) -> tuple[HunyuanVideoVAE, dict]:
+    """A VAE file this trainer wrote (a run's `vae/` or an export's), frozen, in fp32, with its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "scaling_factor" not in metadata:
+        raise KineFlowError(f"{path} has no scaling_factor metadata: expected a VAE file this trainer wrote "
+                            "(its 'vae' stage or `export`)")
+    config = dataclasses.replace(build_family(1).vae, scaling_factor=float(metadata["scaling_factor"]),
+                                 norm_num_groups=int(metadata.get("norm_num_groups", build_family(1).vae.norm_num_groups)))
+    vae = HunyuanVideoVAE(config)
+    vae.load_state_dict(load_file(str(path)))
+    return vae.eval().requires_grad_(False), metadata
+
+
 def load_trained_vae(run_dir: Path) -> tuple[HunyuanVideoVAE, dict]:
     path = vae_path(run_dir)
     if not path.exists():
         raise KineFlowError(f"no trained VAE at {path}; run the 'vae' stage to the end first")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    config = dataclasses.replace(build_family(1).vae, scaling_factor=float(metadata["scaling_factor"]),
-                                 norm_num_groups=int(metadata["norm_num_groups"]))
-    vae = HunyuanVideoVAE(config)
-    vae.load_state_dict(load_file(str(path)))
-    return vae.eval().requires_grad_(False), metadata
+    return read_vae_file(path)
 
 
 # --------------------------------------------------------------------------- frozen text encoders
@@ -1097,12 +1105,7 @@ def adopt_base(run_dir: Path, models_dir: Path) -> dict:
         shutil.copyfile(llm / "model.safetensors", text_dir / name)
     shutil.copyfile(base_file(models_dir, "clip"), text_dir / "clip.safetensors")
 
-    with safe_open(str(base_file(models_dir, "vae")), "pt") as f:
-        vae_meta = f.metadata()
-    config = dataclasses.replace(build_family(1).vae, scaling_factor=float(vae_meta["scaling_factor"]),
-                                 norm_num_groups=int(vae_meta["norm_num_groups"]))
-    vae = HunyuanVideoVAE(config)
-    vae.load_state_dict(load_file(str(base_file(models_dir, "vae"))))
+    vae, vae_meta = read_vae_file(base_file(models_dir, "vae"))
     # The exported file keeps only what loaders need; the run's VAE file also carries the latent statistics,
     # measured again on the base run's clips.
     training = json.loads(dit_meta["kineflow.training"])
@@ -1110,7 +1113,7 @@ def adopt_base(run_dir: Path, models_dir: Path) -> dict:
     _, latents = fit_latents(vae.eval(), shapes.ShapesVideoDataset(length=clips, seed=seed, split="train"), seed, clips)
     save_safetensors(vae.state_dict(), vae_path(run_dir), {
         **vae_meta, "kineflow.latent_rgb_factors": dit_meta["kineflow.latent_rgb_factors"],
-        "kineflow.latent_mean": latents.mean().item(), "kineflow.latent_std": 1.0 / config.scaling_factor})
+        "kineflow.latent_mean": latents.mean().item(), "kineflow.latent_std": 1.0 / vae.config.scaling_factor})
     card = models_dir / "MODEL_CARD.md"
     commands = [line.strip() for line in card.read_text().split("Commands of this run", 1)[-1].splitlines()
                 if line.startswith("    ")] if card.exists() else []

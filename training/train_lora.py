@@ -48,15 +48,14 @@ from torch.nn import functional as F
 
 from ..errors import KineFlowError
 from ..models import hunyuan_video_dit as dit_mod
-from ..models.hunyuan_video_vae import HunyuanVideoVAE
 from ..models.lora import KOHYA_PREFIX
 from ..runtime.media import atomic_write
 from ..shapes import dataset as shapes
 from ..shapes.attributes import CONCEPTS
 from .common import Budget, file_digest, step_rngs
-from .tiny_models import save_safetensors, tiny_family
-from .train import (DTYPES, LoraSettings, StageResult, _pad_text, base_file, dit_loss, encoder_digest, run_loop,
-                    trainable_dit, video_batch)
+from .tiny_models import save_safetensors
+from .train import (DTYPES, LoraSettings, StageResult, _pad_text, base_file, dit_loss, encoder_digest, read_vae_file,
+                    run_loop, trainable_dit, video_batch)
 
 STAGE = "lora"
 TARGET_ROOTS = {"blocks": ("double_blocks.", "single_blocks."),
@@ -163,29 +162,13 @@ def load_base_dit(path: Path) -> dit_mod.HunyuanVideoDiT:
     return net.eval()
 
 
-def load_base_vae(models_dir: Path) -> HunyuanVideoVAE:
-    from safetensors import safe_open
-
-    path = base_file(models_dir, "vae")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "scaling_factor" not in meta:
-        raise KineFlowError(f"{path} has no scaling_factor metadata: the lora stage takes a folder this trainer's "
-                            "`export` wrote")
-    config = dataclasses.replace(tiny_family(1).vae, scaling_factor=float(meta["scaling_factor"]),
-                                 norm_num_groups=int(meta.get("norm_num_groups", tiny_family(1).vae.norm_num_groups)))
-    vae = HunyuanVideoVAE(config)
-    vae.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-    return vae.eval()
-
-
 def build_cache(run_dir: Path, settings: LoraSettings, models_dir: Path, batch: int = 8) -> dict:
     """Latents and text conditioning of `concept_clips` concept clips, then `base_clips` base clips, and of the empty
     prompt (the cache `dit_loss` reads); rebuilt when the settings or base files it came from change. A speed
     concept's clips have one shape whatever `two_shape_prob` (sample_spec); the base clips follow it."""
     path = run_dir / STAGE / "cache.pt"
     llm, clip = base_file(models_dir, "llm"), base_file(models_dir, "clip")
-    vae = load_base_vae(models_dir)
+    vae, _ = read_vae_file(base_file(models_dir, "vae"))
     key = {"concept": settings.concept, "concept_clips": settings.concept_clips, "base_clips": settings.base_clips,
            "two_shape_prob": settings.two_shape_prob, "size": settings.size, "seed": settings.seed,
            "dataset": shapes.DATASET_VERSION, "vae_encoder": encoder_digest(vae),
