@@ -336,7 +336,7 @@ def test_distillation_fits_the_base_rows_to_the_base_models_own_prediction(base_
     with torch.no_grad():
         for up in network.up.values():
             up.normal_(0, 0.1)  # a trained LoRA: now the student differs from its teacher on the taught rows
-    taught = torch.as_tensor(rows >= cache["concept_clips"])
+    taught = torch.as_tensor(rows >= settings.concept_clips)
     distilled = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings, teacher=teacher,
                                taught=taught)
     plain = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings)

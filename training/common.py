@@ -28,7 +28,7 @@ from ..shapes.vocabulary import Vocabulary
 
 STAGE_IDS = {"vae": 1, "dit": 2, "cache": 3, "fit": 4, "vae_encoder": 5, "vae_decoder": 6,
              "vae_refine": 7, "unet": 8, "motion": 9, "text": 10, "vae_adapt": 11,
-             "lora": 12}
+             "lora": 12, "i2v": 13}
 
 
 def file_digest(path: Path) -> str:

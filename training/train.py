@@ -21,6 +21,9 @@ Stages (each resumable, each writing into one run folder, default `runs/tiny_hv/
                   fp16, with the preview factors in the DiT's metadata and a generated MODEL_CARD.md.
 
 `all` runs them in order under one time budget; with `--resume` it continues whichever stage is unfinished.
+Two more stages fine-tune an exported model and are not part of `all`: `lora` (a LoRA teaching it a new word,
+training/train_lora.py) and `i2v` (an image-to-video transformer grown from its text-to-video one,
+training/train_i2v.py); what they share lives in training/fine_tune.py.
 
     python -m kineflow.training.train all --resume --threads 1 --max-minutes 120 --out weights/
 
@@ -256,6 +259,46 @@ class LoraSettings:
             raise KineFlowError(f"--concept-fraction must be in (0, 1]; got {self.concept_fraction}")
         if self.size < 16 or self.size % 16:
             raise KineFlowError(f"--size must be a positive multiple of 16; got {self.size}")
+
+
+@dataclass
+class I2VSettings:
+    """`i2v`: an image-to-video transformer fine-tuned from an exported text-to-video one (training/train_i2v.py)."""
+
+    base: str = _opt("", "exported models folder whose transformer the image-to-video model starts from and whose "
+                         "VAE and text encoders it reads ('' = the pack's shipped weights/)")
+    steps: int = _opt(2400, "optimizer steps (a resumed run continues up to this)")
+    batch_size: int = _opt(16, "latents per step")
+    lr: float = _opt(2e-4, "AdamW learning rate (after a linear warm-up)")
+    warmup: int = _opt(50, "warm-up steps")
+    decay_steps: int = _opt(600, DECAY_STEPS_HELP)
+    clips: int = _opt(2000, "training clips encoded once into the latent + text cache")
+    two_shape_prob: float = _opt(0.3, "fraction of the cached clips with two shapes")
+    size: int = _opt(128, "width and height of the clips (the base transformer's training size)")
+    caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG; the image "
+                                       "stays, as the reference pipelines give both branches the image)")
+    foreground_weight: float = _opt(16.0, "extra loss weight of the latent cells a shape covers or borders")
+    later_frame_weight: float = _opt(1.0, "loss weight of the latent frames after the first")
+    shift: float = _opt(3.0, "flow shift applied to the sampled sigma")
+    sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
+                               choices=("logit_normal", "uniform"))
+    seed: int = _opt(23, "seed of the clips, batches and noise (another than the base's, so the clips are new)")
+    dtype: str = _opt("fp16", "dtype of the exported transformer", choices=tuple(DTYPES))
+    save_every: int = _opt(100, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
+
+    def __post_init__(self):
+        if self.size < 16 or self.size % 16:
+            raise KineFlowError(f"--size must be a positive multiple of 16; got {self.size}")
+        if self.clips < 1:
+            raise KineFlowError(f"--clips must be >= 1; got {self.clips}")
+
+
+def _train_i2v(run_dir: Path, settings: I2VSettings, *, resume: bool = False,
+               budget: Budget | None = None) -> StageResult:
+    from .train_i2v import train_i2v  # it builds on this module's loop and losses
+
+    return train_i2v(run_dir, settings, resume=resume, budget=budget)
 
 
 def _train_lora(run_dir: Path, settings: LoraSettings, *, resume: bool = False,
@@ -955,7 +998,8 @@ def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Gene
              settings: DiTSettings, teacher=None, taught=None) -> torch.Tensor:
     """Flow-matching MSE on a batch of cached clips; dropped captions use the cached empty prompt. With `teacher`
     (a callable taking the transformer's inputs) the rows where the boolean `taught` is True are fitted to its
-    prediction instead of the flow-matching target (distillation: the LoRA stage's base clips)."""
+    prediction instead of the flow-matching target (distillation: the LoRA stage's base clips). An image-to-video
+    (latent_concat) transformer also gets each clip's first latent frame, as Image To Video gives it."""
     idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
     x0 = cache["latents"][idx]
     b = len(idx)
@@ -968,7 +1012,10 @@ def dit_loss(dit: dit_mod.HunyuanVideoDiT, cache: dict, indices, gen: torch.Gene
                                          cache[ukey].expand_as(cache[key][idx]), cache[key][idx])
     inputs = (x_t, sigma * 1000.0, pick("text_states", "uncond_states"), pick("text_mask", "uncond_mask"),
               pick("text_states_2", "uncond_states_2"))
-    velocity = dit(*inputs)
+    image = {}
+    if dit.config.image_condition == "latent_concat":  # an image-to-video model sees the clip's first latent frame
+        image["image_latent"] = dit_mod.image_condition_channels(dit.config, x0[:, :, :1], x0.shape[2])
+    velocity = dit(*inputs, **image)
     target = noise - x0
     if teacher is not None and bool(taught.any()):
         with torch.no_grad():
@@ -1363,6 +1410,8 @@ STAGES = (
           "adapt the decoder to the transformer's latents (after 'dit' and an export)", in_all=False),
     Stage("lora", "lora-", LoraSettings, _train_lora,
           "a LoRA teaching an exported model a new word (kohya/musubi file in RUN/lora/)", in_all=False),
+    Stage("i2v", "i2v-", I2VSettings, _train_i2v,
+          "an image-to-video transformer fine-tuned from an exported model (file in RUN/i2v/)", in_all=False),
 )
 
 

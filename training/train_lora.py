@@ -36,26 +36,22 @@ trigger words: `RUN/lora/kineflow_tiny_<concept>_lora.safetensors`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import KineFlowError
-from ..models import hunyuan_video_dit as dit_mod
 from ..models.lora import KOHYA_PREFIX
-from ..runtime.media import atomic_write
 from ..shapes import dataset as shapes
 from ..shapes.attributes import CONCEPTS
 from .common import Budget, file_digest, step_rngs
+from .fine_tune import encode_clips, load_base_dit, models_folder
 from .tiny_models import save_safetensors
-from .train import (DTYPES, LoraSettings, StageResult, _pad_text, base_file, dit_loss, encoder_digest, read_vae_file,
-                    run_loop, trainable_dit, video_batch)
+from .train import DTYPES, LoraSettings, StageResult, base_file, dit_loss, run_loop
 
 STAGE = "lora"
 TARGET_ROOTS = {"blocks": ("double_blocks.", "single_blocks."),
@@ -64,14 +60,6 @@ TARGET_ROOTS = {"blocks": ("double_blocks.", "single_blocks."),
 
 def lora_file_name(concept: str) -> str:
     return f"kineflow_tiny_{concept}_lora.safetensors"
-
-
-def base_dir(settings: LoraSettings) -> Path:
-    if settings.base:
-        return Path(settings.base)
-    from ..runtime.host import SHIPPED_WEIGHTS_DIR
-
-    return SHIPPED_WEIGHTS_DIR
 
 
 # --------------------------------------------------------------------------- the LoRA modules
@@ -152,70 +140,20 @@ def export_lora(network: LoraNetwork, path: Path, settings: LoraSettings, *, bas
     return save_safetensors(lora_tensors(network, DTYPES[settings.dtype]), path, metadata)
 
 
-# --------------------------------------------------------------------------- the frozen base model
-def load_base_dit(path: Path) -> dit_mod.HunyuanVideoDiT:
-    """The exported transformer as a trainable module (fp32), every weight frozen."""
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
-    net = trainable_dit(dit_mod.config_from_state_dict(state))
-    net.load_state_dict(state)
-    net.requires_grad_(False)
-    return net.eval()
-
-
-def build_cache(run_dir: Path, settings: LoraSettings, models_dir: Path, batch: int = 8) -> dict:
+# --------------------------------------------------------------------------- the data
+def build_cache(run_dir: Path, settings: LoraSettings, models_dir: Path) -> dict:
     """Latents and text conditioning of `concept_clips` concept clips, then `base_clips` base clips, and of the empty
-    prompt (the cache `dit_loss` reads); rebuilt when the settings or base files it came from change. A speed
-    concept's clips have one shape whatever `two_shape_prob` (sample_spec); the base clips follow it."""
-    path = run_dir / STAGE / "cache.pt"
-    llm, clip = base_file(models_dir, "llm"), base_file(models_dir, "clip")
-    vae, _ = read_vae_file(base_file(models_dir, "vae"))
+    prompt (the cache `dit_loss` reads). A speed concept's clips have one shape whatever `two_shape_prob`
+    (sample_spec); the base clips follow it."""
     key = {"concept": settings.concept, "concept_clips": settings.concept_clips, "base_clips": settings.base_clips,
-           "two_shape_prob": settings.two_shape_prob, "size": settings.size, "seed": settings.seed,
-           "dataset": shapes.DATASET_VERSION, "vae_encoder": encoder_digest(vae),
-           "text": hashlib.sha256("".join(file_digest(p) for p in (llm / "model.safetensors", llm / "tokenizer.json",
-                                                                   clip)).encode()).hexdigest()}
-    if path.exists():
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-        if cache["key"] == key:
-            return cache
-    from ..runtime.video_models import load_text_encoders
-
-    text = load_text_encoders(str(llm), str(clip), dtype_name="fp32")  # training computes in fp32 on every CPU
+           "two_shape_prob": settings.two_shape_prob, "size": settings.size, "seed": settings.seed}
     parts = [shapes.ShapesVideoDataset(length=settings.concept_clips, seed=settings.seed, split="train",
                                        concept=settings.concept, two_shape_prob=settings.two_shape_prob,
                                        height=settings.size, width=settings.size),
              shapes.ShapesVideoDataset(length=settings.base_clips, seed=settings.seed + 1, split="train",
                                        two_shape_prob=settings.two_shape_prob, height=settings.size,
                                        width=settings.size)]
-    from .common import TrainProgress
-
-    total = settings.concept_clips + settings.base_clips
-    latents, states, masks, pooled, captions = [], [], [], [], []
-    bar = TrainProgress("lora cache", 0, total)
-    with torch.no_grad():
-        for data in parts:
-            for start in range(0, len(data), batch):
-                video, texts = video_batch(data, range(start, min(start + batch, len(data))))
-                latents.append(vae.encode_latents(video))
-                encoded = text.encode(texts)
-                states.append(encoded["text_states"].float())
-                masks.append(encoded["text_mask"])
-                pooled.append(encoded["text_states_2"].float())
-                captions += texts
-                bar.update(len(captions), 0.0, force=False)
-        bar.close()
-        uncond = text.encode([""])
-    length = max(int(m.sum(dim=1).max()) for m in masks + [uncond["text_mask"]])
-    states, masks = zip(*(_pad_text(s, m, length) for s, m in zip(states, masks)))
-    u_states, u_mask = _pad_text(uncond["text_states"].float(), uncond["text_mask"], length)
-    cache = {"key": key, "latents": torch.cat(latents), "text_states": torch.cat(states),
-             "text_mask": torch.cat(masks), "text_states_2": torch.cat(pooled), "uncond_states": u_states,
-             "uncond_mask": u_mask, "uncond_states_2": uncond["text_states_2"].float(), "captions": captions,
-             "concept_clips": settings.concept_clips}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        torch.save(cache, tmp)
-    return cache
+    return encode_clips(run_dir / STAGE / "cache.pt", key, parts, models_dir, "lora cache")
 
 
 def batch_indices(rng: np.random.Generator, settings: LoraSettings, concept_count: int, total: int) -> np.ndarray:
@@ -231,7 +169,7 @@ def batch_indices(rng: np.random.Generator, settings: LoraSettings, concept_coun
 def train_lora(run_dir: Path, settings: LoraSettings, *, resume: bool = False,
                budget: Budget | None = None) -> StageResult:
     run_dir = Path(run_dir)
-    models_dir = base_dir(settings)
+    models_dir = models_folder(settings.base)
     if settings.concept_clips < 1:
         raise KineFlowError(f"--concept-clips must be >= 1; got {settings.concept_clips}")
     if settings.concept_fraction < 1.0 and settings.base_clips < 1:
@@ -242,7 +180,7 @@ def train_lora(run_dir: Path, settings: LoraSettings, *, resume: bool = False,
     generator = torch.Generator().manual_seed(settings.seed)
     network = LoraNetwork(net, TARGET_ROOTS[settings.targets], settings.rank, settings.alpha, generator)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=0.0)
-    concept_count, total = cache["concept_clips"], len(cache["latents"])
+    concept_count, total = settings.concept_clips, len(cache["latents"])
 
     def base_model(*inputs) -> torch.Tensor:
         network.enabled = False
