@@ -245,12 +245,15 @@ class KineFlowVAEEncode:
 
 
 class KineFlowImageToVideo:
-    DESCRIPTION = ("Starts a HunyuanVideo image-to-video run from a first frame: the image is centre-cropped to the "
-                   "video's aspect ratio, resized to width x height and VAE-encoded; the Sampler then gives the model "
-                   "that latent at every step (concatenated channels for HunyuanVideo-I2V 33ch and SkyReels-V1, the "
-                   "clean first latent frame for HunyuanVideo-I2V's token-replace release), to the negative prompt "
-                   "too. The prompt conditions as text only: the LLaVA image tokens of HunyuanVideo-I2V's text "
-                   "encoder are not supported. Outputs the conditioning and an empty latent of the chosen size.")
+    DESCRIPTION = ("Starts an image-to-video run from a first frame: the image is centre-cropped to the video's "
+                   "aspect ratio, resized to width x height and VAE-encoded. HunyuanVideo (Load Video VAE's VAE): the "
+                   "Sampler gives the model that latent at every step (concatenated channels for HunyuanVideo-I2V "
+                   "33ch and SkyReels-V1, the clean first latent frame for HunyuanVideo-I2V's token-replace release), "
+                   "to the negative prompt too; the latent output is empty. The prompt conditions as text only: the "
+                   "LLaVA image tokens of HunyuanVideo-I2V's text encoder are not supported. AnimateDiff (the SD "
+                   "checkpoint's VAE): the Sampler keeps latent frame 0 on the image, noised to each step's level, and "
+                   "the motion module carries it into the other frames; the latent output holds the image in every "
+                   "frame, so a Sampler denoise below 1 (e.g. 0.8) also starts the other frames from it.")
     CATEGORY = "KineFlow/conditioning"
     RETURN_TYPES = ("KINEFLOW_CONDITIONING", "LATENT")
     RETURN_NAMES = ("conditioning", "latent")
@@ -260,13 +263,13 @@ class KineFlowImageToVideo:
     def INPUT_TYPES(cls):
         return {"required": {
             "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode (or Prompt Schedule): the prompt and negative prompt."}),
-            "vae": ("KINEFLOW_VAE", {"tooltip": "HunyuanVideo's VAE, from Load Video VAE: encodes the first frame."}),
+            "vae": ("KINEFLOW_VAE", {"tooltip": "Encodes the first frame: HunyuanVideo's VAE (Load Video VAE) for HunyuanVideo models, the SD checkpoint's VAE for AnimateDiff."}),
             "image": ("IMAGE", {"tooltip": "The first frame (of a batch, only the first image is used); centre-cropped to the aspect of width x height, then resized to it."}),
             "width": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video width in pixels, a multiple of 16."}),
             "height": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video height in pixels, a multiple of 16."}),
-            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 1, "tooltip": "Number of video frames, 4k+1 (1, 5, 9, ... 129); the first is the image."}),
+            "frames": ("INT", {"default": 9, "min": 1, "max": 1025, "step": 1, "tooltip": "Number of video frames, the first being the image: 4k+1 (1, 5, 9, ... 129) for HunyuanVideo, any count for AnimateDiff (16 is its context length)."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1, "tooltip": "Videos generated at once from the same image (seeds seed, seed+1, ...)."}),
-            "mode": (list(IMAGE_CONDITION_MODES), {"default": "auto", "tooltip": "auto: as the model's file says (HunyuanVideo-I2V 33ch: image latent + mask channels; SkyReels-V1: image latent channels). token_replace: HunyuanVideo-I2V's token-replace release, whose 16-channel file looks like text to video (ComfyUI's 'v2 (replace)')."}),
+            "mode": (list(IMAGE_CONDITION_MODES), {"default": "auto", "tooltip": "auto: as the model's file says (HunyuanVideo-I2V 33ch: image latent + mask channels; SkyReels-V1: image latent channels; AnimateDiff: the first frame kept). token_replace: HunyuanVideo-I2V's token-replace release, whose 16-channel file looks like text to video (ComfyUI's 'v2 (replace)')."}),
         }}
 
     @classmethod
@@ -275,10 +278,12 @@ class KineFlowImageToVideo:
         declared = check_declared(cls, mode=mode, **sizes)
         if declared is not True or None in sizes.values():  # linked sizes are checked when the node runs
             return declared
-        size = validate_latent_inputs("hunyuan_video", width, height, frames, max_size=MAX_SIZE, max_frames=1025)
+        # The family (HunyuanVideo's 4k+1 frames) follows from the VAE, known when the node runs; here the checks
+        # both families share, and the memory of the larger (per-frame SD) latent.
+        size = validate_latent_inputs("sd15", width, height, frames, max_size=MAX_SIZE, max_frames=1025)
         if size is not True:
             return size
-        return video_memory_problem("hunyuan_video", width, height, frames, batch_size, host.read_budget(),
+        return video_memory_problem("sd15", width, height, frames, batch_size, host.read_budget(),
                                     host.RAISE_BUDGET) or True
 
     def build(self, conditioning, vae, image, width, height, frames, batch_size, mode):

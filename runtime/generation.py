@@ -175,12 +175,16 @@ def sample_video(
     travel = _travel_denoiser(model, conditioning, samples.shape[2], net_fn, negative, cfg, embedded_guidance,
                               batch, device, image_kwargs)
     denoiser = travel or make_cfg_denoiser(model.model_sampling.wrap(net_fn), positive, negative, cfg)
-    if image_mode == "token_replace":
-        first = conditioning["image"]["latent"].expand(batch, -1, -1, -1, -1)
-        denoiser = first_frame_denoiser(denoiser, first.to(device=device, dtype=torch.float32))
     if context is not None:
         scope = combined_scope(cache.window if cache else None, travel.window if travel else None)
         denoiser = context_window_denoiser(denoiser, context, window_scope=scope, group=distributed.window_group(model))
+    if image_mode in ("token_replace", "first_frame"):
+        first = conditioning["image"]["latent"].expand(batch, -1, -1, -1, -1).to(device=device, dtype=torch.float32)
+        noised = None
+        if image_mode == "first_frame":  # the image noised to each step's sigma, with the seed's frame-0 noise
+            noised = lambda sigma: model.model_sampling.noise_scaling(  # noqa: E731
+                sigma.to(first).view(-1, 1, 1, 1, 1), noise[:, :, :1], first)
+        denoiser = first_frame_denoiser(denoiser, first, noised)
     if cache is not None:
         denoiser = cache.wrap(denoiser)
 
@@ -207,15 +211,26 @@ def sample_video(
 
 def _image_condition(model, image: dict | None, latent_shape: tuple[int, ...], context) -> tuple[dict, str | None]:
     """The model's keyword arguments for Image To Video's first frame (none without one) and the mode they run
-    (None, "latent_concat" or "token_replace"). Context windows would give every window the first frame's place,
-    so the two are refused together."""
-    image_kwargs = getattr(model, "image_kwargs", None)
-    if image_kwargs is None:
-        if image is not None:
-            raise KineFlowError(f"the {model.family} model takes no first frame; Image To Video's conditioning is for "
-                                "HunyuanVideo image-to-video models (HunyuanVideo-I2V, SkyReels-V1-Hunyuan-I2V)")
-        return {}, None
-    kwargs, mode = image_kwargs(image, latent_shape)
+    (None, "latent_concat", "token_replace" or, for AnimateDiff, "first_frame"). On a HunyuanVideo model context
+    windows would give every window the first frame's place, so the two are refused together; AnimateDiff's first
+    frame is pinned in the whole video's estimate, after the windows are merged."""
+    if getattr(model, "image_kwargs", None) is None:  # AnimateDiff
+        if image is None:
+            return {}, None
+        if image["mode"] != "first_frame":
+            raise KineFlowError(f"this Image To Video conditioning was made with HunyuanVideo's VAE; the {model.family} "
+                                "model needs it from its own VAE (the SD checkpoint's)")
+        b, c, _, h, w = latent_shape
+        first = image["latent"]
+        if tuple(first.shape[1:]) != (c, 1, h, w) or first.shape[0] not in (1, b):
+            raise KineFlowError(f"Image To Video's image latent {tuple(first.shape)} does not fit the latent "
+                                f"{tuple(latent_shape)}; expected [1 or {b}, {c}, 1, {h}, {w}] (use the latent "
+                                "Image To Video gives, or the same size)")
+        return {}, "first_frame"
+    if image is not None and image["mode"] == "first_frame":
+        raise KineFlowError(f"this Image To Video conditioning was made with an SD VAE (AnimateDiff); the "
+                            f"{model.family} model needs it from HunyuanVideo's VAE (Load Video VAE)")
+    kwargs, mode = model.image_kwargs(image, latent_shape)
     if mode is not None and context is not None:
         raise KineFlowError("image to video with context windows is not supported: the first frame belongs to the "
                             "first window only, which the windows do not model yet; disconnect Context Options "
@@ -225,23 +240,31 @@ def _image_condition(model, image: dict | None, latent_shape: tuple[int, ...], c
 
 def image_to_video(conditioning: dict, vae, image: torch.Tensor, width: int, height: int, frames: int, batch: int,
                    mode: str) -> tuple[dict, dict]:
-    """Image To Video: (conditioning with the first frame, an empty latent to sample into). The first IMAGE frame is
+    """Image To Video: (conditioning with the first frame, a latent to sample into). The first IMAGE frame is
     centre-cropped to the aspect of width x height, resized to it (bilinear, antialiased), VAE-encoded as a
-    one-frame video (posterior mean, scaled) and kept as {"latent": [1, C, 1, H/8, W/8], "mode": mode}; the
-    Sampler hands it to the model each step (see HunyuanVideoModel.image_kwargs)."""
+    one-frame video (posterior mean, scaled) and kept as {"latent": [1, C, 1, H/8, W/8], "mode": mode}.
+
+    With HunyuanVideo's VAE the Sampler hands it to the model each step (see HunyuanVideoModel.image_kwargs) and
+    the latent is empty. With an SD VAE (AnimateDiff) the mode is "first_frame": the Sampler pins latent frame 0 to
+    the image at every step (the motion module makes the other frames follow it), and the latent holds the image in
+    every frame, so that a denoise < 1 also starts the other frames from it."""
     from .media import resize_frames
 
-    if vae.latent_format.name != "hunyuan_video":
-        raise KineFlowError(f"Image To Video needs HunyuanVideo's VAE (from Load Video VAE); this one makes "
-                            f"{vae.latent_format.name} latents")
+    family = vae.latent_format.name
     if mode not in IMAGE_CONDITION_MODES:
         raise KineFlowError(f"mode must be one of {', '.join(IMAGE_CONDITION_MODES)}; got {mode!r}")
+    if family != "hunyuan_video" and mode != "auto":
+        raise KineFlowError(f"mode {mode} is for HunyuanVideo image-to-video models; with this VAE ({family} latents, "
+                            "AnimateDiff) set mode to auto")
     if conditioning.get("positive") is None:
         raise KineFlowError("Image To Video's conditioning has no prompt; connect Text Encode's output")
-    latent = empty_latent("hunyuan_video", width, height, frames, batch)
+    latent = empty_latent(family, width, height, frames, batch)
     first = resize_frames(image[:1, :, :, :3], width, height, "bilinear", "center")
     encoded = encode_video(vae, first, "auto")["samples"]
-    return {**conditioning, "image": {"latent": encoded, "mode": mode}}, latent
+    if family == "hunyuan_video":
+        return {**conditioning, "image": {"latent": encoded, "mode": mode}}, latent
+    latent["samples"] = encoded.expand_as(latent["samples"]).clone()
+    return {**conditioning, "image": {"latent": encoded, "mode": "first_frame"}}, latent
 
 
 # --------------------------------------------------------------------------- VAE

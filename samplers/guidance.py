@@ -124,14 +124,18 @@ def guided_call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: 
     return x0_uncond + (x0_cond - x0_uncond) * scale
 
 
-def first_frame_denoiser(denoiser: Denoiser, frame: torch.Tensor) -> Denoiser:
-    """Image to video by token replace (HunyuanVideo-I2V): latent frame 0 is the clean image latent `frame`
-    [B, C, 1, H, W], both in what the model sees at every step and in every estimate it returns, so any sampler
-    ends on it; the other frames are denoised as usual. (The reference pipeline steps frames 1.. only and puts the
-    image back in front; the model's inputs are the same.)"""
+def first_frame_denoiser(denoiser: Denoiser, frame: torch.Tensor,
+                         noised: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Denoiser:
+    """Image to video with a pinned first frame: latent frame 0 of every estimate the denoiser returns is the clean
+    image latent `frame` [B, C, 1, H, W], so any sampler ends on it; the other frames are denoised as usual. What
+    the model sees in frame 0: the clean latent (HunyuanVideo-I2V's token replace, whose model reads that frame as
+    timestep 0; the reference pipeline steps frames 1.. only and puts the image back in front, the model's inputs
+    are the same), or `noised(sigma)`, the image noised to the step's sigma (AnimateDiff's image to video, whose
+    UNet reads every frame at the step's noise level; the motion module carries the first frame into the others)."""
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x = torch.cat((frame.to(x.dtype), x[:, :, 1:]), dim=2)
+        seen = frame if noised is None else noised(sigma)
+        x = torch.cat((seen.to(x.dtype), x[:, :, 1:]), dim=2)
         x0 = denoiser(x, sigma)
         return torch.cat((frame.to(x0.dtype), x0[:, :, 1:]), dim=2)
 

@@ -1,6 +1,7 @@
-"""HunyuanVideo image to video: the I2V transformers against diffusers, their detection in every layout, the Image To
+"""Image to video. HunyuanVideo: the I2V transformers against diffusers, their detection in every layout, the Image To
 Video node's conditioning, a tiny end-to-end run through the nodes, and the refusals of mismatched model and
-conditioning."""
+conditioning. AnimateDiff: the shipped image-to-video workflow (first frame pinned, noised to each step's level),
+with context windows and with denoise < 1."""
 
 import dataclasses
 import json
@@ -23,6 +24,7 @@ from kineflow.models.hunyuan_video_dit import (
 from kineflow.nodes.synthetic import KineFlowShapesVideo
 from kineflow.runtime import generation
 from kineflow.runtime.executor import OutputCache, run_workflow
+from kineflow.runtime.host import PACK_DIR
 from kineflow.training.tiny_models import comfy_dit_names, write_models
 
 # (image_condition, in_channels, guidance_embed) of the released variants: HunyuanVideo-I2V's first release (33ch,
@@ -259,10 +261,66 @@ def test_mismatched_model_and_conditioning_are_refused(models_dir, tmp_path, cas
         _run(models_dir, tmp_path, _workflow(**case))
 
 
-def test_a_family_without_image_conditioning_refuses_it():
-    class SD15Like:
+def test_conditioning_from_the_other_familys_vae_is_refused():
+    class SD15Like:  # AnimateDiff's model handle: no image_kwargs
         family = "sd15"
 
-    with pytest.raises(KineFlowError, match="takes no first frame"):
-        generation._image_condition(SD15Like(), {"latent": torch.zeros(1, 4, 1, 8, 8), "mode": "auto"},
-                                    (1, 4, 9, 8, 8), None)
+    made_by_hunyuan_vae = {"latent": torch.zeros(1, 4, 1, 8, 8), "mode": "auto"}
+    with pytest.raises(KineFlowError, match="made with HunyuanVideo's VAE"):
+        generation._image_condition(SD15Like(), made_by_hunyuan_vae, (1, 4, 9, 8, 8), None)
+
+    class HunyuanLike:
+        family = "hunyuan_video"
+
+        def image_kwargs(self, image, latent_shape):
+            raise AssertionError("not reached")
+
+    made_by_sd_vae = {"latent": torch.zeros(1, 16, 1, 8, 8), "mode": "first_frame"}
+    with pytest.raises(KineFlowError, match="made with an SD VAE"):
+        generation._image_condition(HunyuanLike(), made_by_sd_vae, (1, 16, 3, 8, 8), None)
+
+
+# --------------------------------------------------------------------------- AnimateDiff
+def _animatediff_workflow(frames=8, steps=4, denoise=1.0, context=False, mode="auto"):
+    prompt = json.loads((PACK_DIR / "workflows" / "api" / "animatediff_image_to_video.json").read_text())
+    prompt["5"]["inputs"].update(frames=frames, mode=mode)
+    prompt["6"]["inputs"].update(steps=steps, denoise=denoise)
+    if context:
+        prompt["11"] = {"class_type": "KineFlowContextOptions", "inputs": {
+            "length": 6, "overlap": 2, "stride": 1, "schedule": "uniform", "fuse_method": "flat"}}
+        prompt["6"]["inputs"]["context_options"] = ["11", 0]
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def animatediff_cache():
+    return OutputCache()
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_animatediff_image_to_video_keeps_the_first_frame(tmp_path, animatediff_cache, context):
+    results = _run(None, tmp_path, _animatediff_workflow(frames=10 if context else 8, context=context),
+                   animatediff_cache)
+    image = results["5"]["outputs"][0]["image"]["latent"]
+    start = results["5"]["outputs"][1]["samples"]
+    frames = 10 if context else 8
+    assert image.shape == (1, 4, 1, 8, 8) and start.shape == (1, 4, frames, 8, 8)
+    assert torch.equal(start, image.expand_as(start))  # every frame starts as the image (for denoise < 1)
+    samples = results["6"]["outputs"][0]["samples"]
+    assert (samples[:, :, :1] - image).abs().max() < 1e-5  # the sampler ends on the pinned frame
+    assert all((samples[:, :, t] - image[:, :, 0]).abs().mean() > 1e-2 for t in range(1, frames))  # the rest moves
+    assert results["7"]["outputs"][0].shape == (frames, 64, 64, 3)
+
+
+def test_animatediff_image_to_video_denoise_keeps_more_of_the_image(tmp_path, animatediff_cache):
+    full, partial = (_run(None, tmp_path, _animatediff_workflow(denoise=d), animatediff_cache)
+                     for d in (1.0, 0.5))
+    image = full["5"]["outputs"][0]["image"]["latent"]
+    distance = {name: (run["6"]["outputs"][0]["samples"][:, :, 1:] - image).abs().mean()
+                for name, run in (("full", full), ("partial", partial))}
+    assert distance["partial"] < distance["full"]
+
+
+def test_animatediff_image_to_video_refuses_token_replace(tmp_path, animatediff_cache):
+    with pytest.raises(Exception, match="set mode to auto"):
+        _run(None, tmp_path, _animatediff_workflow(mode="token_replace"), animatediff_cache)
