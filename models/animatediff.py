@@ -40,6 +40,7 @@ class MotionModuleConfig:
     heads: int = 8
     max_frames: int = 32  # length of the positional table `pos_encoder.pe`
     norm_groups: int = 32
+    attention_blocks: int = 2  # temporal self-attentions per transformer block (SparseCtrl's modules have 1)
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -93,10 +94,10 @@ class TemporalAttention(Attention):
 
 
 class TemporalTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, max_frames: int):
+    def __init__(self, dim: int, heads: int, max_frames: int, attentions: int = 2):
         super().__init__()
-        self.attention_blocks = nn.ModuleList(TemporalAttention(dim, heads, max_frames) for _ in range(2))
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
+        self.attention_blocks = nn.ModuleList(TemporalAttention(dim, heads, max_frames) for _ in range(attentions))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(attentions))
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
@@ -107,11 +108,11 @@ class TemporalTransformerBlock(nn.Module):
 
 
 class TemporalTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, max_frames: int, groups: int):
+    def __init__(self, channels: int, heads: int, max_frames: int, groups: int, attentions: int = 2):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, max_frames)])
+        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, max_frames, attentions)])
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -130,7 +131,8 @@ class TemporalModule(nn.Module):
 
     def __init__(self, channels: int, config: MotionModuleConfig):
         super().__init__()
-        self.temporal_transformer = TemporalTransformer(channels, config.heads, config.max_frames, config.norm_groups)
+        self.temporal_transformer = TemporalTransformer(channels, config.heads, config.max_frames, config.norm_groups,
+                                                        config.attention_blocks)
 
     def forward(self, h: torch.Tensor, frames: int, scale: float) -> torch.Tensor:
         if scale == 0.0:
@@ -253,10 +255,12 @@ _DIFFUSERS_BLOCK = {"attn1.": "attention_blocks.0.", "attn2.": "attention_blocks
                     "norm1.": "norms.0.", "norm2.": "norms.1.", "norm3.": "ff_norm."}
 
 
-def convert_state_dict(sd: Mapping[str, torch.Tensor], layout: str, prefix: str = "") -> dict[str, torch.Tensor]:
+def convert_state_dict(sd: Mapping[str, torch.Tensor], layout: str, prefix: str = "",
+                       attentions: int = 2) -> dict[str, torch.Tensor]:
     """`original` (released .ckpt/.safetensors) or `diffusers` (MotionAdapter) names -> internal names.
 
-    diffusers keeps one `pos_embed.pe` per transformer block; the original gives each attention its own copy.
+    diffusers keeps one `pos_embed.pe` per transformer block; the original gives each of the block's `attentions`
+    temporal attentions its own copy.
     """
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if layout == "original":
@@ -271,7 +275,7 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], layout: str, prefix: str 
         head, rest = m.group(1), m.group(2)
         b = re.match(r"(transformer_blocks\.\d+)\.(.*)$", rest)
         if b and b.group(2) == "pos_embed.pe":
-            for i in range(2):
+            for i in range(attentions):
                 out[f"{head}.temporal_transformer.{b.group(1)}.attention_blocks.{i}.pos_encoder.pe"] = value
             continue
         if b:

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
-# Nested wrappers found in released .pt/.ckpt files: HunyuanVideo's {"module": ...}, Lightning's {"state_dict": ...}.
-WRAPPER_KEYS = ("module", "state_dict", "model", "ema")
+# Nested wrappers found in released .pt/.ckpt files: HunyuanVideo's {"module": ...}, Lightning's {"state_dict": ...},
+# guoyww/AnimateDiff's SparseCtrl training checkpoints {"controlnet": ...}.
+WRAPPER_KEYS = ("module", "state_dict", "model", "ema", "controlnet")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # safetensors dtype name -> (torch's name for it, bytes per value)
@@ -354,6 +355,18 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
         return Detection("sd15_checkpoint" if unet == "sd15" else None, "ldm", unet,
                          note=_sd15_note(unet_tensors) if unet == "sd15" else f"a {unet} checkpoint, not SD1.5")
 
+    # ---- control nets, before motion modules and UNets: a SparseCtrl has both kinds of names
+    if _has(keys, "controlnet_cond_embedding") and _has(keys, "controlnet_mid_block"):
+        return _detect_sparsectrl(tensors)
+    if _has(keys, "zero_convs.0.0.weight") and _has(keys, "input_hint_block."):
+        note = "an SD ControlNet in the LDM layout (zero_convs, input_hint_block)"
+        if _has(keys, "motion_modules."):
+            note += (" with motion modules: a SparseCtrl converted for A1111, a layout KineFlow does not read; use "
+                     "guoyww's v3_sd15_sparsectrl_*.ckpt or the diffusers release")
+        else:
+            note += ", not AnimateDiff's SparseCtrl"
+        return Detection(None, "ldm", prefix=_common_prefix(keys, "zero_convs."), note=note)
+
     # ---- AnimateDiff motion modules and motion LoRAs
     if _has(keys, "motion_modules.") and _has(keys, "temporal_transformer"):
         if _has(keys, "lora"):
@@ -519,6 +532,46 @@ def _detect_motion_module(tensors: Mapping[str, TensorInfo]) -> Detection:
     return Detection("animatediff_motion_module", "original", version, prefix=prefix, note=note)
 
 
+def _detect_sparsectrl(tensors: Mapping[str, TensorInfo]) -> Detection:
+    """AnimateDiff v3 SparseCtrl: an SD1.5 UNet encoder with temporal modules and ControlNet output convs. The layout
+    is guoyww's original (`motion_modules.M.temporal_transformer.*`) or diffusers' SparseControlNetModel; the version
+    is the kind of condition its embedding takes: `rgb`, the one-conv embedding of a VAE latent (4 channels), or
+    `scribble`, the ControlNet pixel embedding of an image (3 channels); both usually with one more channel, the mask
+    of the frames that carry a condition."""
+    keys = list(tensors)
+    prefix = _common_prefix(keys, "controlnet_mid_block.")
+    if not _has(keys, "motion_modules."):
+        return Detection(None, "diffusers", prefix=prefix,
+                         note="an SD ControlNet without temporal modules (an image ControlNet, not AnimateDiff's "
+                              "SparseCtrl)")
+    layout = "original" if _has(keys, ".temporal_transformer.") else "diffusers"
+    latent = tensors.get(prefix + "conv_in.weight")
+    latent_channels = latent.shape[1] if latent is not None and len(latent.shape) == 4 else 4
+    simplified = tensors.get(prefix + "controlnet_cond_embedding.weight")
+    pixel = tensors.get(prefix + "controlnet_cond_embedding.conv_in.weight")
+    if simplified is not None and len(simplified.shape) == 4:
+        version, channels, base, what = "rgb", simplified.shape[1], latent_channels, "a VAE latent"
+    elif pixel is not None and len(pixel.shape) == 4:
+        version, channels, base, what = "scribble", pixel.shape[1], 3, "an RGB image"
+    else:
+        return Detection(None, layout, prefix=prefix, note="a SparseCtrl without a condition embedding KineFlow knows")
+    if channels not in (base, base + 1):
+        return Detection(None, layout, version, prefix=prefix,
+                         note=f"a SparseCtrl whose condition embedding takes {channels} channels; KineFlow knows "
+                              f"{base} ({what}) or {base + 1} (with the frame mask)")
+    context = _context_width({k: v for k, v in tensors.items() if k.startswith(prefix)})
+    if context is not None and context > 768:
+        return Detection(None, layout, version, prefix=prefix,
+                         note=f"a SparseCtrl with a {context}-wide text context, not for SD1.5 (768)")
+    notes = []
+    if channels == base:
+        notes.append("without the frame-mask channel")
+    width = latent.shape[0] if latent is not None else None
+    if width is not None and width != 320:
+        notes.append(f"for a small SD1.5-style UNet (first width {width}; full SD1.5 has 320)")
+    return Detection("sparsectrl", layout, version, prefix=prefix, note="; ".join(notes))
+
+
 # --------------------------------------------------------------------------- user-facing helpers
 def inspect_file(path: str | os.PathLike) -> dict:
     """Everything `kineflow inspect` reports, from the header only."""
@@ -556,6 +609,7 @@ FAMILY_TITLES = {
     "animatediff_motion_lora": "AnimateDiff motion LoRA (Load Motion LoRA)",
     "hunyuan_video_lora": "HunyuanVideo LoRA (Load LoRA)",
     "animatediff_domain_adapter": "AnimateDiff v3 domain adapter (Apply Domain Adapter)",
+    "sparsectrl": "AnimateDiff SparseCtrl (Load SparseCtrl)",
 }
 
 

@@ -8,6 +8,10 @@ Video: the UNet always runs on a batch of frames [B*F, C, H, W]. When `forward` 
 `TemporalHooks` object, it calls the hooks after every resnet/attention pair of the down and up path and
 inside the middle block; that is where AnimateDiff inserts its temporal transformers. The UNet itself holds
 no temporal state, so the same weights serve images and videos.
+
+Control: `forward` also takes a control net's additional residuals (diffusers' `down_block_additional_residuals`
+and `mid_block_additional_residual`): one tensor per skip connection, added to the skip as it is stored (the
+down path itself runs on unchanged), and one added to the middle block's output (models/sparsectrl.py).
 """
 
 from __future__ import annotations
@@ -292,6 +296,8 @@ class SD15UNet(nn.Module):
         video_frames: int | None = None,
         temporal: TemporalHooks | None = None,
         step_cache: StepCacheHook | None = None,
+        down_residuals: Sequence[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B*F, 4, H, W], timesteps [B*F], context [B*F, 77, 768] -> prediction [B*F, 4, H, W].
 
@@ -299,10 +305,15 @@ class SD15UNet(nn.Module):
         `step_cache` (models/caching.py, first-block cache): the probe is the residual of the first block, the resnet
         after conv_in (it costs a few percent of the UNet and its change tracks that of what follows it); a skip
         replaces everything from that block's attention up to the output layers.
+        `down_residuals` (one per input block, in order: conv_in, each resnet(+attention), each downsampler) and
+        `mid_residual`: a control net's additions to the skip connections and to the middle block's output.
         """
         if temporal is not None:
             if not video_frames or x.shape[0] % video_frames:
                 raise ValueError(f"a batch of {x.shape[0]} frames cannot be split into videos of {video_frames} frames")
+        if down_residuals is not None and len(down_residuals) != len(self.input_blocks):
+            raise ValueError(f"expected {len(self.input_blocks)} control residuals (one per skip connection), "
+                             f"got {len(down_residuals)}")
         frames = video_frames if temporal is not None else None
         norm_frames = frames if temporal is not None and temporal.norm_across_frames else None
         dtype = self.dtype
@@ -323,7 +334,7 @@ class SD15UNet(nn.Module):
                 h, _ = self._attention(layers, resnet_out, context)
                 if temporal is not None:
                     h = temporal.down(role[0], role[1], h, frames)
-            skips.append(h)
+            skips.append(h if down_residuals is None else h + down_residuals[index].to(h.dtype))
 
         if residual is None:
             h = self.middle_block[0](h, emb, norm_frames)
@@ -331,6 +342,8 @@ class SD15UNet(nn.Module):
             if temporal is not None:
                 h = temporal.mid(h, frames)
             h = self.middle_block[2](h, emb, norm_frames)
+            if mid_residual is not None:
+                h = h + mid_residual.to(h.dtype)
 
             for role, layers in zip(self._up_roles, self.output_blocks):
                 h = torch.cat([h, skips.pop()], dim=1)
@@ -353,6 +366,16 @@ def config_from_state_dict(shapes: Mapping[str, Sequence[int] | torch.Tensor], n
     """Derive the architecture from internal-layout tensor shapes. Head count is not visible in shapes;
     SD1.x uses 8 heads."""
     shape = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
+    encoder = encoder_config(shape)
+    if "out.2.weight" not in shape:
+        raise ModelFileError("expected the SD UNet's output layer (out.2.weight), found none: is this a control net?")
+    return SD15UNetConfig(out_channels=shape["out.2.weight"][0], num_heads=num_heads, **encoder)
+
+
+def encoder_config(shape: Mapping[str, tuple[int, ...]]) -> dict:
+    """The config fields the down path and middle block show in internal-layout shapes (`input_blocks.*`): input and
+    model channels, channel multipliers, resnets per level, attention levels and text-context width. A control net
+    (models/sparsectrl.py) has these layers only."""
     if "input_blocks.0.0.weight" not in shape:
         raise ModelFileError("expected SD UNet tensors (input_blocks.0.0.weight), found none: convert the keys first")
     mc, in_ch = shape["input_blocks.0.0.weight"][:2]
@@ -372,16 +395,8 @@ def config_from_state_dict(shapes: Mapping[str, Sequence[int] | torch.Tensor], n
     if len(set(res_per_level)) != 1:
         raise ModelFileError(f"expected the same number of resnets per UNet level, found {res_per_level}")
     context = next((v[1] for k, v in shape.items() if k.endswith("attn2.to_k.weight")), 768)
-    return SD15UNetConfig(
-        in_channels=in_ch,
-        out_channels=shape["out.2.weight"][0],
-        model_channels=mc,
-        channel_mult=tuple(ch // mc for ch in level_channels),
-        num_res_blocks=res_per_level[0],
-        attention_levels=tuple(attention),
-        num_heads=num_heads,
-        context_dim=context,
-    )
+    return {"in_channels": in_ch, "model_channels": mc, "channel_mult": tuple(ch // mc for ch in level_channels),
+            "num_res_blocks": res_per_level[0], "attention_levels": tuple(attention), "context_dim": context}
 
 
 _DIFFUSERS_RESNET = {

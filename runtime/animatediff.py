@@ -1,11 +1,21 @@
-"""AnimateDiff family handles (SD1.5 UNet + motion module, SD VAE, CLIP-L) and their loaders.
+"""AnimateDiff family handles (SD1.5 UNet + motion module, SD VAE, CLIP-L, SparseCtrl) and their loaders.
 
 The handles implement the interfaces documented on `video_models.HunyuanVideoModel` and `video_models.VideoVAE`,
 so the shared Text Encode, Empty Video Latent (latent_format "sd15"), Sampler, Context Options and VAE
 Decode/Encode nodes drive this family unchanged.
 
 Handles are never mutated once built: ComfyUI caches node outputs and hands the same object to every consumer,
-so Apply Motion Module, motion LoRAs and the domain adapter return new handles (sharing unchanged weights).
+so Apply Motion Module, motion LoRAs, the domain adapter and Apply SparseCtrl return new handles (sharing unchanged
+weights).
+
+SparseCtrl (models/sparsectrl.py): Apply SparseCtrl adds a `SparseControl` (the loaded control net, keyframe images,
+the video frames they belong to, strength and the part of the sampling it acts in) to the model handle. Every model
+call then runs each control net on the same noisy frames, timesteps and text as the UNet (so on both CFG branches)
+and adds the summed residuals to the UNet's skip connections and middle block. Inside context windows a call sees the
+keyframes that fall in its window (samplers.context.current_window); a window without one runs without the control.
+Keyframes are prepared once per latent size: centre-cropped to the video's aspect ratio and resized, then, for an
+`rgb` SparseCtrl, encoded by the VAE (posterior mean, scaled; the reference pipelines draw a sample) or, for a
+`scribble` one, kept as pixels in 0..1.
 """
 
 from __future__ import annotations
@@ -21,12 +31,14 @@ from ..models import animatediff as ad
 from ..models import checkpoints
 from ..models import sd15_unet as unet_mod
 from ..models import sd_vae as vae_mod
+from ..models import sparsectrl as sc
 from ..models.clip_text import CLIPTextModel
 from ..models.hunyuan_video_vae import TilingOptions
 from ..models.tiling import share_tiles
 from ..models.tokenization import TextTokenizer, clip_l_tokenizer
 from ..samplers.sampling import DiscreteEpsilon, DiscreteV
 from ..samplers.schedules import DiscreteSchedule, discrete_sigmas
+from ..samplers.context import current_window
 from ..samplers.step_cache import FIRST_BLOCK, CacheCriterion
 from ..shapes.vocabulary import Vocabulary
 from . import acceleration, host
@@ -69,6 +81,7 @@ class SD15VideoModel:
         default_factory=lambda: previews.released_factors(SD15_LATENT))
     residency: offload_mod.Residency | None = None
     motion_residency: offload_mod.Residency | None = None
+    controls: tuple[SparseControl, ...] = ()  # Apply SparseCtrl's, in the order they were applied
     step_cache_criterion: CacheCriterion = FIRST_BLOCK  # how the Step Cache judges this model's probes
     # net_fn takes text per latent frame ([B, F, 77, D]): prompt travel gives each frame its own (prompt_travel.py)
     frame_text: bool = True
@@ -80,8 +93,15 @@ class SD15VideoModel:
         self.model_sampling = PREDICTIONS[self.prediction](DiscreteSchedule(**SCHEDULE))
 
     def running(self):
-        """Entered around a sampling run: the offload policies bring the UNet and motion module to the device."""
-        return offload_mod.running(self.residency, self.motion_residency if self.motion is not None else None)
+        """Entered around a sampling run: the offload policies bring the UNet, the motion module and the SparseCtrls
+        (with the VAE that encodes their keyframes, which a run's first call does) to the device, in one claim."""
+        residencies = [self.residency, self.motion_residency if self.motion is not None else None]
+        for control in self.controls:
+            residencies.append(control.sparsectrl.residency)
+            if control.vae is not None:
+                residencies.append(control.vae.residency)
+        unique = {id(r): r for r in residencies if r is not None}
+        return offload_mod.running(*unique.values())
 
     @property
     def context_dim(self) -> int:
@@ -124,11 +144,28 @@ class SD15VideoModel:
         else:
             context = context.to(device).repeat_interleave(f, dim=0)
         with torch.inference_mode():
+            control = self._control_residuals(frames, timesteps, context, b, f)
+            extra = {} if control is None else {"down_residuals": control[0], "mid_residual": control[1]}
             if self.motion is None:
-                out = self.unet(frames, timesteps, context, step_cache=step_cache)
+                out = self.unet(frames, timesteps, context, step_cache=step_cache, **extra)
             else:
-                out = self.unet(frames, timesteps, context, video_frames=f, temporal=self.motion, step_cache=step_cache)
+                out = self.unet(frames, timesteps, context, video_frames=f, temporal=self.motion, step_cache=step_cache,
+                                **extra)
         return out.float().reshape(b, f, -1, h, w).transpose(1, 2)
+
+    def _control_residuals(self, frames: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, batch: int,
+                           count: int) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """The SparseCtrls' residuals for one model call, summed (None when none acts on it)."""
+        down = mid = None
+        for control in self.controls:
+            found = control.residuals(frames, timesteps, context, batch, count)
+            if found is None:
+                continue
+            if down is None:
+                down, mid = found
+            else:
+                down, mid = [a + r for a, r in zip(down, found[0])], mid + found[1]
+        return None if down is None else (down, mid)
 
 
 def _scaled_view(module: ad.MotionModule, scale: float) -> ad.MotionModule:
@@ -409,3 +446,169 @@ def apply_domain_adapter(model: SD15VideoModel, adapter_name: str, strength: flo
     ad.merge_unet_lora(unet, _lora_tensors(header), strength)
     return replace(model, unet=unet, residency=residency)
 
+
+
+# --------------------------------------------------------------------------- SparseCtrl
+@dataclass(frozen=True)
+class SparseCtrlHandle:
+    """KINEFLOW_SPARSECTRL: a loaded SparseCtrl (its kind, rgb or scribble, says what its keyframes are)."""
+
+    module: sc.SparseCtrl
+    source: str
+    residency: offload_mod.Residency | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.module.config.kind
+
+
+def load_sparsectrl(name: str, dtype_name: str = "auto", offload: str = "auto", attention: str = "auto"
+                    ) -> SparseCtrlHandle:
+    """An AnimateDiff v3 SparseCtrl from the controlnet folder: guoyww's v3_sd15_sparsectrl_{rgb,scribble}.ckpt or a
+    diffusers SparseControlNetModel (file or folder)."""
+    path = host.model_path("controlnet", name)
+    header, det = checkpoints.require_family(path, "sparsectrl")
+    device = host.compute_device()
+    dtype = resolve_dtype(dtype_name, device)
+    attention = acceleration.resolve_attention(attention, device)
+    module, residency = offload_mod.load(
+        header, sc.SparseCtrl, policy=offload, device=device, dtype=dtype, name=path.name,
+        budget_bytes=host.memory_budget(), prefix=det.prefix,
+        convert=lambda sd: sc.convert_state_dict(sd, det.layout), config_from=sc.config_from_state_dict)
+    acceleration.apply(module, residency, attention)
+    return SparseCtrlHandle(module=module, source=str(path), residency=residency)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseControl:
+    """One Apply SparseCtrl on a model handle: keyframe images [N, H, W, 3] in 0..1, the video frame of each
+    (negative counts from the end), the strength (diffusers' controlnet_conditioning_scale) and the share of the
+    sampling it acts in (0 = the first step's noise level, 1 = the last; ComfyUI's start/end percent). `vae` encodes
+    the keyframes of an rgb SparseCtrl."""
+
+    sparsectrl: SparseCtrlHandle
+    images: torch.Tensor
+    frames: tuple[int, ...]
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    vae: SDVideoVAE | None = None
+    # (latent height, width) -> the keyframes as the control net takes them, [N, C, H', W'] on the CPU (`meta` in a
+    # dry run). A memo, not state: the handle behaves the same whatever it holds.
+    _prepared: dict = field(default_factory=dict, repr=False)
+
+    def active(self, timesteps: torch.Tensor) -> bool:
+        """Whether the control acts at this model call's timestep. A partial range reads the timestep from the device
+        once per call; a dry run (`meta`) reads nothing and runs the control."""
+        if self.strength == 0.0:
+            return False
+        if self.start_percent <= 0.0 and self.end_percent >= 1.0:
+            return True
+        if timesteps.is_meta:
+            return True
+        last = SCHEDULE["num_train_timesteps"] - 1  # percent p is timestep (1 - p) * 999, as ComfyUI maps it
+        t = float(timesteps[0])
+        return (1.0 - self.end_percent) * last - 1e-3 <= t <= (1.0 - self.start_percent) * last + 1e-3
+
+    def keyframes_in(self, positions: Sequence[int], total: int) -> list[tuple[int, int]]:
+        """(position in the call, keyframe) for the keyframes whose video frame is among `positions` (the frames a
+        call sees, of a video of `total` frames)."""
+        resolved = []
+        for frame in self.frames:
+            at = frame + total if frame < 0 else frame
+            if not 0 <= at < total:
+                raise KineFlowError(f"a SparseCtrl keyframe is at video frame {frame}, outside this video's {total} "
+                                    f"frames (0 to {total - 1}, or -{total} to -1 counted from the end)")
+            resolved.append(at)
+        if len(set(resolved)) != len(resolved):
+            raise KineFlowError(f"SparseCtrl keyframes at frames {list(self.frames)} name one frame of this "
+                                f"{total}-frame video twice")
+        where = {frame: i for i, frame in enumerate(positions)}
+        return [(where[frame], key) for key, frame in enumerate(resolved) if frame in where]
+
+    def condition(self, height: int, width: int) -> torch.Tensor:
+        """The keyframes for a latent of height x width: VAE latents [N, 4, h, w] (rgb) or images [N, 3, 8h, 8w] in
+        0..1 (scribble), each centre-cropped to the video's aspect ratio and resized (bilinear)."""
+        key = (height, width)
+        if key not in self._prepared:
+            from .media import resize_frames
+
+            config = self.sparsectrl.module.config
+            scale = SD15_LATENT.spatial_ratio if config.simplified_embedding else config.condition_downscale
+            size = (height * scale, width * scale)
+            if self.images.is_meta:
+                images = torch.empty((self.images.shape[0], *size, 3), device="meta")
+            else:
+                images = resize_frames(self.images.float(), size[1], size[0], "bilinear", "center")
+            if config.simplified_embedding:
+                device = host.compute_device()
+                video = images.permute(3, 0, 1, 2).unsqueeze(0) * 2.0 - 1.0  # [1, 3, N, H, W] in -1..1
+                with torch.inference_mode():
+                    latents = self.vae.encode(video.to(device), "auto", host.free_memory(device) // 2,
+                                              lambda done, total: None)
+                prepared = latents[0].transpose(0, 1)  # [N, 4, h, w]
+            else:
+                prepared = images.permute(0, 3, 1, 2)  # [N, 3, H, W]
+            self._prepared[key] = prepared.float() if prepared.is_meta else prepared.float().cpu()
+        return self._prepared[key]
+
+    def residuals(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, batch: int, count: int
+                  ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """The control net's residuals for one model call on x [batch * count, 4, h, w] (the frames of the video, or
+        of the context window that is running), or None when it does not act on the call: strength 0, a timestep
+        outside its range, or no keyframe among the call's frames."""
+        if not self.active(timesteps):
+            return None
+        window = current_window()
+        positions = tuple(range(count)) if window is None else window.frames
+        total = count if window is None else window.total
+        if len(positions) != count:
+            raise KineFlowError(f"a model call on {count} frames inside a context window of {len(positions)}")
+        keyed = self.keyframes_in(positions, total)
+        if not keyed:
+            return None
+        prepared = self.condition(*x.shape[-2:])
+        device, module = x.device, self.sparsectrl.module
+        picked = prepared.index_select(0, torch.tensor([k for _, k in keyed], device=prepared.device)).to(device)
+        at = torch.tensor([p for p, _ in keyed], device=device)
+        condition = torch.zeros((count, *prepared.shape[1:]), device=device).index_copy_(0, at, picked)
+        mask = torch.zeros((count, 1, *prepared.shape[2:]), device=device).index_fill_(0, at, 1.0)
+        # frames are batch-major in x (video b's frame f at b * count + f): every video gets the same keyframes
+        condition, mask = condition.repeat(batch, 1, 1, 1), mask.repeat(batch, 1, 1, 1)
+        return module(x, timesteps, context, condition, mask if module.config.condition_mask else None, count,
+                      self.strength)
+
+
+def apply_sparsectrl(model: SD15VideoModel, sparsectrl: SparseCtrlHandle, images: torch.Tensor,
+                     frames: Sequence[int], strength: float = 1.0, start_percent: float = 0.0,
+                     end_percent: float = 1.0, vae: SDVideoVAE | None = None) -> SD15VideoModel:
+    """A new model handle whose sampling runs `sparsectrl` with `images` as the keyframes at video `frames` (one
+    image per frame; negative frames count from the end). An rgb SparseCtrl needs the VAE to encode them."""
+    if not isinstance(model, SD15VideoModel):
+        raise KineFlowError("SparseCtrl applies to SD1.5 / AnimateDiff models (Load SD Checkpoint, Apply Motion "
+                            f"Module); got a {getattr(model, 'family', type(model).__name__)} model")
+    if not isinstance(sparsectrl, SparseCtrlHandle):
+        raise KineFlowError(f"expected a SparseCtrl from Load SparseCtrl; got a {type(sparsectrl).__name__}")
+    sc.check_compatible(model.unet, sparsectrl.module)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4) or not len(images):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise KineFlowError(f"SparseCtrl keyframes must be an IMAGE [frames, height, width, 3]; got {shape}")
+    frames = tuple(int(f) for f in frames)
+    if len(frames) != len(images):
+        raise KineFlowError(f"Apply SparseCtrl got {len(images)} keyframe image(s) and {len(frames)} frame index(es) "
+                            f"({', '.join(map(str, frames)) or 'none'}); give one frame index per image, in order")
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise KineFlowError(f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy "
+                            "0 <= start_percent <= end_percent <= 1")
+    if sparsectrl.module.config.simplified_embedding:
+        if vae is None:
+            raise KineFlowError("this SparseCtrl (rgb) takes the keyframes as VAE latents: connect the VAE from Load SD "
+                                "Checkpoint to Apply SparseCtrl's vae input")
+        if getattr(vae, "latent_format", None) != SD15_LATENT:
+            raise KineFlowError(f"the rgb SparseCtrl needs the SD VAE (sd15 latents) to encode its keyframes; got a "
+                                f"{getattr(getattr(vae, 'latent_format', None), 'name', type(vae).__name__)} VAE")
+    else:
+        vae = None  # a scribble SparseCtrl takes the images as they are
+    control = SparseControl(sparsectrl=sparsectrl, images=images[..., :3], frames=frames, strength=float(strength),
+                            start_percent=float(start_percent), end_percent=float(end_percent), vae=vae)
+    return replace(model, controls=(*model.controls, control))

@@ -41,6 +41,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoints": ("checkpoints",),
     "animatediff_models": ("animatediff_models",),
     "animatediff_motion_lora": ("animatediff_motion_lora",),
+    "controlnet": ("controlnet",),
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".ckpt", ".bin")
 

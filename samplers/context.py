@@ -22,13 +22,19 @@ Fusion weights over the L positions of a window:
 All weights are > 0 and the blend is normalised per frame, so a frame seen by one window keeps its value.
 
 `ContextOptions` is the KINEFLOW_CONTEXT_OPTIONS payload.
+
+While a window's denoiser call runs, `current_window()` names its frames (and the video's length), for a model that
+needs to know which frames of the video it sees: SparseCtrl gives each window the keyframes that fall inside it
+(runtime/animatediff.py). Outside context windows (or with a single window) it is None: the call sees every frame.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -74,6 +80,19 @@ def _static_starts(n: int, length: int, overlap: int) -> list[int]:
         return [0]
     starts = list(range(0, n - length, length - overlap))
     return starts + [n - length]
+
+
+class Window(NamedTuple):
+    frames: tuple[int, ...]  # the latent frames of the video a call sees, in the order it sees them
+    total: int  # the video's latent frames
+
+
+_WINDOW: contextvars.ContextVar[Window | None] = contextvars.ContextVar("kineflow_context_window", default=None)
+
+
+def current_window() -> Window | None:
+    """The context window whose denoiser call is running, or None (no context windows: the call sees the video)."""
+    return _WINDOW.get()
 
 
 def context_windows(num_frames: int, options: ContextOptions) -> list[list[int]]:
@@ -137,8 +156,12 @@ def context_window_denoiser(denoiser, options: ContextOptions, window_scope=None
         total = torch.zeros(frames, dtype=x.dtype, device=x.device)
 
         def run(window):
-            with scope(window):
-                return denoiser(x.index_select(2, torch.tensor(window, device=x.device)), sigma)
+            token = _WINDOW.set(Window(tuple(window), frames))
+            try:
+                with scope(window):
+                    return denoiser(x.index_select(2, torch.tensor(window, device=x.device)), sigma)
+            finally:
+                _WINDOW.reset(token)
 
         results = ((window, run(window)) for window in windows) if group is None else _shared(windows, run, x, group)
         for window, denoised in results:

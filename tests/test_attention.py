@@ -18,6 +18,7 @@ from kineflow.models.hunyuan_video_vae import HunyuanVideoVAE, HunyuanVideoVAECo
 from kineflow.models.llama_text import LlamaTextConfig, LlamaTextEncoder
 from kineflow.models.sd15_unet import SD15UNet, SD15UNetConfig
 from kineflow.models.sd_vae import SDVAE, SDVAEConfig
+from kineflow.models.sparsectrl import SparseCtrl, SparseCtrlConfig
 from kineflow.runtime import cli, host
 from kineflow.runtime.executor import OutputCache, run_workflow
 from kineflow.runtime.video_models import load_video_model
@@ -45,12 +46,30 @@ def _animatediff_run(model):
                  torch.randn(4, 7, model.unet.config.context_dim, generator=g), video_frames=4)
 
 
+def _sparsectrl():
+    model = SparseCtrl(SparseCtrlConfig.tiny())
+    for p in model.parameters():  # the zero-initialised output convs and temporal projections would hide everything
+        if not p.any():
+            p.data.normal_(0.0, 0.05)
+    return model
+
+
+def _sparsectrl_run(model):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[0] = 1.0
+    down, mid = model(torch.randn(4, 4, 8, 8, generator=g), torch.tensor([500] * 4), torch.randn(4, 7, 32, generator=g),
+                      torch.randn(4, 4, 8, 8, generator=g) * mask, mask, video_frames=4)
+    return mid
+
+
 MODELS = {
     "hunyuan_dit": (lambda: HunyuanVideoDiT(HunyuanVideoDiTConfig.tiny()), _dit_run),
     "hunyuan_vae": (lambda: HunyuanVideoVAE(HunyuanVideoVAEConfig.tiny()),
                     lambda m: m.decode(torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(0)))),
     "sd15_unet_and_motion_module": (lambda: attach(SD15UNet(SD15UNetConfig.tiny()),
                                                    MotionModule(MotionModuleConfig.tiny())), _animatediff_run),
+    "sparsectrl": (_sparsectrl, _sparsectrl_run),
     "sd_vae": (lambda: SDVAE(SDVAEConfig.tiny()),
                lambda m: m.decode(torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)))),
     "clip": (lambda: CLIPTextModel(CLIPTextConfig.tiny()),
