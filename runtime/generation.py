@@ -15,7 +15,7 @@ from ..samplers.context import ContextOptions, context_window_denoiser
 from ..samplers.guidance import first_frame_denoiser, make_cfg_denoiser
 from ..samplers.noise import seeded_noise, step_generators
 from ..samplers.prompt_schedule import latent_frame_weights, parse_schedule
-from ..samplers.prompt_travel import TravelDenoiser, combined_scope
+from ..samplers.prompt_travel import TravelDenoiser
 from ..samplers.sampling import sample
 from ..samplers.step_cache import StepCacheOptions, StepCacheRun
 from ..shapes.vocabulary import Vocabulary, unknown_words_message
@@ -176,8 +176,7 @@ def sample_video(
                               batch, device, image_kwargs)
     denoiser = travel or make_cfg_denoiser(model.model_sampling.wrap(net_fn), positive, negative, cfg)
     if context is not None:
-        scope = combined_scope(cache.window if cache else None, travel.window if travel else None)
-        denoiser = context_window_denoiser(denoiser, context, window_scope=scope, group=distributed.window_group(model))
+        denoiser = context_window_denoiser(denoiser, context, group=distributed.window_group(model))
     if image_mode in ("token_replace", "first_frame"):
         first = conditioning["image"]["latent"].expand(batch, -1, -1, -1, -1).to(device=device, dtype=torch.float32)
         noised = None

@@ -23,14 +23,14 @@ All weights are > 0 and the blend is normalised per frame, so a frame seen by on
 
 `ContextOptions` is the KINEFLOW_CONTEXT_OPTIONS payload.
 
-While a window's denoiser call runs, `current_window()` names its frames (and the video's length), for a model that
-needs to know which frames of the video it sees: SparseCtrl gives each window the keyframes that fall inside it
-(runtime/animatediff.py). Outside context windows (or with a single window) it is None: the call sees every frame.
+While a window's denoiser call runs, `current_window()` names its frames (and the video's length), for whatever
+needs to know which frames of the video a call sees: prompt travel gives each window its frames' prompts, a step
+cache keeps one state per window, SparseCtrl gives each window the keyframes that fall inside it. Outside context
+windows (or with a single window) it is None: the call sees every frame.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 from dataclasses import dataclass
@@ -134,17 +134,13 @@ def fusion_weights(window_length: int, options: ContextOptions) -> torch.Tensor:
     return weights
 
 
-def context_window_denoiser(denoiser, options: ContextOptions, window_scope=None, group=None):
-    """Wrap `denoiser(x, sigma)` so that it only ever sees windows of at most `options.length` frames.
-
-    `window_scope(frames)`, when given, is a context manager entered around each window's call with the window's
-    frame indices (a step cache keeps one state per window: step_cache.StepCacheRun.window).
+def context_window_denoiser(denoiser, options: ContextOptions, group=None):
+    """Wrap `denoiser(x, sigma)` so that it only ever sees windows of at most `options.length` frames; each window's
+    call runs with `current_window()` naming its frames.
 
     `group`, a torch.distributed process group, shares the windows out over its ranks: in each round of n windows
     (n ranks) rank r runs window r of the round, the round's results are all-gathered, and every rank blends every
     window in the order one process does, so the result is the same bit for bit on every rank and as without it."""
-    scope = window_scope or (lambda frames: contextlib.nullcontext())
-
     def windowed(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
             raise KineFlowError(f"context windows expect a [B, C, T, H, W] latent, got shape {tuple(x.shape)}")
@@ -158,8 +154,7 @@ def context_window_denoiser(denoiser, options: ContextOptions, window_scope=None
         def run(window):
             token = _WINDOW.set(Window(tuple(window), frames))
             try:
-                with scope(window):
-                    return denoiser(x.index_select(2, torch.tensor(window, device=x.device)), sigma)
+                return denoiser(x.index_select(2, torch.tensor(window, device=x.device)), sigma)
             finally:
                 _WINDOW.reset(token)
 

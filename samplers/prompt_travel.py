@@ -28,13 +28,13 @@ weight row per run.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import KineFlowError
+from .context import current_window
 from .guidance import Denoiser, guided_call
 
 
@@ -95,18 +95,8 @@ class TravelDenoiser:
         self.uncond = None if uncond is None or scale == 1.0 else dict(uncond)
         self.rows = [tuple(float(w) for w in row) for row in weights]
         self.frame_text = frame_text
-        self._frames: tuple[int, ...] | None = None
         self._mixes: dict[tuple[float, ...], dict[str, Any]] = {}
         self._per_frame: dict[str, Any] | None = None
-
-    @contextlib.contextmanager
-    def window(self, frames):
-        """Calls inside denoise the latent frames `frames` (a context window)."""
-        previous, self._frames = self._frames, tuple(frames)
-        try:
-            yield
-        finally:
-            self._frames = previous
 
     def mix(self, row: tuple[float, ...]) -> dict[str, Any]:
         if row not in self._mixes:
@@ -131,7 +121,8 @@ class TravelDenoiser:
                 for k, v in self._per_frame.items()}
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        frames = self._frames if self._frames is not None else tuple(range(x.shape[2]))
+        window = current_window()  # inside context windows: the frames of the running window
+        frames = window.frames if window is not None else tuple(range(x.shape[2]))
         if x.ndim != 5 or len(frames) != x.shape[2] or max(frames) >= len(self.rows):
             raise KineFlowError(f"prompt travel has weights for {len(self.rows)} latent frames; the model was called "
                                 f"on a latent of shape {tuple(x.shape)} for frames {list(frames)[:8]}")
@@ -151,19 +142,3 @@ class TravelDenoiser:
             index = torch.tensor(positions, device=x.device)
             out.index_copy_(2, index, denoised.index_select(2, index))
         return out
-
-
-def combined_scope(*scopes):
-    """One context-window scope entering each of `scopes` (None entries are skipped)."""
-    scopes = [s for s in scopes if s is not None]
-    if not scopes:
-        return None
-
-    @contextlib.contextmanager
-    def scope(frames):
-        with contextlib.ExitStack() as stack:
-            for s in scopes:
-                stack.enter_context(s(frames))
-            yield
-
-    return scope

@@ -29,7 +29,6 @@ run. A threshold of 0 never skips.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ import torch
 
 from ..errors import KineFlowError, ModelFileError
 from . import DEFAULT_STEP_CACHE_THRESHOLD
+from .context import current_window
 
 # TeaCache's polynomial for the released HunyuanVideo transformer (highest power first), as published in
 # github.com/ali-vilab/TeaCache, TeaCache4HunyuanVideo/teacache_sample_video.py.
@@ -162,18 +162,14 @@ class StepCacheRun:
 
         return stepped
 
-    @contextlib.contextmanager
-    def window(self, frames):
-        """Model calls inside belong to the context window of latent frames `frames`."""
-        self._window, self._call_in_window = tuple(frames), 0
-        try:
-            yield
-        finally:
-            self._window = None
-
     def bind(self, net_fn: Callable) -> Callable:
         def cached(x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
-            # A window's calls in one step come in a fixed order: one call, or CFG's conditional then unconditional.
+            # Inside context windows each window keeps its own state; a window's calls in one step come in a fixed
+            # order: one call, or CFG's conditional then unconditional.
+            window = current_window()
+            frames = None if window is None else window.frames
+            if frames != self._window:
+                self._window, self._call_in_window = frames, 0
             key = (self._window, self._call_in_window)
             self._call_in_window += 1
             stream = self._streams.setdefault(key, _Stream(self))

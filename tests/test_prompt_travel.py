@@ -131,7 +131,7 @@ def test_each_context_window_gets_the_prompt_of_its_frames():
     weights = [[1, 0], [1, 0], [0, 1], [0, 1], [0.5, 0.5], [0.5, 0.5]]
     travel = TravelDenoiser(_recording_denoiser(calls), keyed, None, 1.0, weights, frame_text=False)
     options = ContextOptions(length=2, overlap=0, schedule="static", fuse_method="flat")
-    out = context_window_denoiser(travel, options, window_scope=travel.window)(torch.zeros(1, 1, 6, 1, 1),
+    out = context_window_denoiser(travel, options)(torch.zeros(1, 1, 6, 1, 1),
                                                                                torch.ones(1))
     assert [(n, float(tag)) for n, tag in calls] == [(2, 1.0), (2, 100.0), (2, 50.5)]
     assert out.flatten().tolist() == [1.0, 1.0, 100.0, 100.0, 50.5, 50.5]
@@ -139,7 +139,7 @@ def test_each_context_window_gets_the_prompt_of_its_frames():
     calls.clear()  # a window across the switch: two passes, frame by frame
     options = ContextOptions(length=2, overlap=0, schedule="static", fuse_method="flat")
     travel = TravelDenoiser(_recording_denoiser(calls), keyed, None, 1.0, weights[1:5], frame_text=False)
-    out = context_window_denoiser(travel, options, window_scope=travel.window)(torch.zeros(1, 1, 4, 1, 1),
+    out = context_window_denoiser(travel, options)(torch.zeros(1, 1, 4, 1, 1),
                                                                                torch.ones(1))
     assert [(n, float(tag)) for n, tag in calls] == [(2, 1.0), (2, 100.0), (2, 100.0), (2, 50.5)]
     assert out.flatten().tolist() == [1.0, 100.0, 100.0, 50.5]
@@ -152,7 +152,7 @@ def test_per_frame_text_gives_each_window_frame_its_mix():
     weights = frame_weights(parse_schedule('"0": "A", "4": "B"'), 6)
     travel = TravelDenoiser(_recording_denoiser(calls), keyed, None, 1.0, weights, frame_text=True)
     options = ContextOptions(length=3, overlap=0, schedule="static", fuse_method="flat")
-    context_window_denoiser(travel, options, window_scope=travel.window)(torch.zeros(1, 1, 6, 1, 1), torch.ones(1))
+    context_window_denoiser(travel, options)(torch.zeros(1, 1, 6, 1, 1), torch.ones(1))
     assert len(calls) == 2 and all(tag.shape == (1, 3, 2) for _, tag in calls)
     first = [[0.0, 2.0], [1.0, 3.0], [2.0, 4.0]]      # frames 0..2: A -> B by quarters
     second = [[3.0, 5.0], [4.0, 6.0], [4.0, 6.0]]     # frames 3..5

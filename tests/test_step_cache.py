@@ -136,7 +136,7 @@ def test_each_context_window_keeps_its_own_state():
         return x + residual
 
     options = ContextOptions(length=4, overlap=2, schedule="static")  # windows [0..3], [2..5], [4..7]
-    denoiser = run.wrap(context_window_denoiser(run.bind(net), options, window_scope=run.window))
+    denoiser = run.wrap(context_window_denoiser(run.bind(net), options))
     x0, x1 = torch.randn(2, 1, 2, 8, 2, 2, generator=torch.Generator().manual_seed(1))
     denoiser(x0, torch.ones(1))
     out = denoiser(x1, torch.ones(1))
