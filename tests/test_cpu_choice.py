@@ -174,3 +174,18 @@ def test_run_logs_and_applies_its_choice(tmp_path, extra, threads):
     [cpu_line] = [line for line in lines if line.startswith("cpu: ")]
     assert f"threads: {threads}" in cpu_line and "OpenMP waits passive" in cpu_line
     assert len([line for line in lines if line.startswith("dtype auto on the CPU: ")]) == 1
+
+
+@pytest.mark.parametrize("given, first, expected", [
+    (None, "", "PASSIVE"),  # a trainer started as a program: OpenMP waits sleep
+    ("ACTIVE", "", "ACTIVE"),  # the user's setting stays
+    (None, "import torch; ", None),  # a program that loaded torch first keeps OpenMP's own default
+])
+def test_trainers_make_openmp_wait_passively_unless_told_otherwise(given, first, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = f"{first}import os, kineflow.training; print(os.environ.get('OMP_WAIT_POLICY'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)
