@@ -431,6 +431,11 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
                          note=_sd15_note(unet_tensors) if version == "sd15"
                          else f"a diffusers {version} UNet, not SD1.5 (SD1.5 has a 768-wide cross-attention context)")
 
+    # ---- CLIP vision towers (before the text encoders: a LLaVA folder also holds its LLaMA)
+    patch = [k for k in keys if k.endswith("embeddings.patch_embedding.weight")]
+    if patch and _has(keys, "embeddings.class_embedding"):
+        return _detect_clip_vision(tensors, patch)
+
     # ---- text encoders
     q = [k for k in keys if k.endswith("text_model.encoder.layers.0.self_attn.q_proj.weight")]
     if q:
@@ -444,6 +449,31 @@ def detect(header: Header | Mapping[str, TensorInfo | tuple]) -> Detection:
         return Detection("llama_text", "hf", prefix=q[0][: -len("layers.0.self_attn.q_proj.weight")].removesuffix("model."))
 
     return Detection(None, None, note=f"its {len(keys)} tensor names match no supported model (first: {sorted(keys)[0]!r})")
+
+
+def _detect_clip_vision(tensors: Mapping[str, TensorInfo], patch: list[str]) -> Detection:
+    """A CLIP vision transformer (class token, patch convolution); with LLaVA's multimodal projector it is
+    HunyuanVideo-I2V's image encoder (ComfyUI's llava_llama3_vision.safetensors, or a LLaVA model's vision_tower), the
+    family Load CLIP Vision reads. Layout "hf": the tower under `vision_model.` (ComfyUI, transformers 4.x); "hf_bare":
+    without that level (transformers >= 4.52 saves `model.vision_tower.*`). See models/clip_vision.py."""
+    if len(patch) != 1:
+        return Detection(None, None, note=f"{len(patch)} CLIP vision towers in one file; expected one")
+    tower = patch[0][: -len("embeddings.patch_embedding.weight")]
+    layout = "hf" if tower.endswith("vision_model.") else "hf_bare"
+    prefix = tower[: -len("vision_model.")] if layout == "hf" else tower
+    width, _, size, _ = (tuple(tensors[patch[0]].shape) + (0, 0, 0, 0))[:4]
+    positions = _first_shape(tensors, tower + "embeddings.position_embedding.weight") or (0,)
+    layers = {k[len(tower):].split(".")[2] for k in tensors if k.startswith(tower + "encoder.layers.")}
+    side = round(max(positions[0] - 1, 0) ** 0.5)
+    shape = f"{width} wide, {len(layers)} layers, {side * size} px in patches of {size}"
+    projector = [k for k in tensors if k.endswith("multi_modal_projector.linear_1.weight")]
+    if not projector:
+        return Detection(None, layout, prefix=prefix,
+                         note=f"a CLIP vision model ({shape}) without LLaVA's multimodal projector: an image encoder "
+                              "for IP-Adapter and the like, not HunyuanVideo-I2V's LLaVA one (llava_llama3_vision)")
+    extra = " beside a LLaVA language model (Load Text Encoders reads that part)" if _has(tensors, "embed_tokens.") else ""
+    return Detection("clip_vision", layout, "llava", prefix=prefix,
+                     note=f"CLIP ViT ({shape}) with LLaVA's projector to {tensors[projector[0]].shape[0]}{extra}")
 
 
 def _first_shape(tensors: Mapping[str, TensorInfo], suffix: str) -> tuple[int, ...] | None:
@@ -610,6 +640,7 @@ FAMILY_TITLES = {
     "hunyuan_video_lora": "HunyuanVideo LoRA (Load LoRA)",
     "animatediff_domain_adapter": "AnimateDiff v3 domain adapter (Apply Domain Adapter)",
     "sparsectrl": "AnimateDiff SparseCtrl (Load SparseCtrl)",
+    "clip_vision": "LLaVA CLIP vision encoder (Load CLIP Vision)",
 }
 
 

@@ -10,6 +10,15 @@ What the reference pipeline does (Tencent HunyuanVideo, `hyvideo/text_encoder`, 
 
 The result is the KINEFLOW_CONDITIONING payload: {"text_states" [B, L, 4096], "text_mask" [B, L] int64,
 "text_states_2" [B, 768]}. A negative prompt is encoded by calling `encode` with it.
+
+HunyuanVideo-I2V (`encode_with_image`, HunyuanVideo-I2V's `hyvideo/text_encoder` in i2v mode, diffusers'
+HunyuanVideoImageToVideoPipeline._get_llama_prompt_embeds): the prompt goes into I2V_VIDEO_PROMPT_TEMPLATE, whose
+`<image>` token is replaced by the image's 576 LLaVA tokens (models/clip_vision.py) before LLaMA runs. Of the states
+at the same layer, the image's tokens are kept apart and thinned to every n-th (`image_interleave`); the text part is
+cropped as the video template's (the first `crop_start` tokens of the unexpanded prompt, 103 with LLaVA's tokenizer),
+and the assistant header (`<|eot_id|><|start_header_id|>assistant<|end_header_id|>`, 4 tokens, or the last 4 when a long
+prompt pushed it out) is cut, keeping its final "\n\n" and the padding. The result is [image tokens, text tokens]:
+576 / n + text_length - 4 states, the image's all unmasked.
 """
 
 from __future__ import annotations
@@ -44,6 +53,26 @@ VIDEO_PROMPT_TEMPLATE = (
     "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 )
+# HunyuanVideo-I2V's template (PROMPT_TEMPLATE_ENCODE_VIDEO_I2V; diffusers' HunyuanVideoImageToVideoPipeline has the same
+# text): LLaVA's `<image>` in the system turn, and an assistant header after the user turn. Character for character.
+I2V_VIDEO_PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\n<image>\nDescribe the video by detailing the following aspects "
+    "according to the reference image: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>\n\n"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+IMAGE_PLACEHOLDER = "<image>"  # one token in LLaVA-LLaMA-3's tokenizer (id 128257), 576 image tokens in the model
+END_HEADER = "<|end_header_id|>"
+# Tokens cut before the assistant's "\n\n": <|eot_id|> <|start_header_id|> assistant <|end_header_id|>.
+ASSISTANT_HEADER_TOKENS = 4
+# Keep every n-th image token (diffusers' `image_embed_interleave`, ComfyUI's `image_interleave`); 2 is the default of
+# HunyuanVideo-I2V's text encoder and of diffusers' pipeline: 288 of the 576 image tokens.
+IMAGE_INTERLEAVE = 2
 TEXT_LENGTH = 256  # prompt tokens kept after cropping (HunyuanVideo --text-len)
 HIDDEN_STATE_SKIP_LAYER = 2
 CLIP_LENGTH = 77
@@ -122,6 +151,90 @@ class HunyuanTextEncoder(nn.Module):
             "text_states": states[:, self.crop_start:],
             "text_mask": mask[:, self.crop_start:],
             "text_states_2": pooled,
+        }
+
+    def _clip_pooled(self, prompts: list[str]) -> torch.Tensor:
+        clip_device = self.device or next(self.clip.parameters()).device
+        clip_ids, clip_mask = self.clip_tokenizer.encode(prompts, self.clip_length)
+        return self.clip(clip_ids.to(clip_device), clip_mask.to(clip_device)).pooled_output
+
+    def image_prompt_ids(self, prompts: Sequence[str], template: str = I2V_VIDEO_PROMPT_TEMPLATE,
+                         crop_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, int]:
+        """The unexpanded I2V prompt tokens: (ids [B, L], mask [B, L], position of `<image>`, assistant start [B] (the
+        position after the assistant header, L when truncation removed it), crop_start). L = text_length +
+        crop_start; crop_start=None counts the template's tokens before `{}` (`<image>` is one)."""
+        tokenizer = self.llama_tokenizer
+        image_id = tokenizer.tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+        end_header_id = tokenizer.tokenizer.token_to_id(END_HEADER)
+        if image_id is None or end_header_id is None:
+            missing = [t for t, i in ((IMAGE_PLACEHOLDER, image_id), (END_HEADER, end_header_id)) if i is None]
+            raise KineFlowError(
+                f"the LLaMA tokenizer ({tokenizer.source or 'given'}) has no {' or '.join(map(repr, missing))} token; "
+                "HunyuanVideo-I2V's image prompt needs LLaVA-LLaMA-3's tokenizer (the text_encoder folder of "
+                "HunyuanVideo-I2V, or xtuner/llava-llama-3-8b-v1_1-transformers), where '<image>' is id 128257")
+        if template.count("{}") != 1 or template.count(IMAGE_PLACEHOLDER) != 1:
+            raise KineFlowError("an image prompt template needs exactly one '{}' and one '<image>'")
+        prefix = template[: template.index("{}")]
+        crop_start = len(tokenizer.ids(prefix)) if crop_start is None else int(crop_start)
+        headers = tokenizer.ids(template).count(end_header_id)
+        ids, mask = tokenizer.encode([template.replace("{}", p) for p in prompts], self.text_length + crop_start)
+        at = (ids == image_id).int()
+        if not bool((at.sum(dim=1) == 1).all()):
+            raise KineFlowError(f"every templated prompt must hold one {IMAGE_PLACEHOLDER!r} token; found "
+                                f"{at.sum(dim=1).tolist()}")
+        image_at = at.argmax(dim=1)
+        if not bool((image_at == image_at[0]).all()) or int(image_at[0]) >= crop_start:
+            raise KineFlowError(f"the {IMAGE_PLACEHOLDER!r} token must sit in the template's part before the prompt "
+                                f"(before token {crop_start}); found it at {image_at.tolist()}")
+        length = ids.shape[1]
+        assistant = torch.full((ids.shape[0],), length, dtype=torch.long)
+        for row in range(ids.shape[0]):
+            found = (ids[row] == end_header_id).nonzero().flatten()
+            if len(found) == headers:  # the assistant header survived truncation
+                assistant[row] = int(found[-1]) + 1
+        return ids, mask, int(image_at[0]), assistant, crop_start
+
+    @torch.no_grad()
+    def encode_with_image(self, prompts: str | Sequence[str], image_tokens: torch.Tensor,
+                          image_interleave: int = IMAGE_INTERLEAVE, template: str = I2V_VIDEO_PROMPT_TEMPLATE,
+                          crop_start: int | None = None) -> dict[str, torch.Tensor]:
+        """HunyuanVideo-I2V's conditioning for prompts and one image's LLaVA tokens `image_tokens` [1 or B, N, D]
+        (models/clip_vision.LlavaVisionEncoder): text_states [B, ceil(N / image_interleave) + text_length - 4, D] (the
+        kept image tokens first), text_mask (1 over the image tokens), text_states_2 (CLIP-L of the prompt alone)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if image_interleave < 1:
+            raise KineFlowError(f"image_interleave must be 1 or more; got {image_interleave}")
+        ids, mask, image_at, assistant, crop_start = self.image_prompt_ids(prompts, template, crop_start)
+        b, n = len(prompts), image_tokens.shape[1]
+        if image_tokens.ndim != 3 or image_tokens.shape[0] not in (1, b):
+            raise KineFlowError(f"image tokens must be [1 or {b}, N, D]; got {tuple(image_tokens.shape)}")
+        width = self.llama.config.hidden_size
+        if image_tokens.shape[2] != width:
+            raise KineFlowError(f"the CLIP vision model's projector gives {image_tokens.shape[2]}-wide image tokens; this "
+                                f"LLaMA text encoder is {width} wide. Use the LLaVA vision file that belongs to it")
+        # The sequence LLaMA sees: <image> widened to N positions (their ids are never embedded: pad stands in).
+        filler = torch.full((b, n), self.llama_tokenizer.pad_id, dtype=ids.dtype)
+        expanded = torch.cat([ids[:, :image_at], filler, ids[:, image_at + 1:]], dim=1)
+        expanded_mask = torch.cat([mask[:, :image_at], torch.ones_like(filler), mask[:, image_at + 1:]], dim=1)
+        llama_device = self.device or next(self.llama.parameters()).device
+        states = self.llama(expanded.to(llama_device), expanded_mask.to(llama_device),
+                            output_hidden_layer=-(self.hidden_state_skip_layer + 1),
+                            image_embeds=image_tokens.to(llama_device).expand(b, -1, -1), image_start=image_at)
+        if self.apply_final_norm and self.hidden_state_skip_layer > 0:
+            states = self.llama.model.norm(states)
+        shift = n - 1  # a token at unexpanded position q > image_at sits at q + shift
+        text_states, text_masks = [], []
+        for row in range(b):
+            cut = int(assistant[row]) - ASSISTANT_HEADER_TOKENS
+            text_states.append(torch.cat([states[row, crop_start + shift: cut + shift],
+                                          states[row, cut + ASSISTANT_HEADER_TOKENS + shift:]]))
+            text_masks.append(torch.cat([mask[row, crop_start:cut], mask[row, cut + ASSISTANT_HEADER_TOKENS:]]))
+        image_states = states[:, image_at: image_at + n: image_interleave]
+        image_mask = torch.ones(b, image_states.shape[1], dtype=mask.dtype)
+        return {
+            "text_states": torch.cat([image_states, torch.stack(text_states)], dim=1),
+            "text_mask": torch.cat([image_mask, torch.stack(text_masks)], dim=1),
+            "text_states_2": self._clip_pooled(prompts),
         }
 
 

@@ -167,12 +167,16 @@ class LlamaTextEncoder(nn.Module):
         return list(self.model.layers)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                output_hidden_layer: int = -1) -> torch.Tensor:
+                output_hidden_layer: int = -1, image_embeds: torch.Tensor | None = None,
+                image_start: int = 0) -> torch.Tensor:
         """The hidden state at `output_hidden_layer`, indexed like transformers' `hidden_states` tuple.
 
         Index 0 is the embeddings, index i the output of layer i (no final norm), and index -1 (= num_layers)
         the last layer's output after `model.norm`. HunyuanVideo's `hidden_state_skip_layer=k` is index -(k+1).
         Layers after the requested one are not run.
+
+        `image_embeds` [B, N, D] (LLaVA's image tokens, models/clip_vision.py) take the place of the token embeddings
+        at positions image_start .. image_start + N, as LLaVA merges an image into its prompt.
         """
         n_layers = self.config.num_hidden_layers
         index = output_hidden_layer if output_hidden_layer >= 0 else n_layers + 1 + output_hidden_layer
@@ -181,6 +185,12 @@ class LlamaTextEncoder(nn.Module):
         b, n = input_ids.shape
         body = self.model
         x = body.embed_tokens(input_ids)
+        if image_embeds is not None:
+            end = image_start + image_embeds.shape[1]
+            if image_embeds.shape[0] != b or image_embeds.shape[2] != x.shape[2] or not 0 <= image_start <= end <= n:
+                raise ValueError(f"image_embeds {tuple(image_embeds.shape)} at position {image_start} do not fit the "
+                                 f"embedded tokens {tuple(x.shape)}")
+            x = torch.cat([x[:, :image_start], image_embeds.to(x), x[:, end:]], dim=1)
         mask = attention_mask_4d(attention_mask, b, n, x.device)
         cos, sin = rope_cos_sin(n, self.config.head_dim, self.config.rope_theta, x.device,
                                 self.config.rope_interleaved)

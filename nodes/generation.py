@@ -32,6 +32,36 @@ class KineFlowTextEncode:
         return (generation.encode_prompts(text_encoder, prompt, negative_prompt),)
 
 
+class KineFlowTextEncodeImageToVideo:
+    DESCRIPTION = ("HunyuanVideo-I2V's prompt with the image in it: the first frame goes through LLaVA's CLIP vision "
+                   "encoder (Load CLIP Vision; resized and centre-cropped to 336 px) and its 576 image tokens take the "
+                   "<image> place of HunyuanVideo-I2V's prompt template, so the model reads the picture as its text "
+                   "encoder was trained to. Every image_interleave-th image token is kept, in front of the prompt's. "
+                   "The negative prompt is encoded with the image too. Connect it to Image To Video (same image) and on "
+                   "to the Sampler; needs LLaVA-LLaMA-3's tokenizer (it has the <image> token).")
+    CATEGORY = "KineFlow/conditioning"
+    RETURN_TYPES = ("KINEFLOW_CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("KINEFLOW_TEXT_ENCODER", {"tooltip": "From Load Text Encoders: HunyuanVideo-I2V's LLaVA-LLaMA-3 language model (with its tokenizer) and CLIP-L."}),
+            "clip_vision": ("KINEFLOW_CLIP_VISION", {"tooltip": "From Load CLIP Vision: LLaVA's image encoder (llava_llama3_vision.safetensors)."}),
+            "image": ("IMAGE", {"tooltip": "The first frame (of a batch, only the first image is used); the same image Image To Video starts the video from."}),
+            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video should show."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to steer away from (empty = the unconditional prompt); used only when the sampler's cfg is not 1."}),
+            "image_interleave": ("INT", {"default": 2, "min": 1, "max": 576, "step": 1, "tooltip": "Keep every n-th of the 576 image tokens (ComfyUI's image_interleave, diffusers' image_embed_interleave): 2 (the default of HunyuanVideo-I2V and diffusers) keeps 288; higher lets the text weigh more against the image, 1 keeps all."}),
+        }}
+
+    def encode(self, text_encoder, clip_vision, image, prompt, negative_prompt, image_interleave):
+        from ..runtime import generation
+
+        return (generation.encode_image_prompts(text_encoder, clip_vision, image, prompt, negative_prompt,
+                                                image_interleave),)
+
+
 class KineFlowEmptyVideoLatent:
     DESCRIPTION = ("An empty latent video to sample into. hunyuan_video latents have 16 channels, 1 latent frame per "
                    "4 video frames after the first (so frames = 4k+1) and 1/8 of the size; sd15 (AnimateDiff) latents "
@@ -249,8 +279,8 @@ class KineFlowImageToVideo:
                    "aspect ratio, resized to width x height and VAE-encoded. HunyuanVideo (Load Video VAE's VAE): the "
                    "Sampler gives the model that latent at every step (concatenated channels for HunyuanVideo-I2V "
                    "33ch and SkyReels-V1, the clean first latent frame for HunyuanVideo-I2V's token-replace release), "
-                   "to the negative prompt too; the latent output is empty. The prompt conditions as text only: the "
-                   "LLaVA image tokens of HunyuanVideo-I2V's text encoder are not supported. AnimateDiff (the SD "
+                   "to the negative prompt too; the latent output is empty. For HunyuanVideo-I2V's image tokens in the "
+                   "prompt, make the conditioning with Text Encode (Image To Video) from the same image. AnimateDiff (the SD "
                    "checkpoint's VAE): the Sampler keeps latent frame 0 on the image, noised to each step's level, and "
                    "the motion module carries it into the other frames; the latent output holds the image in every "
                    "frame, so a Sampler denoise below 1 (e.g. 0.8) also starts the other frames from it.")
@@ -262,7 +292,7 @@ class KineFlowImageToVideo:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode (or Prompt Schedule): the prompt and negative prompt."}),
+            "conditioning": ("KINEFLOW_CONDITIONING", {"tooltip": "From Text Encode, Text Encode (Image To Video) or Prompt Schedule: the prompt and negative prompt."}),
             "vae": ("KINEFLOW_VAE", {"tooltip": "Encodes the first frame: HunyuanVideo's VAE (Load Video VAE) for HunyuanVideo models, the SD checkpoint's VAE for AnimateDiff."}),
             "image": ("IMAGE", {"tooltip": "The first frame (of a batch, only the first image is used); centre-cropped to the aspect of width x height, then resized to it."}),
             "width": ("INT", {"default": 64, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": "Video width in pixels, a multiple of 16."}),
@@ -294,6 +324,7 @@ class KineFlowImageToVideo:
 
 NODE_CLASS_MAPPINGS = {
     "KineFlowTextEncode": KineFlowTextEncode,
+    "KineFlowTextEncodeImageToVideo": KineFlowTextEncodeImageToVideo,
     "KineFlowEmptyVideoLatent": KineFlowEmptyVideoLatent,
     "KineFlowSampler": KineFlowSampler,
     "KineFlowContextOptions": KineFlowContextOptions,
@@ -304,6 +335,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KineFlowTextEncode": "Text Encode (KineFlow)",
+    "KineFlowTextEncodeImageToVideo": "Text Encode (Image To Video) (KineFlow)",
     "KineFlowEmptyVideoLatent": "Empty Video Latent (KineFlow)",
     "KineFlowSampler": "Sampler (KineFlow)",
     "KineFlowContextOptions": "Context Options (KineFlow)",

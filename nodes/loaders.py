@@ -1,5 +1,5 @@
-"""Loader nodes for the HunyuanVideo family: diffusion model, VAE, text encoders (runtime/video_models.py, imported
-when a node runs)."""
+"""Loader nodes for the HunyuanVideo family: diffusion model, VAE, text encoders, LLaVA's CLIP vision encoder
+(runtime/video_models.py, imported when a node runs)."""
 
 from ..runtime.model_files import llm_tokenizer_problem
 from ._common import (ATTENTION_INPUT, COMPILE_INPUT, DTYPE_CHOICES, DTYPE_TOOLTIP, OFFLOAD_INPUT, check_model_files,
@@ -99,13 +99,42 @@ class KineFlowLoadTextEncoders:
         return (load_text_encoders(llm_name, clip_name, llm_tokenizer, dtype, crop_start, offload, attention),)
 
 
+class KineFlowLoadCLIPVision:
+    DESCRIPTION = ("Loads LLaVA's image encoder (CLIP ViT-L/14 at 336 px + the multimodal projector) from clip_vision/: "
+                   "ComfyUI's llava_llama3_vision.safetensors, or a file or folder of transformers' "
+                   "LlavaForConditionalGeneration (HunyuanVideo-I2V's text_encoder; only its vision part is read). "
+                   "Text Encode (Image To Video) uses it to put the first frame into HunyuanVideo-I2V's prompt.")
+    CATEGORY = "KineFlow/loaders"
+    RETURN_TYPES = ("KINEFLOW_CLIP_VISION",)
+    RETURN_NAMES = ("clip_vision",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_name": (_choices("clip_vision", folders=True), {"tooltip": "LLaVA vision encoder (file, or LLaVA folder with config.json) in models/clip_vision, e.g. llava_llama3_vision.safetensors."}),
+            "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }, "optional": {"offload": OFFLOAD_INPUT, "attention": ATTENTION_INPUT}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name=None):
+        return check_model_files(("clip_vision", clip_name, "clip_vision"))
+
+    def load(self, clip_name, dtype, offload="auto", attention="auto"):
+        from ..runtime.video_models import load_clip_vision
+
+        return (load_clip_vision(clip_name, dtype, offload, attention),)
+
+
 NODE_CLASS_MAPPINGS = {
     "KineFlowLoadVideoModel": KineFlowLoadVideoModel,
     "KineFlowLoadVideoVAE": KineFlowLoadVideoVAE,
     "KineFlowLoadTextEncoders": KineFlowLoadTextEncoders,
+    "KineFlowLoadCLIPVision": KineFlowLoadCLIPVision,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KineFlowLoadVideoModel": "Load Video Model (KineFlow)",
     "KineFlowLoadVideoVAE": "Load Video VAE (KineFlow)",
     "KineFlowLoadTextEncoders": "Load Text Encoders (KineFlow)",
+    "KineFlowLoadCLIPVision": "Load CLIP Vision (KineFlow)",
 }

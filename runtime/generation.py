@@ -50,6 +50,30 @@ def encode_prompts(text_encoder, prompt: str, negative_prompt: str = "") -> dict
     return {"positive": positive, "negative": negative}
 
 
+def encode_image_prompts(text_encoder, clip_vision, image: torch.Tensor, prompt: str, negative_prompt: str = "",
+                         image_interleave: int = 2) -> dict:
+    """KINEFLOW_CONDITIONING for HunyuanVideo-I2V with the image in the prompt: the first IMAGE frame becomes LLaVA's
+    image tokens (Load CLIP Vision), which take the `<image>` place of HunyuanVideo-I2V's prompt template; every
+    `image_interleave`-th is kept (models/hunyuan_text.py). The negative prompt is encoded with the image too, as the
+    reference pipelines do. Otherwise as `encode_prompts` (an empty negative prompt is encoded; a shipped tiny
+    model's words)."""
+    if text_encoder is None:
+        raise KineFlowError("no text encoder reached this node: connect Load Text Encoders")
+    if not hasattr(text_encoder, "encode_with_image"):
+        raise KineFlowError("Text Encode (Image To Video) puts the image into HunyuanVideo-I2V's LLaVA prompt; this text "
+                            "encoder (the SD checkpoint's CLIP, AnimateDiff) takes no image: use Text Encode")
+    if image.ndim != 4 or image.shape[-1] < 3 or image.shape[0] < 1:
+        raise KineFlowError(f"expected an IMAGE [frames, H, W, 3]; found shape {tuple(image.shape)}")
+    if text_encoder.vocabulary is not None:
+        prompt, negative_prompt = (for_shipped_model(text_encoder.vocabulary, p) for p in (prompt, negative_prompt))
+    with torch.inference_mode():
+        tokens = clip_vision.encode(image)
+        positive = text_encoder.encode_with_image([prompt], tokens, image_interleave)
+        negative = text_encoder.encode_with_image([negative_prompt], tokens, image_interleave)
+    return {"positive": {k: to_cpu(v) for k, v in positive.items()},
+            "negative": {k: to_cpu(v) for k, v in negative.items()}}
+
+
 def encode_schedule(text_encoder, schedule: str, negative_prompt: str = "") -> dict:
     """KINEFLOW_CONDITIONING for prompt travel: `encode_prompts` of the first keyframe's prompt (so the conditioning
     also works where a schedule is not read), plus "travel": the parsed schedule and each keyframe's encoding. The

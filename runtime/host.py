@@ -42,6 +42,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "animatediff_models": ("animatediff_models",),
     "animatediff_motion_lora": ("animatediff_motion_lora",),
     "controlnet": ("controlnet",),
+    "clip_vision": ("clip_vision",),
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".ckpt", ".bin")
 

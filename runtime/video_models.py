@@ -19,6 +19,7 @@ import torch
 from ..models import checkpoints
 from ..models import hunyuan_video_dit as dit_mod
 from ..models import hunyuan_video_vae as vae_mod
+from ..models import clip_vision as clip_vision_mod
 from ..models.hunyuan_text import HunyuanTextEncoder, text_tower
 from ..models.tokenization import clip_l_tokenizer, load_tokenizer
 from ..samplers.sampling import FlowMatching
@@ -259,6 +260,12 @@ class TextEncoders:
         with offload_mod.running(*self.residencies):
             return self.encoder.encode(prompts)
 
+    def encode_with_image(self, prompts, image_tokens: torch.Tensor, image_interleave: int) -> dict[str, torch.Tensor]:
+        """HunyuanVideo-I2V's conditioning: the prompts in its image template with LLaVA's image tokens (see
+        models/hunyuan_text.HunyuanTextEncoder.encode_with_image)."""
+        with offload_mod.running(*self.residencies):
+            return self.encoder.encode_with_image(prompts, image_tokens, image_interleave)
+
 
 def shipped_vocabulary(path: Path) -> Vocabulary | None:
     """The words the text encoder in `path` knows if it is a shipped tiny model's, else None: only prompts for the
@@ -299,3 +306,42 @@ def load_text_encoders(llm_name: str, clip_name: str, tokenizer_path: str = "", 
                                  crop_start=None if crop_start < 0 else crop_start)
     encoder.device = device
     return TextEncoders(encoder, (llama_residency, clip_residency), shipped_vocabulary(llm_path))
+
+
+# --------------------------------------------------------------------------- CLIP vision (LLaVA's image encoder)
+@dataclass
+class CLIPVision:
+    """KINEFLOW_CLIP_VISION: LLaVA's CLIP vision tower + multimodal projector (models/clip_vision.py), which turns
+    HunyuanVideo-I2V's first frame into the image tokens of its prompt."""
+
+    encoder: clip_vision_mod.LlavaVisionEncoder
+    dtype: torch.dtype
+    source: str
+    residency: offload_mod.Residency | None = None
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The first IMAGE frame [F, H, W, 3] (0..1) -> its image tokens [1, patches, LLaMA width] on the compute
+        device: resized and centre-cropped to the tower's size, normalised as CLIP's, encoded."""
+        cfg = self.encoder.config
+        device = host.compute_device()
+        pixels = clip_vision_mod.preprocess(images[:1].to(device), cfg.image_size)
+        with torch.inference_mode(), offload_mod.running(self.residency):
+            return self.encoder(pixels.to(self.dtype))
+
+
+def load_clip_vision(name_or_path: str, dtype_name: str = "auto", offload: str = "auto", attention: str = "auto"
+                     ) -> CLIPVision:
+    """Load CLIP Vision: a LLaVA vision encoder from clip_vision/ (ComfyUI's llava_llama3_vision.safetensors, or a
+    file or folder of transformers' LlavaForConditionalGeneration, whose language model is left unread)."""
+    path = host.model_path("clip_vision", name_or_path)
+    header, det = checkpoints.require_family(path, "clip_vision")
+    device = host.compute_device()
+    dtype = resolve_dtype(dtype_name, device)
+    attention = acceleration.resolve_attention(attention, device)
+    encoder, residency = offload_mod.load(
+        header, clip_vision_mod.LlavaVisionEncoder, policy=text_encoder_policy(offload, device), device=device,
+        dtype=dtype, name=path.name, budget_bytes=host.memory_budget(),
+        convert=lambda sd: clip_vision_mod.convert_state_dict(sd, det.layout),
+        config_from=clip_vision_mod.config_from_state_dict)
+    acceleration.apply(encoder, residency, attention)
+    return CLIPVision(encoder=encoder, dtype=dtype, source=str(path), residency=residency)
