@@ -323,10 +323,13 @@ def sample_spec(
     two_shape_prob: float = 0.25,
     scale_change_prob: float = 0.4,
     concept: str = "",
+    twin: bool = False,
 ) -> ClipSpec:
     """Draw a random clip of the split. Two-shape clips have no scale change (kept simple for a tiny model).
     With `concept` (a shapes/attributes.py CONCEPTS name) the first shape carries it, from the concept's
-    combinations: a colour concept's colour, or a speed concept's travel (FAST_TRAVEL_RANGE, always one shape)."""
+    combinations: a colour concept's colour, or a speed concept's travel (FAST_TRAVEL_RANGE, always one shape).
+    `twin` (a speed concept): the same draw at the normal travel and without the speed, the clip the concept clip
+    would be without its word (the random numbers drawn are the same, so the scene is the same)."""
     validate_frames(frames)
     table = concept_combos(concept, split) if concept else combos(split)
     colour, kind, direction, background = table[rng.integers(len(table))]
@@ -339,7 +342,7 @@ def sample_spec(
         scale = "none" if rng.random() >= scale_change_prob else ("grows" if rng.random() < 0.5 else "shrinks")
     geometry = dict(frames=frames, height=height, width=width)
     if not two:
-        if fast:
+        if fast and not twin:
             first = place_shape(rng, kind, colour, direction, scale, travel_range=FAST_TRAVEL_RANGE, **geometry)
             return ClipSpec(background, (dataclasses.replace(first, speed=concept),), frames, height, width)
         first = place_shape(rng, kind, colour, direction, scale, **geometry)
@@ -515,12 +518,16 @@ class ShapesVideoDataset(torch.utils.data.Dataset):
     scale_change_prob: float = 0.4
     caption_templates: str = ""  # "" -> "train" for the train split, "any" for held-out
     concept: str = ""  # a CONCEPTS name: every clip's first shape carries that concept (see sample_spec)
+    twins: bool = False  # with a speed concept: each clip is its concept clip's twin (see sample_spec)
 
     def __post_init__(self):
         validate_frames(self.frames)
         combos(self.split)  # validates the split name
         if self.concept:
             concept_combos(self.concept, self.split)  # validates the concept name
+        if self.twins and self.concept not in SPEED_CONCEPTS:
+            raise KineFlowError(f"twins are the normal-speed clips of a speed concept ({list(SPEED_CONCEPTS)}); "
+                                f"got concept {self.concept!r}")
         if not self.caption_templates:
             self.caption_templates = "train" if self.split == "train" else "any"
 
@@ -541,6 +548,7 @@ class ShapesVideoDataset(torch.utils.data.Dataset):
             two_shape_prob=self.two_shape_prob,
             scale_change_prob=self.scale_change_prob,
             concept=self.concept,
+            twin=self.twins,
         )
         return spec, caption(spec, rng, self.caption_templates)
 

@@ -342,3 +342,29 @@ def test_distillation_fits_the_base_rows_to_the_base_models_own_prediction(base_
     plain = train.dit_loss(net, cache, rows, torch.Generator().manual_seed(0), settings)
     assert float(distilled.detach()) > 0.0 and not torch.isclose(distilled, plain)
     assert train_lora.train_lora(tmp_path / "run", settings).finished
+
+
+def test_twins_are_the_concept_clips_without_the_concept_paired_row_for_row(tmp_path):
+    """`--twins on`: each concept clip's twin is the same scene at the normal travel, captioned without the word, and
+    every batch holds each concept row's twin; the cache keeps them between the concept and base clips."""
+    concept = shapes.ShapesVideoDataset(length=6, seed=4, concept="quickly", height=64, width=64)
+    twins = shapes.ShapesVideoDataset(length=6, seed=4, concept="quickly", twins=True, height=64, width=64)
+    for i in range(6):
+        (fast, fast_caption), (twin, twin_caption) = concept.spec_and_caption(i), twins.spec_and_caption(i)
+        a, b = fast.shapes[0], twin.shapes[0]
+        assert (a.kind, a.colour, a.direction, fast.background) == (b.kind, b.colour, b.direction, twin.background)
+        assert a.speed == "quickly" and b.speed == "" and len(twin.shapes) == 1
+        assert shapes.TRAVEL_RANGE[0] <= b.travel <= shapes.TRAVEL_RANGE[1] < shapes.FAST_TRAVEL_RANGE[0] <= a.travel
+        assert set(CONCEPTS["quickly"].words) & set(words(fast_caption))
+        assert not set(CONCEPTS["quickly"].words) & set(words(twin_caption))
+    with pytest.raises(KineFlowError, match="speed concept"):
+        shapes.ShapesVideoDataset(length=1, concept="orange", twins=True)
+
+    settings = train.LoraSettings(concept="quickly", twins="on", batch_size=8, concept_fraction=0.25,
+                                  concept_clips=5, base_clips=7)
+    rows = train_lora.batch_indices(np.random.default_rng(0), settings, 5, 17)
+    assert len(rows) == 8 and list(rows[2:4]) == [r + 5 for r in rows[:2]] and all(r >= 10 for r in rows[4:])
+    with pytest.raises(KineFlowError, match="at most 0.5"):
+        train.LoraSettings(twins="on", concept_fraction=0.6)
+    with pytest.raises(KineFlowError, match="speed concepts"):
+        train.LoraSettings(concept="orange", twins="on")

@@ -230,6 +230,9 @@ class LoraSettings:
     concept_fraction: float = _opt(0.5, "share of each batch drawn from the concept's clips; the rest are the base "
                                         "model's own training clips, so the rest of what it draws stays as it was")
     lr: float = _opt(1e-3, "AdamW learning rate of the LoRA weights (after a linear warm-up)")
+    twins: str = _opt("off", "on: every concept clip of a batch comes with its twin (the same scene without the "
+                             "concept: normal speed, no word; speed concepts), taken from the base share, so the word "
+                             "is the only difference the LoRA can learn from", choices=("off", "on"))
     preserve: str = _opt("data", "what the base clips of a batch are fitted to: 'data' (the flow-matching target, as "
                                  "in the base model's training) or 'distill' (the base model's own prediction, LoRA "
                                  "off: keeps what it draws without the word; one more forward of those rows)",
@@ -257,6 +260,11 @@ class LoraSettings:
             raise KineFlowError(f"--rank must be >= 1; got {self.rank}")
         if not 0.0 < self.concept_fraction <= 1.0:
             raise KineFlowError(f"--concept-fraction must be in (0, 1]; got {self.concept_fraction}")
+        if self.twins == "on" and self.concept_fraction > 0.5:
+            raise KineFlowError(f"--twins on pairs each concept clip with its twin, so --concept-fraction can be at "
+                                f"most 0.5; got {self.concept_fraction}")
+        if self.twins == "on" and shapes.CONCEPTS[self.concept].kind != "speed":
+            raise KineFlowError(f"--twins is for speed concepts; '{self.concept}' is a {shapes.CONCEPTS[self.concept].kind}")
         if self.size < 16 or self.size % 16:
             raise KineFlowError(f"--size must be a positive multiple of 16; got {self.size}")
 

@@ -142,28 +142,35 @@ def export_lora(network: LoraNetwork, path: Path, settings: LoraSettings, *, bas
 
 # --------------------------------------------------------------------------- the data
 def build_cache(run_dir: Path, settings: LoraSettings, models_dir: Path) -> dict:
-    """Latents and text conditioning of `concept_clips` concept clips, then `base_clips` base clips, and of the empty
-    prompt (the cache `dit_loss` reads). A speed concept's clips have one shape whatever `two_shape_prob`
-    (sample_spec); the base clips follow it."""
+    """Latents and text conditioning of `concept_clips` concept clips, then (`--twins on`) their twins, then
+    `base_clips` base clips, and of the empty prompt (the cache `dit_loss` reads). A speed concept's clips have one
+    shape whatever `two_shape_prob` (sample_spec); the base clips follow it."""
     key = {"concept": settings.concept, "concept_clips": settings.concept_clips, "base_clips": settings.base_clips,
            "two_shape_prob": settings.two_shape_prob, "size": settings.size, "seed": settings.seed}
-    parts = [shapes.ShapesVideoDataset(length=settings.concept_clips, seed=settings.seed, split="train",
-                                       concept=settings.concept, two_shape_prob=settings.two_shape_prob,
-                                       height=settings.size, width=settings.size),
-             shapes.ShapesVideoDataset(length=settings.base_clips, seed=settings.seed + 1, split="train",
-                                       two_shape_prob=settings.two_shape_prob, height=settings.size,
-                                       width=settings.size)]
+    concept = dict(length=settings.concept_clips, seed=settings.seed, split="train", concept=settings.concept,
+                   two_shape_prob=settings.two_shape_prob, height=settings.size, width=settings.size)
+    parts = [shapes.ShapesVideoDataset(**concept)]
+    if settings.twins == "on":
+        key["twins"] = True
+        parts.append(shapes.ShapesVideoDataset(**concept, twins=True))
+    parts.append(shapes.ShapesVideoDataset(length=settings.base_clips, seed=settings.seed + 1, split="train",
+                                           two_shape_prob=settings.two_shape_prob, height=settings.size,
+                                           width=settings.size))
     return encode_clips(run_dir / STAGE / "cache.pt", key, parts, models_dir, "lora cache")
 
 
 def batch_indices(rng: np.random.Generator, settings: LoraSettings, concept_count: int, total: int) -> np.ndarray:
-    """One step's cache rows: round(batch x concept_fraction) concept clips, the rest base clips."""
+    """One step's cache rows: round(batch x concept_fraction) concept clips, then (`--twins on`) the twin of each,
+    the rest base clips."""
     n_concept = max(1, round(settings.batch_size * settings.concept_fraction))
-    if total == concept_count:
-        n_concept = settings.batch_size
+    twins = settings.twins == "on"
+    if total == concept_count * (2 if twins else 1):
+        n_concept = settings.batch_size // (2 if twins else 1)
     concept = rng.integers(0, concept_count, n_concept)
-    base = rng.integers(concept_count, total, settings.batch_size - n_concept)
-    return np.concatenate([concept, base])
+    paired = [concept + concept_count] if twins else []
+    first_base = concept_count * (2 if twins else 1)
+    base = rng.integers(first_base, total, settings.batch_size - n_concept * (2 if twins else 1))
+    return np.concatenate([concept, *paired, base])
 
 
 def train_lora(run_dir: Path, settings: LoraSettings, *, resume: bool = False,
