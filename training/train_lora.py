@@ -1,6 +1,7 @@
 """The `lora` stage: teach an exported tiny HunyuanVideo model a word it never saw, with a LoRA on its transformer.
 
     python -m kineflow.training.train lora --run-dir runs/quickly_lora --threads 1 [--concept quickly] [--resume]
+        (the measured recipe, with --twins on: training/README.md)
 
 The word is a concept of shapes/attributes.py `CONCEPTS`: `quickly` (the default), a speed word, or `orange`, a colour
 word. The base model (default: the pack's shipped weights/) stays frozen: transformer, VAE and text encoders are read
@@ -14,7 +15,9 @@ training clips as `--concept-fraction`'s complement of every batch, so that what
 was. For `quickly` a concept clip is a base-data clip of one moving shape (colour, shape, direction and background from
 the palette's own train combinations, never a held-out one) that travels ~1.5x farther (FAST_TRAVEL_RANGE), its
 caption saying so with "quickly", "fast" or "rapidly" beside the direction; for `orange` the first shape is orange (the
-concept's own train split of colour x shape x direction x background). Latents (the base VAE) and text conditioning
+concept's own train split of colour x shape x direction x background). With `--twins on` each concept clip of a batch comes with its twin, the same scene at the normal speed captioned
+without the word (taken from the base share), so the word is the only difference the LoRA can learn (without
+twins, a speed LoRA also learned "one shape moves fast"). Latents (the base VAE) and text conditioning
 (the base text encoders, through the runtime's loader, exactly as Text Encode computes it at sampling time) are
 computed once into `RUN/lora/cache.pt`. The loss is the transformer's flow-matching loss (train.py `dit_loss`).
 
