@@ -434,6 +434,12 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     hv.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                     help="apply a LoRA from loras/ (or a path) to the transformer, at STRENGTH (default 1); "
                          "repeat to chain several")
+    source.add_argument("--image-to-video", action="store_true",
+                        help="start each video from its held-out clip's first frame through Image To Video (sizes "
+                             "and sampling from the family's image-to-video workflow, workflows/api/image_to_video.json "
+                             "or animatediff_image_to_video.json; hunyuan_video's default --model: the shipped "
+                             "image-to-video transformer) and report how close each generated first frame is to that "
+                             "image (PSNR)")
     parser.add_argument("--save-dir", help="also write each generated video here as mp4")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of a table (with each prompt's expected and judged scene "
@@ -443,9 +449,11 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _default_to_shipped_models(args: argparse.Namespace) -> None:
     """Fill in the model options not given with the shipped tiny models. Not parser defaults: shapes.shipped loads
     the shapes world (numpy, torch), which `kineflow --help` must not wait for."""
-    from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, HUNYUAN_VIDEO
+    from ..shapes.shipped import (ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE, HUNYUAN_VIDEO,
+                                  HUNYUAN_VIDEO_I2V_DIT)
 
-    shipped = {"model": HUNYUAN_VIDEO["dit"], "vae": HUNYUAN_VIDEO["vae"], "llm": HUNYUAN_VIDEO["llm"],
+    transformer = HUNYUAN_VIDEO_I2V_DIT if args.image_to_video else HUNYUAN_VIDEO["dit"]
+    shipped = {"model": transformer, "vae": HUNYUAN_VIDEO["vae"], "llm": HUNYUAN_VIDEO["llm"],
                "clip": HUNYUAN_VIDEO["clip"], "checkpoint": ANIMATEDIFF_CHECKPOINT,
                "motion_module": ANIMATEDIFF_MOTION_MODULE}
     for option, name in shipped.items():
@@ -479,7 +487,7 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
     given = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler_name=args.sampler,
                  scheduler=args.scheduler, frames=args.frames, width=args.width, height=args.height or args.width,
                  step_cache=args.step_cache)
-    settings = replace(evaluation.shipped_workflow_settings(args.family), seed=args.seed,
+    settings = replace(evaluation.shipped_workflow_settings(args.family, args.image_to_video), seed=args.seed,
                        **{name: value for name, value in given.items() if value is not None})
     if not args.reconstruct:
         ctx.stderr.write(f"settings: {evaluation.describe_settings(settings, args.family == 'hunyuan_video')}\n")
@@ -492,7 +500,8 @@ def _eval(args: argparse.Namespace, ctx: Context) -> int:
         models = evaluation.load_hunyuan_video(args.model, args.vae, args.llm, args.clip,
                                                loras=[evaluation.parse_lora_option(o) for o in args.lora])
     result = evaluation.evaluate(models, prompts, heldout=args.count, settings=settings, save_dir=args.save_dir,
-                                 reconstruct=args.reconstruct, concept=args.concept or "")
+                                 reconstruct=args.reconstruct, concept=args.concept or "",
+                                 image_to_video=args.image_to_video)
     ctx.stdout.write((evaluation.to_json(result) if args.json else evaluation.format_report(result)) + "\n")
     return EXIT_OK
 

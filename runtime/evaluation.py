@@ -35,6 +35,10 @@ from .video_models import load_text_encoders, load_video_model, load_video_vae
 
 # The workflow (workflows/api/) that runs each family's shipped tiny model: `kineflow eval` samples as it does.
 SHIPPED_WORKFLOWS = {"hunyuan_video": "text_to_video.json", "animatediff": "animatediff_tiny.json"}
+# ... and the image-to-video workflow of each (`--image-to-video`).
+IMAGE_TO_VIDEO_WORKFLOWS = {"hunyuan_video": "image_to_video.json", "animatediff": "animatediff_image_to_video.json"}
+# First-frame fidelity a frame must reach to count as "the input image": PSNR in dB over 0..1 pixels.
+FIRST_FRAME_PSNR_TARGET = 28.0
 
 
 @dataclass
@@ -51,14 +55,15 @@ class EvalSettings:
     step_cache: float | None = None  # the Step Cache's threshold, None without it
 
 
-def shipped_workflow_settings(family: str) -> EvalSettings:
-    """The sampler settings and video size of the family's shipped workflow (its Sampler and Empty Video Latent
-    nodes), so that `kineflow eval` measures what the workflow makes and cannot drift from it. The seed stays 0: it
-    also picks the held-out prompts, which must not change with the workflow's seed."""
-    path = host.PACK_DIR / "workflows" / "api" / SHIPPED_WORKFLOWS[family]
-    nodes = json.loads(path.read_text(encoding="utf-8")).values()
+def shipped_workflow_settings(family: str, image_to_video: bool = False) -> EvalSettings:
+    """The sampler settings and video size of the family's shipped workflow (its Sampler and Empty Video Latent, or
+    Image To Video, nodes), so that `kineflow eval` measures what the workflow makes and cannot drift from it. The
+    seed stays 0: it also picks the held-out prompts, which must not change with the workflow's seed."""
+    name = (IMAGE_TO_VIDEO_WORKFLOWS if image_to_video else SHIPPED_WORKFLOWS)[family]
+    nodes = json.loads((host.PACK_DIR / "workflows" / "api" / name).read_text(encoding="utf-8")).values()
+    sizes = "KineFlowImageToVideo" if image_to_video else "KineFlowEmptyVideoLatent"
     sampler, latent = ([node["inputs"] for node in nodes if node["class_type"] == kind][0]
-                       for kind in ("KineFlowSampler", "KineFlowEmptyVideoLatent"))
+                       for kind in ("KineFlowSampler", sizes))
     return EvalSettings(steps=sampler["steps"], cfg=sampler["cfg"], shift=sampler["shift"],
                         sampler_name=sampler["sampler_name"], scheduler=sampler["scheduler"],
                         width=latent["width"], height=latent["height"], frames=latent["frames"])
@@ -165,11 +170,18 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def generate_clip(models: EvalModels, prompt: str, settings: EvalSettings, seed: int) -> torch.Tensor:
-    """One video [frames, H, W, 3] in 0..1 for `prompt` (empty negative prompt), through the nodes' pipeline."""
+def generate_clip(models: EvalModels, prompt: str, settings: EvalSettings, seed: int,
+                  first_frame: torch.Tensor | None = None) -> torch.Tensor:
+    """One video [frames, H, W, 3] in 0..1 for `prompt` (empty negative prompt), through the nodes' pipeline; with
+    `first_frame` (IMAGE [1, H, W, 3]) through Image To Video's."""
     net = models.net
     cond = generation.encode_prompts(models.text, prompt, "")
-    latent = generation.empty_latent(net.latent_format.name, settings.width, settings.height, settings.frames, 1)
+    if first_frame is None:
+        latent = generation.empty_latent(net.latent_format.name, settings.width, settings.height, settings.frames, 1)
+    else:
+        with host.quiet():
+            cond, latent = generation.image_to_video(cond, models.vae, first_frame, settings.width, settings.height,
+                                                     settings.frames, 1, "auto")
     step_cache = None if settings.step_cache is None else StepCacheOptions(settings.step_cache)
     with host.quiet():
         sampled = generation.sample_video(net, cond, latent, seed=seed, steps=settings.steps, cfg=settings.cfg,
@@ -186,16 +198,23 @@ def reconstruct_clip(models: EvalModels, clip: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: EvalSettings, heldout: int = 60,
-             save_dir: str | Path | None = None, reconstruct: bool = False, concept: str = "") -> dict:
+             save_dir: str | Path | None = None, reconstruct: bool = False, concept: str = "",
+             image_to_video: bool = False) -> dict:
     """Generate (or, with `reconstruct`, round-trip the held-out clips through the VAE) and judge; returns
     {"accuracy": {attr: value}, "counts": ..., "temporal_consistency": ..., ...}. With `concept` (shapes/attributes.py
     CONCEPTS) the held-out set is that concept's (every first shape carries it: in its colour, or moving quickly)
     and "concept_adherence" is its own figure (for a colour concept the judge also tells its colour from the
-    palette); without it, the standard held-out set and palette."""
+    palette); without it, the standard held-out set and palette. With `image_to_video` each video starts from its
+    held-out clip's first frame (Image To Video) and "first_frame_psnr" says how close the generated first frame is
+    to it."""
     specs = None
-    if (reconstruct or concept) and prompts is not None:
-        raise KineFlowError(f"{'reconstruction' if reconstruct else 'a concept evaluation'} judges built-in held-out "
-                            "clips, which a prompt file cannot describe; leave out the prompt file")
+    if (reconstruct or concept or image_to_video) and prompts is not None:
+        what = ("reconstruction" if reconstruct else "a concept evaluation" if concept
+                else "an image-to-video evaluation")
+        raise KineFlowError(f"{what} judges built-in held-out clips, which a prompt file cannot describe; leave out "
+                            "the prompt file")
+    if image_to_video and reconstruct:
+        raise KineFlowError("image to video generates; it cannot be combined with reconstruction")
     if concept and concept not in CONCEPTS:
         raise KineFlowError(f"unknown concept {concept!r}; expected one of {list(CONCEPTS)}")
     palette = concept_judge_palette(concept)
@@ -207,11 +226,16 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: 
         expected = [expected_from_spec(s) for s in specs]
     else:
         expected = [parse_prompt(p) for p in prompts]
-    verdicts, unknown = [], sorted({w for e in expected for w in e.unknown_words})
+    verdicts, psnrs, ceilings, unknown = [], [], [], sorted({w for e in expected for w in e.unknown_words})
     bar = host.progress(len(prompts), "reconstructing" if reconstruct else "evaluating")
     for i, prompt in enumerate(prompts):
         if reconstruct:
             frames = reconstruct_clip(models, clip_tensor(specs[i])[:settings.frames])
+        elif image_to_video:
+            image = clip_tensor(specs[i])[:1]
+            frames = generate_clip(models, prompt, settings, seed=settings.seed + i, first_frame=image)
+            psnrs.append(psnr(frames[0], image[0]))
+            ceilings.append(psnr(reconstruct_clip(models, image)[0], image[0]))
         else:
             frames = generate_clip(models, prompt, settings, seed=settings.seed + i)
         verdicts.append(judge(frames, palette))
@@ -223,7 +247,7 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: 
     consistency = [v.temporal_consistency for v in verdicts if v.primary is not None]
     return {
         "models": models.label,
-        "mode": "reconstruct" if reconstruct else "generate",
+        "mode": "reconstruct" if reconstruct else "image_to_video" if image_to_video else "generate",
         "concept": concept or None,
         # The concept's own figure: shapes asked for in its colour that were drawn in it, or shapes asked to move
         # quickly whose judged travel exceeds FAST_TRAVEL (their other attributes, and the other shapes of two-shape
@@ -238,11 +262,24 @@ def evaluate(models: EvalModels, prompts: list[str] | None = None, *, settings: 
         "counts": {a: {"correct": scores[a].correct, "scored": scores[a].scored, "skipped": scores[a].skipped}
                    for a in ATTRIBUTES},
         "temporal_consistency": float(torch.tensor(consistency).mean()) if consistency else None,
+        # Image to video: how close each generated first frame is to its input image.
+        "first_frame_psnr": None if not psnrs else {
+            "mean": sum(psnrs) / len(psnrs), "min": min(psnrs), "target": FIRST_FRAME_PSNR_TARGET,
+            "at_target": sum(p >= FIRST_FRAME_PSNR_TARGET for p in psnrs), "scored": len(psnrs),
+            # The VAE's own encode -> decode of the images: the most any model on this VAE can reach.
+            "vae_ceiling_mean": sum(ceilings) / len(ceilings)},
         "unknown_words": unknown,
         "per_prompt": [{"prompt": prompt, "seed": None if reconstruct else settings.seed + i,
-                        "expected": _scene(e.background, e.objects), "judged": _scene(v.background, v.objects)}
+                        "expected": _scene(e.background, e.objects), "judged": _scene(v.background, v.objects),
+                        **({"first_frame_psnr": psnrs[i]} if psnrs else {})}
                        for i, (prompt, e, v) in enumerate(zip(prompts, expected, verdicts))],
     }
+
+
+def psnr(frame: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two frames [H, W, 3] in 0..1 (identical frames: infinity)."""
+    mse = float((frame.float() - reference.float()).square().mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
 def concept_meaning(concept: str) -> str:
@@ -267,7 +304,9 @@ def format_report(result: dict) -> str:
     else:
         settings = describe_settings(EvalSettings(**run), flow_shift=result["latent_format"] == "hunyuan_video")
         concept = result.get("concept")
-        which = f"held-out prompts of the concept '{concept}'" if concept else "prompts"
+        which = (f"held-out prompts of the concept '{concept}'" if concept else
+                 "held-out prompts, each from its clip's first frame (image to video)"
+                 if result["mode"] == "image_to_video" else "prompts")
         lines = [f"{result['models']}: {result['prompts']} {which}, {settings}"]
     lines.append(f"{'attribute':<14}{'accuracy':>9}{'correct':>9}{'scored':>8}")
     for attribute, acc in result["accuracy"].items():
@@ -281,6 +320,11 @@ def format_report(result: dict) -> str:
                      f"  ({concept['meaning']})")
     tc = result["temporal_consistency"]
     lines.append(f"temporal consistency: {'-' if tc is None else f'{tc:.3f}'}")
+    first = result.get("first_frame_psnr")
+    if first is not None:
+        lines.append(f"first frame vs input image: PSNR mean {first['mean']:.2f} dB, min {first['min']:.2f} dB, "
+                     f"{first['at_target']} of {first['scored']} at >= {first['target']:g} dB (the VAE's own "
+                     f"reconstructions of the images: mean {first['vae_ceiling_mean']:.2f} dB)")
     if result["unknown_words"]:
         lines.append("words the judge cannot score: " + ", ".join(result["unknown_words"]))
     return "\n".join(lines)

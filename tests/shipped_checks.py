@@ -19,7 +19,7 @@ def run_to_mp4(workflow: Path, models_dir: Path, output_dir: Path) -> torch.Tens
     """Run a shipped workflow; check it saved an mp4 of the workflow's size with every decoded frame (node 7
     decodes, node 8 saves) and return those frames [F, H, W, 3]."""
     latent = next(node["inputs"] for node in json.loads(workflow.read_text()).values()
-                  if node["class_type"] == "KineFlowEmptyVideoLatent")
+                  if node["class_type"] in ("KineFlowEmptyVideoLatent", "KineFlowImageToVideo"))
     width, height = latent["width"], latent["height"]
     results = run_workflow(str(workflow), models_dir=models_dir, output_dir=output_dir, cache=OutputCache())
     frames = results["7"]["outputs"][0]

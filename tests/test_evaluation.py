@@ -7,8 +7,8 @@ import pytest
 
 import kineflow
 from kineflow.runtime import cli
-from kineflow.runtime.evaluation import SHIPPED_WORKFLOWS
-from kineflow.shapes.shipped import ANIMATEDIFF_CHECKPOINT, HUNYUAN_VIDEO
+from kineflow.runtime.evaluation import IMAGE_TO_VIDEO_WORKFLOWS, SHIPPED_WORKFLOWS
+from kineflow.shapes.shipped import ANIMATEDIFF_CHECKPOINT, HUNYUAN_VIDEO, HUNYUAN_VIDEO_I2V_DIT
 from kineflow.training.tiny_models import write_models
 
 PACK = Path(kineflow.__file__).resolve().parent
@@ -18,7 +18,15 @@ PACK = Path(kineflow.__file__).resolve().parent
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     # under the shipped names, so that eval's default models are these
-    write_models(root, texts=["a red circle moves to the left on a blue background"], seed=0, names=HUNYUAN_VIDEO)
+    paths = write_models(root, texts=["a red circle moves to the left on a blue background"], seed=0,
+                         names=HUNYUAN_VIDEO)
+    # ... and an image-to-video transformer grown from it, under the shipped one's name
+    from safetensors.torch import load_file, save_file
+
+    from kineflow.training.train_i2v import image_to_video_state
+
+    _, state = image_to_video_state({k: v.float() for k, v in load_file(str(paths["dit"])).items()})
+    save_file(state, str(paths["dit"].with_name(HUNYUAN_VIDEO_I2V_DIT)))
     return root
 
 
@@ -147,3 +155,34 @@ def test_eval_samples_as_the_familys_shipped_workflow_unless_told_otherwise(fami
         settings = json.loads(capsys.readouterr().out)["settings"]
         assert {name: settings[name] for name in sampling} == \
             {"steps": 1, "cfg": 2.5, "shift": 5.0, "sampler_name": "ddim", "scheduler": "default"}
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "animatediff"])
+def test_eval_image_to_video_starts_from_each_clips_first_frame_and_scores_it(family, models_dir, animatediff_dir,
+                                                                              capsys):
+    folder = animatediff_dir if family == "animatediff" else models_dir
+    options = ["--motion-module", "kineflow_random_mm_v2.safetensors"] if family == "animatediff" else []
+    assert cli.main(["eval", "--family", family, "--image-to-video", "-n", "2", "--models-dir", str(folder),
+                     "--json", "--steps", "2", *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mode"] == "image_to_video" and result["prompts"] == 2
+    if family == "hunyuan_video":
+        assert result["models"] == HUNYUAN_VIDEO_I2V_DIT  # the shipped image-to-video transformer by default
+    nodes = json.loads((PACK / "workflows" / "api" / IMAGE_TO_VIDEO_WORKFLOWS[family]).read_text()).values()
+    sizes = next(node["inputs"] for node in nodes if node["class_type"] == "KineFlowImageToVideo")
+    assert {k: result["settings"][k] for k in ("width", "height", "frames")} == \
+        {k: sizes[k] for k in ("width", "height", "frames")}
+    first = result["first_frame_psnr"]
+    psnrs = [p["first_frame_psnr"] for p in result["per_prompt"]]
+    assert first["scored"] == 2 and first["min"] == min(psnrs) and first["target"] == 28.0
+    if family == "animatediff":  # the first frame is pinned: it is the VAE's own reconstruction of the image
+        assert abs(first["mean"] - first["vae_ceiling_mean"]) < 0.05
+    assert cli.main(["eval", "--family", family, "--image-to-video", "-n", "2", "--models-dir", str(folder), *options]) == 0
+    assert "first frame vs input image: PSNR mean" in capsys.readouterr().out
+
+
+def test_eval_image_to_video_refuses_a_prompt_file(models_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves to the left on a blue background\n")
+    assert cli.main(["eval", "--image-to-video", "--prompts", str(prompts), "--models-dir", str(models_dir)]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -34,7 +34,8 @@ from .train import DTYPES, I2VSettings, StageResult, base_file, dit_loss, run_lo
 STAGE = "i2v"
 I2V_FILE = "kineflow_tiny_i2v_dit.safetensors"
 # Base metadata the image-to-video file keeps: what describes the VAE's latents and the base's training. The step
-# cache's fitted coefficients describe the base's blocks, not the fine-tuned ones, so they are left out.
+# cache's fitted coefficients describe the base's blocks, not the fine-tuned ones, so they are left out (the Step
+# Cache then uses the published HunyuanVideo polynomial).
 KEPT_METADATA = ("kineflow.latent_rgb_factors", "kineflow.training")
 
 
