@@ -211,7 +211,23 @@ class DiTSettings:
 
 
 @dataclass
-class LoraSettings:
+class FineTuneLoss:
+    """The flow-matching loss settings (`dit_loss`) of the stages that fine-tune an exported transformer (`lora`,
+    `i2v`): the shipped transformer's last fine-tune's."""
+
+    caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG; an image "
+                                       "to video model keeps the image, as the reference pipelines give both "
+                                       "branches the image)")
+    foreground_weight: float = _opt(16.0, "extra loss weight of the latent cells a shape covers or borders "
+                                          "(the shipped transformer's last fine-tune used 16)")
+    later_frame_weight: float = _opt(1.0, "loss weight of the latent frames after the first")
+    shift: float = _opt(3.0, "flow shift applied to the sampled sigma")
+    sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
+                               choices=("logit_normal", "uniform"))
+
+
+@dataclass
+class LoraSettings(FineTuneLoss):
     """`lora`: a LoRA teaching an exported tiny model a new word, a concept (training/train_lora.py)."""
 
     concept: str = _opt("quickly", "the new word to teach (shapes/attributes.py CONCEPTS): 'quickly', a speed word "
@@ -243,13 +259,6 @@ class LoraSettings:
     base_clips: int = _opt(600, "base training clips encoded into the cache (the regularising share)")
     two_shape_prob: float = _opt(0.3, "fraction of the cached clips with two shapes")
     size: int = _opt(128, "width and height of the clips (the base transformer's training size)")
-    caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG)")
-    foreground_weight: float = _opt(16.0, "extra loss weight of the latent cells a shape covers or borders "
-                                          "(the shipped transformer's last fine-tune used 16)")
-    later_frame_weight: float = _opt(1.0, "loss weight of the latent frames after the first")
-    shift: float = _opt(3.0, "flow shift applied to the sampled sigma")
-    sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
-                               choices=("logit_normal", "uniform"))
     seed: int = _opt(11, "seed of the clips, batches, noise and the LoRA's initialisation")
     dtype: str = _opt("fp16", "dtype of the exported LoRA file", choices=tuple(DTYPES))
     save_every: int = _opt(100, "checkpoint every N steps")
@@ -270,26 +279,20 @@ class LoraSettings:
 
 
 @dataclass
-class I2VSettings:
+class I2VSettings(FineTuneLoss):
     """`i2v`: an image-to-video transformer fine-tuned from an exported text-to-video one (training/train_i2v.py)."""
 
     base: str = _opt("", "exported models folder whose transformer the image-to-video model starts from and whose "
                          "VAE and text encoders it reads ('' = the pack's shipped weights/)")
-    steps: int = _opt(2400, "optimizer steps (a resumed run continues up to this)")
+    steps: int = _opt(5000, "optimizer steps (a resumed run continues up to this); the defaults are the shipped "
+                            "model's run")
     batch_size: int = _opt(16, "latents per step")
     lr: float = _opt(2e-4, "AdamW learning rate (after a linear warm-up)")
     warmup: int = _opt(50, "warm-up steps")
-    decay_steps: int = _opt(600, DECAY_STEPS_HELP)
-    clips: int = _opt(2000, "training clips encoded once into the latent + text cache")
+    decay_steps: int = _opt(1200, DECAY_STEPS_HELP)
+    clips: int = _opt(4000, "training clips encoded once into the latent + text cache")
     two_shape_prob: float = _opt(0.3, "fraction of the cached clips with two shapes")
     size: int = _opt(128, "width and height of the clips (the base transformer's training size)")
-    caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG; the image "
-                                       "stays, as the reference pipelines give both branches the image)")
-    foreground_weight: float = _opt(16.0, "extra loss weight of the latent cells a shape covers or borders")
-    later_frame_weight: float = _opt(1.0, "loss weight of the latent frames after the first")
-    shift: float = _opt(3.0, "flow shift applied to the sampled sigma")
-    sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
-                               choices=("logit_normal", "uniform"))
     seed: int = _opt(23, "seed of the clips, batches and noise (another than the base's, so the clips are new)")
     dtype: str = _opt("fp16", "dtype of the exported transformer", choices=tuple(DTYPES))
     save_every: int = _opt(100, "checkpoint every N steps")

@@ -1,6 +1,8 @@
 """The `i2v` stage: an image-to-video transformer fine-tuned from an exported tiny text-to-video one.
 
-    python -m kineflow.training.train i2v --run-dir runs/tiny_i2v --threads 2 [--base weights] [--resume]
+    python -m kineflow.training.train i2v --run-dir runs/tiny_i2v --threads 1 [--base weights] [--resume]
+
+(the defaults are the shipped model's run: weights/MODEL_CARD_IMAGE_TO_VIDEO.md)
 
 The result has HunyuanVideo-I2V's first-release layout ("latent_concat", 33 input channels for 16 latent channels):
 the input projection `img_in` takes the noisy latent, then the image latent (the clip's first latent frame in frame
