@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -296,8 +296,7 @@ class SD15UNet(nn.Module):
         video_frames: int | None = None,
         temporal: TemporalHooks | None = None,
         step_cache: StepCacheHook | None = None,
-        down_residuals: Sequence[torch.Tensor] | None = None,
-        mid_residual: torch.Tensor | None = None,
+        control: Callable[[], tuple[Sequence[torch.Tensor], torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
         """x [B*F, 4, H, W], timesteps [B*F], context [B*F, 77, 768] -> prediction [B*F, 4, H, W].
 
@@ -305,15 +304,13 @@ class SD15UNet(nn.Module):
         `step_cache` (models/caching.py, first-block cache): the probe is the residual of the first block, the resnet
         after conv_in (it costs a few percent of the UNet and its change tracks that of what follows it); a skip
         replaces everything from that block's attention up to the output layers.
-        `down_residuals` (one per input block, in order: conv_in, each resnet(+attention), each downsampler) and
-        `mid_residual`: a control net's additions to the skip connections and to the middle block's output.
+        `control` gives a control net's additions (or None): `down_residuals`, one per skip connection (in order:
+        conv_in, each resnet(+attention), each downsampler), and `mid_residual`, to the middle block's output. It is
+        called only when the UNet runs past the step cache's decision, so a skipped step costs no control net.
         """
         if temporal is not None:
             if not video_frames or x.shape[0] % video_frames:
                 raise ValueError(f"a batch of {x.shape[0]} frames cannot be split into videos of {video_frames} frames")
-        if down_residuals is not None and len(down_residuals) != len(self.input_blocks):
-            raise ValueError(f"expected {len(self.input_blocks)} control residuals (one per skip connection), "
-                             f"got {len(down_residuals)}")
         frames = video_frames if temporal is not None else None
         norm_frames = frames if temporal is not None and temporal.norm_across_frames else None
         dtype = self.dtype
@@ -334,9 +331,15 @@ class SD15UNet(nn.Module):
                 h, _ = self._attention(layers, resnet_out, context)
                 if temporal is not None:
                     h = temporal.down(role[0], role[1], h, frames)
-            skips.append(h if down_residuals is None else h + down_residuals[index].to(h.dtype))
+            skips.append(h)
 
         if residual is None:
+            down_residuals, mid_residual = (control() if control is not None else None) or (None, None)
+            if down_residuals is not None:
+                if len(down_residuals) != len(skips):
+                    raise ValueError(f"expected {len(skips)} control residuals (one per skip connection), "
+                                     f"got {len(down_residuals)}")
+                skips = [skip + add.to(skip.dtype) for skip, add in zip(skips, down_residuals)]
             h = self.middle_block[0](h, emb, norm_frames)
             h = self.middle_block[1](h, context)
             if temporal is not None:

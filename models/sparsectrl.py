@@ -5,7 +5,7 @@ The network is the SD1.5 UNet's down path and middle block (conv_in, time embedd
 downsamplers) with an AnimateDiff temporal module after every resnet(+attention) of the down path, so that a condition
 given on some frames reaches the others. It returns one residual per skip connection of the UNet (through a 1x1
 `controlnet_down_blocks` conv each) and one for the middle block (`controlnet_mid_block`), scaled by the strength
-(diffusers' `conditioning_scale`); the UNet adds them (models/sd15_unet.py, `down_residuals` / `mid_residual`).
+(diffusers' `conditioning_scale`); the UNet adds them (models/sd15_unet.py, `control`).
 
 What differs from an image ControlNet:
 - the condition: a per-frame tensor that is zero on frames without one, concatenated with a one-channel mask that

@@ -11,6 +11,22 @@ MAX_SIZE = 8192
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
+def check_video_size(cls, family, width, height, frames, batch_size, **other_inputs) -> bool | str:
+    """VALIDATE_INPUTS body of a node that makes a video latent: its declared inputs (naming them in VALIDATE_INPUTS
+    makes ComfyUI skip its own range/list checks, so all are checked here), the size for `latent_format` and whether
+    the latent fits the memory budget; `family` is the latent format whose size rules apply. Linked (None) inputs
+    are checked when the node runs."""
+    sizes = dict(width=width, height=height, frames=frames, batch_size=batch_size)
+    declared = check_declared(cls, **sizes, **other_inputs)
+    if declared is not True or None in sizes.values() or family is None:
+        return declared
+    size = validate_latent_inputs(family, width, height, frames, max_size=MAX_SIZE, max_frames=1025)
+    if size is not True:
+        return size
+    return video_memory_problem(family, width, height, frames, batch_size, host.read_budget(),
+                                host.RAISE_BUDGET) or True
+
+
 class KineFlowTextEncode:
     DESCRIPTION = "Encodes a prompt and a negative prompt (the unconditional branch of CFG) into conditioning for the sampler."
     CATEGORY = "KineFlow/conditioning"
@@ -84,16 +100,7 @@ class KineFlowEmptyVideoLatent:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, frames=None, batch_size=None, latent_format="hunyuan_video"):
-        # Naming these inputs here makes ComfyUI skip its own range/list checks for them, so all are checked here.
-        sizes = dict(width=width, height=height, frames=frames, batch_size=batch_size, latent_format=latent_format)
-        declared = check_declared(cls, **sizes)
-        if declared is not True or None in sizes.values():  # linked sizes are checked when the node runs
-            return declared
-        size = validate_latent_inputs(latent_format, width, height, frames, max_size=MAX_SIZE, max_frames=1025)
-        if size is not True:
-            return size
-        return video_memory_problem(latent_format, width, height, frames, batch_size, host.read_budget(),
-                                    host.RAISE_BUDGET) or True
+        return check_video_size(cls, latent_format, width, height, frames, batch_size, latent_format=latent_format)
 
     def generate(self, width, height, frames, batch_size, latent_format="hunyuan_video"):
         from ..runtime import generation
@@ -304,17 +311,9 @@ class KineFlowImageToVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, frames=None, batch_size=None, mode=None):
-        sizes = dict(width=width, height=height, frames=frames, batch_size=batch_size)
-        declared = check_declared(cls, mode=mode, **sizes)
-        if declared is not True or None in sizes.values():  # linked sizes are checked when the node runs
-            return declared
         # The family (HunyuanVideo's 4k+1 frames) follows from the VAE, known when the node runs; here the checks
         # both families share, and the memory of the larger (per-frame SD) latent.
-        size = validate_latent_inputs("sd15", width, height, frames, max_size=MAX_SIZE, max_frames=1025)
-        if size is not True:
-            return size
-        return video_memory_problem("sd15", width, height, frames, batch_size, host.read_budget(),
-                                    host.RAISE_BUDGET) or True
+        return check_video_size(cls, "sd15", width, height, frames, batch_size, mode=mode)
 
     def build(self, conditioning, vae, image, width, height, frames, batch_size, mode):
         from ..runtime import generation

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -46,7 +45,7 @@ from ..errors import KineFlowError, ModelFileError
 from . import offload as offload_mod
 from . import previews
 from .latent_formats import SD15_LATENT, LatentFormat
-from .video_models import load_text_tower, resolve_dtype, shipped_vocabulary
+from .video_models import build_module, load_text_tower, open_model_file, resolve_dtype, shipped_vocabulary
 
 # SD1.5's training schedule (β linear 0.00085 -> 0.012 over 1000 steps) and AnimateDiff's scheduler config:
 # "leading" timestep spacing with steps_offset 1.
@@ -143,14 +142,15 @@ class SD15VideoModel:
             context = context.to(device).reshape(b * f, *context.shape[2:])
         else:
             context = context.to(device).repeat_interleave(f, dim=0)
+        def control():
+            return self._control_residuals(frames, timesteps, context, b, f)
+
         with torch.inference_mode():
-            control = self._control_residuals(frames, timesteps, context, b, f)
-            extra = {} if control is None else {"down_residuals": control[0], "mid_residual": control[1]}
             if self.motion is None:
-                out = self.unet(frames, timesteps, context, step_cache=step_cache, **extra)
+                out = self.unet(frames, timesteps, context, step_cache=step_cache, control=control)
             else:
                 out = self.unet(frames, timesteps, context, video_frames=f, temporal=self.motion, step_cache=step_cache,
-                                **extra)
+                                control=control)
         return out.float().reshape(b, f, -1, h, w).transpose(1, 2)
 
     def _control_residuals(self, frames: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, batch: int,
@@ -282,12 +282,10 @@ class SDTextEncoder:
 # --------------------------------------------------------------------------- loaders
 def _build_unet(header, det, dtype, device, offload: str, attention: str, compile: str):
     """(UNet, Residency) from an SD1.5 checkpoint or a UNet file; `attention` from acceleration.resolve_attention."""
-    unet, residency = offload_mod.load(
-        header, unet_mod.SD15UNet, policy=offload, device=device, dtype=dtype, name=header.path.name,
-        budget_bytes=host.memory_budget(), prefix=unet_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
+    return build_module(
+        header, unet_mod.SD15UNet, device=device, dtype=dtype, policy=offload, attention=attention, compile=compile,
+        prefix=unet_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
         convert=lambda sd: unet_mod.convert_state_dict(sd, det.layout), config_from=unet_mod.config_from_state_dict)
-    acceleration.apply(unet, residency, attention, compile)
-    return unet, residency
 
 
 def _build_vae(header, det, dtype, device, offload: str, attention: str) -> SDVideoVAE:
@@ -299,11 +297,10 @@ def _build_vae(header, det, dtype, device, offload: str, attention: str) -> SDVi
                 f"size; SD1.5 latents have {SD15_LATENT.channels} channels at 1/{SD15_LATENT.spatial_ratio} size")
         return config
 
-    vae, residency = offload_mod.load(
-        header, vae_mod.SDVAE, policy=offload, device=device, dtype=dtype, name=header.path.name,
-        budget_bytes=host.memory_budget(), prefix=vae_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
+    vae, residency = build_module(
+        header, vae_mod.SDVAE, device=device, dtype=dtype, policy=offload, attention=attention,
+        prefix=vae_mod.LDM_PREFIX if det.family == "sd15_checkpoint" else det.prefix,
         convert=lambda sd: vae_mod.convert_state_dict(sd, det.layout), config_from=config_from)
-    acceleration.apply(vae, residency, attention)
     return SDVideoVAE(vae=vae, dtype=dtype, source=str(header.path), residency=residency)
 
 
@@ -313,36 +310,23 @@ def _build_text_encoder(path, dtype, device, offload: str, attention: str) -> SD
                          device=device, vocabulary=shipped_vocabulary(path))
 
 
-def load_sd_checkpoint(name: str, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto",
+def load_sd_checkpoint(name_or_path: str, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto",
                        attention: str = "auto", compile: str = "auto"
                        ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
-    """UNet, VAE and CLIP-L from one SD1.5 LDM checkpoint in the `checkpoints` folder."""
-    return load_sd_checkpoint_file(host.model_path("checkpoints", name), prediction, dtype_name, offload, attention,
-                                   compile)
-
-
-def load_sd_checkpoint_file(path: Path, prediction: str = "eps", dtype_name: str = "auto", offload: str = "auto",
-                            attention: str = "auto", compile: str = "auto"
-                            ) -> tuple[SD15VideoModel, SDVideoVAE, SDTextEncoder]:
-    """`load_sd_checkpoint` for a file anywhere (the trainer animates a checkpoint given by its path)."""
-    header, det = checkpoints.require_family(path, "sd15_checkpoint")
-    device = host.compute_device()
-    dtype = resolve_dtype(dtype_name, device)
-    attention = acceleration.resolve_attention(attention, device)
-    unet, residency = _build_unet(header, det, dtype, device, offload, attention, compile)
-    model = SD15VideoModel(unet=unet, dtype=dtype, source=str(path), prediction=prediction, residency=residency,
-                           preview_factors=previews.preview_factors(header.metadata, SD15_LATENT))
-    return (model, _build_vae(header, det, dtype, device, offload, attention),
-            _build_text_encoder(path, dtype, device, offload, attention))
+    """UNet, VAE and CLIP-L from one SD1.5 LDM checkpoint: a name in the `checkpoints` folder or a file anywhere
+    (the trainer animates a checkpoint given by its path)."""
+    f = open_model_file("checkpoints", name_or_path, "sd15_checkpoint", dtype_name, attention)
+    unet, residency = _build_unet(f.header, f.det, f.dtype, f.device, offload, f.attention, compile)
+    model = SD15VideoModel(unet=unet, dtype=f.dtype, source=str(f.path), prediction=prediction, residency=residency,
+                           preview_factors=previews.preview_factors(f.header.metadata, SD15_LATENT))
+    return (model, _build_vae(f.header, f.det, f.dtype, f.device, offload, f.attention),
+            _build_text_encoder(f.path, f.dtype, f.device, offload, f.attention))
 
 
 def load_sd_checkpoint_vae(name: str, dtype_name: str = "auto") -> SDVideoVAE:
     """Only the VAE of an SD1.5 LDM checkpoint in the `checkpoints` folder (its UNet and CLIP stay on disk)."""
-    path = host.model_path("checkpoints", name)
-    header, det = checkpoints.require_family(path, "sd15_checkpoint")
-    device = host.compute_device()
-    return _build_vae(header, det, resolve_dtype(dtype_name, device), device, "auto",
-                      acceleration.resolve_attention("auto", device))
+    f = open_model_file("checkpoints", name, "sd15_checkpoint", dtype_name)
+    return _build_vae(f.header, f.det, f.dtype, f.device, "auto", f.attention)
 
 
 def load_sd_components(unet_name: str, vae_name: str, clip_name: str, prediction: str = "eps",
@@ -384,17 +368,13 @@ def load_motion_module(name: str, dtype_name: str = "auto", offload: str = "auto
                        ) -> MotionModuleHandle:
     """An AnimateDiff v1/v2/v3 motion module from the animatediff_models folder (original or diffusers names);
     the frames it handles at once come from the length of its positional tables."""
-    path = host.model_path("animatediff_models", name)
-    header, det = checkpoints.require_family(path, "animatediff_motion_module")
-    device = host.compute_device()
-    dtype = resolve_dtype(dtype_name, device)
-    attention = acceleration.resolve_attention(attention, device)
-    module, residency = offload_mod.load(
-        header, ad.MotionModule, policy=offload, device=device, dtype=dtype, name=path.name,
-        budget_bytes=host.memory_budget(), convert=lambda sd: ad.convert_state_dict(sd, det.layout, det.prefix),
+    file = open_model_file("animatediff_models", name, "animatediff_motion_module", dtype_name, attention)
+    det = file.det
+    module, residency = build_module(
+        file.header, ad.MotionModule, device=file.device, dtype=file.dtype, policy=offload, attention=file.attention,
+        convert=lambda sd: ad.convert_state_dict(sd, det.layout, det.prefix),
         config_from=lambda shapes: ad.config_from_state_dict(shapes, version=det.version))
-    acceleration.apply(module, residency, attention)
-    return MotionModuleHandle(module=module, source=str(path), residency=residency)
+    return MotionModuleHandle(module=module, source=str(file.path), residency=residency)
 
 
 def apply_motion_module(model: SD15VideoModel, motion: MotionModuleHandle, scale: float = 1.0) -> SD15VideoModel:
@@ -466,17 +446,12 @@ def load_sparsectrl(name: str, dtype_name: str = "auto", offload: str = "auto", 
                     ) -> SparseCtrlHandle:
     """An AnimateDiff v3 SparseCtrl from the controlnet folder: guoyww's v3_sd15_sparsectrl_{rgb,scribble}.ckpt or a
     diffusers SparseControlNetModel (file or folder)."""
-    path = host.model_path("controlnet", name)
-    header, det = checkpoints.require_family(path, "sparsectrl")
-    device = host.compute_device()
-    dtype = resolve_dtype(dtype_name, device)
-    attention = acceleration.resolve_attention(attention, device)
-    module, residency = offload_mod.load(
-        header, sc.SparseCtrl, policy=offload, device=device, dtype=dtype, name=path.name,
-        budget_bytes=host.memory_budget(), prefix=det.prefix,
-        convert=lambda sd: sc.convert_state_dict(sd, det.layout), config_from=sc.config_from_state_dict)
-    acceleration.apply(module, residency, attention)
-    return SparseCtrlHandle(module=module, source=str(path), residency=residency)
+    file = open_model_file("controlnet", name, "sparsectrl", dtype_name, attention)
+    module, residency = build_module(
+        file.header, sc.SparseCtrl, device=file.device, dtype=file.dtype, policy=offload, attention=file.attention,
+        prefix=file.det.prefix, convert=lambda sd: sc.convert_state_dict(sd, file.det.layout),
+        config_from=sc.config_from_state_dict)
+    return SparseCtrlHandle(module=module, source=str(file.path), residency=residency)
 
 
 @dataclass(frozen=True, eq=False)

@@ -46,6 +46,41 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file opened for loading: its path, header and detected layout (`det`), and the device, dtype and
+    attention backend (acceleration.resolve_attention) its module will compute with."""
+    path: Path
+    header: checkpoints.Header
+    det: checkpoints.Detection
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+
+
+def open_model_file(folder: str, name_or_path: str, family: str, dtype_name: str = "auto", attention: str = "auto"
+                    ) -> ModelFile:
+    """Find `name_or_path` in the models `folder`, check it is of `family` (a clear error if not) and settle where
+    and how its module computes: the first half of every loader."""
+    path = host.model_path(folder, name_or_path)
+    header, det = checkpoints.require_family(path, family)
+    device = host.compute_device()
+    return ModelFile(path=path, header=header, det=det, device=device, dtype=resolve_dtype(dtype_name, device),
+                     attention=acceleration.resolve_attention(attention, device))
+
+
+def build_module(header, model_cls, *, device: torch.device, dtype: torch.dtype, policy: str, attention: str,
+                 compile: str = "disabled", name: str | None = None, **load_kwargs):
+    """The second half of every loader: the module of `model_cls` from `header` under offload `policy` within the
+    run's memory budget (offload.load's `prefix`, `convert`, `config_from`, ... in `load_kwargs`), then its attention
+    backend and torch.compile choice (acceleration.apply). Returns (module, Residency)."""
+    module, residency = offload_mod.load(header, model_cls, policy=policy, device=device, dtype=dtype,
+                                         name=name or header.path.name, budget_bytes=host.memory_budget(),
+                                         **load_kwargs)
+    acceleration.apply(module, residency, attention, compile)
+    return module, residency
+
+
 # --------------------------------------------------------------------------- diffusion model
 @dataclass(frozen=True)
 class LoadRecipe:
@@ -171,25 +206,21 @@ class HunyuanVideoModel:
 def load_video_model(name_or_path: str, weight_dtype: str = "auto", fp8: bool = False, offload: str = "auto",
                      resident_blocks: int | None = None, attention: str = "auto", compile: str = "auto"
                      ) -> HunyuanVideoModel:
-    path = host.model_path("diffusion_models", name_or_path)
-    header, det = checkpoints.require_family(path, "hunyuan_video_dit")
+    file = open_model_file("diffusion_models", name_or_path, "hunyuan_video_dit", weight_dtype, attention)
+    path, header, det, dtype = file.path, file.header, file.det, file.dtype
     # A token-replace image-to-video file has the text-to-video shapes: only its metadata (or a diffusers folder's
     # config.json) can say what it is.
     declared = header.metadata.get("image_condition_type")
     if declared not in (None, "latent_concat", "token_replace"):
         raise ModelFileError(f"{path.name!r} declares image_condition_type {declared!r}; expected latent_concat or "
                              "token_replace")
-    device = host.compute_device()
-    dtype = resolve_dtype(weight_dtype, device)
-    attention = acceleration.resolve_attention(attention, device)
-    net, residency = offload_mod.load(
-        header, dit_mod.HunyuanVideoDiT, policy=offload, device=device, dtype=dtype, name=path.name,
-        resident_blocks=resident_blocks, budget_bytes=host.memory_budget(), prefix=det.prefix, fp8=fp8,
+    net, residency = build_module(
+        header, dit_mod.HunyuanVideoDiT, device=file.device, dtype=dtype, policy=offload, attention=file.attention,
+        compile=compile, resident_blocks=resident_blocks, prefix=det.prefix, fp8=fp8,
         convert=lambda sd: dit_mod.convert_state_dict(sd, det.layout),
         config_from=lambda shapes: dit_mod.config_from_state_dict(shapes, declared))
-    acceleration.apply(net, residency, attention, compile)
     recipe = LoadRecipe(path=str(path.resolve()), weight_dtype=next(k for k, v in DTYPES.items() if v == dtype), fp8=fp8,
-                        offload=offload, resident_blocks=resident_blocks, attention=attention,
+                        offload=offload, resident_blocks=resident_blocks, attention=file.attention,
                         compile=compile if compile != "auto" else "enabled" if host.compile_default() else "disabled")
     return HunyuanVideoModel(net=net, dtype=dtype, source=str(path), residency=residency, recipe=recipe,
                              preview_factors=previews.preview_factors(header.metadata, HUNYUAN_VIDEO_LATENT),
@@ -226,24 +257,19 @@ class VideoVAE:
 
 def load_video_vae(name_or_path: str, dtype_name: str = "auto", offload: str = "auto", attention: str = "auto"
                    ) -> VideoVAE:
-    path = host.model_path("vae", name_or_path)
-    header, det = checkpoints.require_family(path, "hunyuan_video_vae")
+    file = open_model_file("vae", name_or_path, "hunyuan_video_vae", dtype_name, attention)
     # What shapes cannot tell (the file's metadata does when it was written by KineFlow's trainer).
-    overrides = checkpoints.metadata_numbers(header, "hunyuan_video_vae")
-    device = host.compute_device()
-    dtype = resolve_dtype(dtype_name, device)
-    attention = acceleration.resolve_attention(attention, device)
+    overrides = checkpoints.metadata_numbers(file.header, "hunyuan_video_vae")
 
     def config_from(shapes):
         config = vae_mod.config_from_state_dict(shapes)
         return dataclasses.replace(config, **overrides) if overrides else config
 
-    vae, residency = offload_mod.load(
-        header, vae_mod.HunyuanVideoVAE, policy=offload, device=device, dtype=dtype, name=path.name,
-        budget_bytes=host.memory_budget(), prefix=det.prefix,
-        convert=lambda sd: vae_mod.convert_state_dict(sd, det.layout), config_from=config_from)
-    acceleration.apply(vae, residency, attention)
-    return VideoVAE(vae=vae, dtype=dtype, source=str(path), residency=residency)
+    vae, residency = build_module(
+        file.header, vae_mod.HunyuanVideoVAE, device=file.device, dtype=file.dtype, policy=offload,
+        attention=file.attention, prefix=file.det.prefix,
+        convert=lambda sd: vae_mod.convert_state_dict(sd, file.det.layout), config_from=config_from)
+    return VideoVAE(vae=vae, dtype=file.dtype, source=str(file.path), residency=residency)
 
 
 # --------------------------------------------------------------------------- text encoders
@@ -284,12 +310,9 @@ def load_text_tower(path: Path, family: str, dtype: torch.dtype, device: torch.d
     """A LLaMA or CLIP text model from its file under an offload policy, attending with backend `attention` (see
     acceleration.resolve_attention): (model, Residency)."""
     tower = text_tower(path, family)
-    model, residency = offload_mod.load(
-        tower.header, tower.model_class, policy=text_encoder_policy(policy, device), device=device, dtype=dtype,
-        name=Path(path).name, budget_bytes=host.memory_budget(), prefix=tower.prefix, convert=tower.convert,
-        config_from=tower.config_from)
-    acceleration.apply(model, residency, attention)
-    return model, residency
+    return build_module(tower.header, tower.model_class, device=device, dtype=dtype,
+                        policy=text_encoder_policy(policy, device), attention=attention, name=Path(path).name,
+                        prefix=tower.prefix, convert=tower.convert, config_from=tower.config_from)
 
 
 def load_text_encoders(llm_name: str, clip_name: str, tokenizer_path: str = "", dtype_name: str = "auto",
@@ -333,15 +356,10 @@ def load_clip_vision(name_or_path: str, dtype_name: str = "auto", offload: str =
                      ) -> CLIPVision:
     """Load CLIP Vision: a LLaVA vision encoder from clip_vision/ (ComfyUI's llava_llama3_vision.safetensors, or a
     file or folder of transformers' LlavaForConditionalGeneration, whose language model is left unread)."""
-    path = host.model_path("clip_vision", name_or_path)
-    header, det = checkpoints.require_family(path, "clip_vision")
-    device = host.compute_device()
-    dtype = resolve_dtype(dtype_name, device)
-    attention = acceleration.resolve_attention(attention, device)
-    encoder, residency = offload_mod.load(
-        header, clip_vision_mod.LlavaVisionEncoder, policy=text_encoder_policy(offload, device), device=device,
-        dtype=dtype, name=path.name, budget_bytes=host.memory_budget(),
-        convert=lambda sd: clip_vision_mod.convert_state_dict(sd, det.layout),
+    file = open_model_file("clip_vision", name_or_path, "clip_vision", dtype_name, attention)
+    encoder, residency = build_module(
+        file.header, clip_vision_mod.LlavaVisionEncoder, device=file.device, dtype=file.dtype,
+        policy=text_encoder_policy(offload, file.device), attention=file.attention,
+        convert=lambda sd: clip_vision_mod.convert_state_dict(sd, file.det.layout),
         config_from=clip_vision_mod.config_from_state_dict)
-    acceleration.apply(encoder, residency, attention)
-    return CLIPVision(encoder=encoder, dtype=dtype, source=str(path), residency=residency)
+    return CLIPVision(encoder=encoder, dtype=file.dtype, source=str(file.path), residency=residency)

@@ -275,14 +275,14 @@ def test_unet_residuals_match_diffusers_additional_residuals():
         mid = torch.randn(3, 64, 4, 4, generator=gen) * 0.3
         expected = reference(x, t, ctx, down_block_additional_residuals=tuple(down),
                              mid_block_additional_residual=mid).sample
-        got = unet(x, t, ctx, down_residuals=down, mid_residual=mid)
+        got = unet(x, t, ctx, control=lambda: (down, mid))
         plain = unet(x, t, ctx)
-        zeros = unet(x, t, ctx, down_residuals=[d * 0.0 for d in down], mid_residual=mid * 0.0)
+        zeros = unet(x, t, ctx, control=lambda: ([d * 0.0 for d in down], mid * 0.0))
     assert (got - plain).abs().max() > 1e-2
     assert (got - expected).abs().max() <= 1e-4
     assert torch.equal(zeros, plain)
     with pytest.raises(ValueError, match="expected 4 control residuals"):
-        unet(x, t, ctx, down_residuals=down[:2], mid_residual=mid)
+        unet(x, t, ctx, control=lambda: (down[:2], mid))
 
 
 # --------------------------------------------------------------------------- handles on the tiny AnimateDiff model
@@ -412,6 +412,38 @@ def test_the_control_net_sees_the_unets_inputs_and_each_windows_keyframes(parts,
         context_window_denoiser(denoiser, options)(x, torch.tensor([1.0, 1.0]))
     # windows [0..3], [3..6], [6..9], [8..11]: the second has no keyframe and runs without the control
     assert [c["keyed"] for c in calls] == [[1, 5], [3, 7], [1, 5]]
+
+
+def test_a_step_the_step_cache_skips_runs_no_control_net(parts, monkeypatch):
+    """The control net's residuals only feed the blocks a skipped step does not run, so it is not run either."""
+    model, vae, context, rgb, _ = parts
+    calls = []
+    forward = sc.SparseCtrl.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    class ReuseAfterFirst:  # a step cache that runs the first call and skips every later one
+        residual = None
+
+        def reuse(self, probe):
+            return self.residual
+
+        def store(self, residual):
+            self.residual = residual
+
+    controlled = ad_runtime.apply_sparsectrl(model, rgb, _keyframes(), (0, -1), vae=vae)
+    x = torch.randn(1, 4, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    with host.configured(device="cpu"):
+        expected = controlled.net_fn(x, torch.tensor([500.0]), context)
+        monkeypatch.setattr(sc.SparseCtrl, "forward", counting)
+        cache = ReuseAfterFirst()
+        first = controlled.net_fn(x, torch.tensor([500.0]), context, step_cache=cache)
+        assert len(calls) == 1 and torch.allclose(first, expected, atol=1e-6)
+        skipped = controlled.net_fn(x, torch.tensor([480.0]), context, step_cache=cache)
+    assert len(calls) == 1  # the skipped step ran no control net
+    assert torch.allclose(skipped, first, atol=1e-4)  # same input, the cached residual: nearly the same estimate
 
 
 @pytest.mark.parametrize("offload", ["blocks", "sequential"])

@@ -211,9 +211,16 @@ class DiTSettings:
 
 
 @dataclass
-class FineTuneLoss:
-    """The flow-matching loss settings (`dit_loss`) of the stages that fine-tune an exported transformer (`lora`,
-    `i2v`): the shipped transformer's last fine-tune's."""
+class FineTuneSettings:
+    """What the stages that fine-tune an exported transformer (`lora`, `i2v`) share: their clips, batches and
+    checkpoints, and the flow-matching loss (`dit_loss`) as the shipped transformer's last fine-tune had it."""
+
+    batch_size: int = _opt(16, "latents per step")
+    warmup: int = _opt(50, "warm-up steps")
+    two_shape_prob: float = _opt(0.3, "fraction of the cached clips with two shapes")
+    size: int = _opt(128, "width and height of the clips (the base transformer's training size)")
+    save_every: int = _opt(100, "checkpoint every N steps")
+    log_every: int = _opt(10, "loss log line every N steps")
 
     caption_dropout: float = _opt(0.1, "probability of training a clip with the empty prompt (for CFG; an image "
                                        "to video model keeps the image, as the reference pipelines give both "
@@ -225,9 +232,13 @@ class FineTuneLoss:
     sigma_sampling: str = _opt("logit_normal", "distribution of the unshifted sigma",
                                choices=("logit_normal", "uniform"))
 
+    def __post_init__(self):
+        if self.size < 16 or self.size % 16:
+            raise KineFlowError(f"--size must be a positive multiple of 16; got {self.size}")
+
 
 @dataclass
-class LoraSettings(FineTuneLoss):
+class LoraSettings(FineTuneSettings):
     """`lora`: a LoRA teaching an exported tiny model a new word, a concept (training/train_lora.py)."""
 
     concept: str = _opt("quickly", "the new word to teach (shapes/attributes.py CONCEPTS): 'quickly', a speed word "
@@ -242,7 +253,6 @@ class LoraSettings(FineTuneLoss):
                                        "blocks) or 'blocks+text' (also the text refiner txt_in and the CLIP vector_in, "
                                        "which read the prompt)", choices=("blocks", "blocks+text"))
     steps: int = _opt(800, "optimizer steps (a resumed run continues up to this)")
-    batch_size: int = _opt(16, "latents per step")
     concept_fraction: float = _opt(0.5, "share of each batch drawn from the concept's clips; the rest are the base "
                                         "model's own training clips, so the rest of what it draws stays as it was")
     lr: float = _opt(1e-3, "AdamW learning rate of the LoRA weights (after a linear warm-up)")
@@ -253,18 +263,14 @@ class LoraSettings(FineTuneLoss):
                                  "in the base model's training) or 'distill' (the base model's own prediction, LoRA "
                                  "off: keeps what it draws without the word; one more forward of those rows)",
                          choices=("data", "distill"))
-    warmup: int = _opt(50, "warm-up steps")
     decay_steps: int = _opt(200, DECAY_STEPS_HELP)
     concept_clips: int = _opt(600, "concept clips (train split of the concept's combinations) encoded into the cache")
     base_clips: int = _opt(600, "base training clips encoded into the cache (the regularising share)")
-    two_shape_prob: float = _opt(0.3, "fraction of the cached clips with two shapes")
-    size: int = _opt(128, "width and height of the clips (the base transformer's training size)")
     seed: int = _opt(11, "seed of the clips, batches, noise and the LoRA's initialisation")
     dtype: str = _opt("fp16", "dtype of the exported LoRA file", choices=tuple(DTYPES))
-    save_every: int = _opt(100, "checkpoint every N steps")
-    log_every: int = _opt(10, "loss log line every N steps")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.rank < 1:
             raise KineFlowError(f"--rank must be >= 1; got {self.rank}")
         if not 0.0 < self.concept_fraction <= 1.0:
@@ -274,33 +280,24 @@ class LoraSettings(FineTuneLoss):
                                 f"most 0.5; got {self.concept_fraction}")
         if self.twins == "on" and shapes.CONCEPTS[self.concept].kind != "speed":
             raise KineFlowError(f"--twins is for speed concepts; '{self.concept}' is a {shapes.CONCEPTS[self.concept].kind}")
-        if self.size < 16 or self.size % 16:
-            raise KineFlowError(f"--size must be a positive multiple of 16; got {self.size}")
 
 
 @dataclass
-class I2VSettings(FineTuneLoss):
+class I2VSettings(FineTuneSettings):
     """`i2v`: an image-to-video transformer fine-tuned from an exported text-to-video one (training/train_i2v.py)."""
 
     base: str = _opt("", "exported models folder whose transformer the image-to-video model starts from and whose "
                          "VAE and text encoders it reads ('' = the pack's shipped weights/)")
     steps: int = _opt(5000, "optimizer steps (a resumed run continues up to this); the defaults are the shipped "
                             "model's run")
-    batch_size: int = _opt(16, "latents per step")
     lr: float = _opt(2e-4, "AdamW learning rate (after a linear warm-up)")
-    warmup: int = _opt(50, "warm-up steps")
     decay_steps: int = _opt(1200, DECAY_STEPS_HELP)
     clips: int = _opt(4000, "training clips encoded once into the latent + text cache")
-    two_shape_prob: float = _opt(0.3, "fraction of the cached clips with two shapes")
-    size: int = _opt(128, "width and height of the clips (the base transformer's training size)")
     seed: int = _opt(23, "seed of the clips, batches and noise (another than the base's, so the clips are new)")
     dtype: str = _opt("fp16", "dtype of the exported transformer", choices=tuple(DTYPES))
-    save_every: int = _opt(100, "checkpoint every N steps")
-    log_every: int = _opt(10, "loss log line every N steps")
 
     def __post_init__(self):
-        if self.size < 16 or self.size % 16:
-            raise KineFlowError(f"--size must be a positive multiple of 16; got {self.size}")
+        super().__post_init__()
         if self.clips < 1:
             raise KineFlowError(f"--clips must be >= 1; got {self.clips}")
 

@@ -59,7 +59,7 @@ from ..models.sd15_unet import SD15UNet, SD15UNetConfig
 from ..models.sd_vae import LDM_PREFIX as VAE_PREFIX
 from ..models.sd_vae import SDVAE, SDVAEConfig, fit_latent_rgb_factors
 from ..models.tokenization import clip_l_tokenizer
-from ..runtime.animatediff import CLIP_LENGTH, SCHEDULE, SDTextEncoder, load_sd_checkpoint_file
+from ..runtime.animatediff import CLIP_LENGTH, SCHEDULE, SDTextEncoder, load_sd_checkpoint
 from ..errors import KineFlowError
 from ..runtime.media import atomic_write
 from ..runtime.previews import FACTORS_METADATA_KEY
@@ -537,7 +537,7 @@ def load_base_checkpoint(path: str | Path) -> tuple[SD15UNet, SDVAE, SDTextEncod
     """UNet, VAE and text encoder of an SD1.5 LDM checkpoint file, in float32, frozen."""
     if not Path(path).is_file():
         raise KineFlowError(f"--base-checkpoint {str(path)!r} is not a file; expected an SD1.5 LDM checkpoint")
-    model, vae, text = load_sd_checkpoint_file(Path(path), dtype_name="fp32")
+    model, vae, text = load_sd_checkpoint(str(path), dtype_name="fp32")
     text.clip.eval().requires_grad_(False)
     return model.unet.eval().requires_grad_(False), vae.vae.eval().requires_grad_(False), text
 
