@@ -99,17 +99,23 @@ def load_vae_only(family: str, name: str) -> EvalModels:
 
 
 def parse_lora_option(text: str) -> tuple[str, float]:
-    """`FILE[:STRENGTH]` (the --lora option) -> (file, strength); a tail that is not a number is part of the name."""
+    """`FILE[:STRENGTH]` (the --lora option) -> (file, strength); a tail that is not a number is part of the name.
+    FILE is a name in the loras folder, or a path: one with a folder in it is taken from the working directory."""
     name, sep, tail = text.rpartition(":")
+    strength = 1.0
     if sep and name:
         try:
             strength = float(tail)
         except ValueError:
-            return text, 1.0
+            name = text
         if not math.isfinite(strength):
             raise KineFlowError(f"--lora {text!r}: the strength must be a finite number; got {tail!r}")
-        return name, strength
-    return text, 1.0
+    else:
+        name = text
+    path = Path(name).expanduser()
+    if len(path.parts) > 1 and path.exists():
+        name = str(path.resolve())
+    return name, strength
 
 
 def trigger_words(lora_name: str) -> list[str]:

@@ -201,7 +201,8 @@ def _find_model(kind: str, name: str) -> Path | None:
 
 
 def model_path(kind: str, name: str) -> Path:
-    """Resolve a model name from a loader widget to a path; an absolute path or existing path is used as is."""
+    """Resolve a model name from a loader widget to a path: a name in the kind's folders, or an existing absolute
+    path as is."""
     path = _find_model(kind, name)
     if path is None:
         raise ModelFileError(missing_model(kind, name))

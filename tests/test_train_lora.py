@@ -166,7 +166,7 @@ def test_the_judge_tells_fast_clips_from_normal_ones_by_travel():
 
 
 # --------------------------------------------------------------------------- training, export, loading
-def test_lora_trains_the_lora_only_and_exports_a_kohya_file_the_loader_reads(base_models, tmp_path):
+def test_lora_trains_the_lora_only_and_exports_a_kohya_file_the_loader_reads(base_models, tmp_path, monkeypatch):
     settings = _settings(base_models)
     base_dit = base_models / "diffusion_models" / SHIPPED_NAMES["dit"]
     before = load_file(str(base_dit))
@@ -216,6 +216,8 @@ def test_lora_trains_the_lora_only_and_exports_a_kohya_file_the_loader_reads(bas
     assert evaluation.parse_lora_option(f"{path}:0.5") == (str(path), 0.5)
     assert evaluation.parse_lora_option(str(path)) == (str(path), 1.0)
     assert evaluation.parse_lora_option(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
+    monkeypatch.chdir(path.parent.parent)  # a relative path with a folder is the working directory's
+    assert evaluation.parse_lora_option(f"{path.parent.name}/{path.name}:0.5") == (str(path.resolve()), 0.5)
     with pytest.raises(KineFlowError, match="finite"):
         evaluation.parse_lora_option("a.safetensors:nan")
 

@@ -111,8 +111,8 @@ class LossLog:
 
 
 class TrainProgress:
-    """`stage  step/total  loss (EMA)  it/s  ETA` on stderr: redrawn in place on a terminal, one line every
-    `line_seconds` otherwise (nohup logs stay short)."""
+    """`stage  step/total  loss (EMA)  it/s  ETA` on stderr (no loss for work that has none, such as encoding a
+    cache): redrawn in place on a terminal, one line every `line_seconds` otherwise (nohup logs stay short)."""
 
     def __init__(self, desc: str, start: int, total: int, line_seconds: float = 30.0, stream=None):
         self.desc, self.start, self.total = desc, start, total
@@ -122,7 +122,7 @@ class TrainProgress:
         self.t0 = time.monotonic()
         self.last_line = self.t0
 
-    def update(self, step: int, loss_ema: float, force: bool = False) -> None:
+    def update(self, step: int, loss_ema: float | None = None, force: bool = False) -> None:
         now = time.monotonic()
         if not (self.tty or force or now - self.last_line >= self.line_seconds):
             return
@@ -130,7 +130,8 @@ class TrainProgress:
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
-        line = f"{self.desc} {step}/{self.total} loss {loss_ema:.5f} {rate:.2f} it/s ETA {eta_text}"
+        loss = "" if loss_ema is None else f" loss {loss_ema:.5f}"
+        line = f"{self.desc} {step}/{self.total}{loss} {rate:.2f} it/s ETA {eta_text}"
         self.stream.write(("\r" + line + "  ") if self.tty else line + "\n")
         self.stream.flush()
 

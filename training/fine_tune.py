@@ -70,7 +70,7 @@ def encode_clips(path: Path, key: dict, parts: list[shapes.ShapesVideoDataset], 
                 masks.append(encoded["text_mask"])
                 pooled.append(encoded["text_states_2"].float())
                 captions += texts
-                bar.update(len(captions), 0.0, force=False)
+                bar.update(len(captions))
         bar.close()
         uncond = text.encode([""])
     length = max(int(m.sum(dim=1).max()) for m in masks + [uncond["text_mask"]])

@@ -684,7 +684,7 @@ def adapt_pairs(run_dir: Path, settings: AdaptSettings, vae: HunyuanVideoVAE) ->
                                               start, seed=i, steps=settings.sample_steps, cfg=1.0, shift=3.0,
                                               embedded_guidance=1.0, sampler_name="euler", denoise=float(level))
         latents.append((sampled["samples"][0] / vae.config.scaling_factor).half())
-        bar.update(i + 1, 0.0)
+        bar.update(i + 1)
         if (i + 1) % 100 == 0 or i + 1 == settings.pairs:
             with atomic_write(path) as tmp:
                 torch.save({"key": key, "latents": torch.stack(latents)}, tmp)
@@ -980,7 +980,7 @@ def build_cache(run_dir: Path, settings: DiTSettings, vae: HunyuanVideoVAE, enco
             masks.append(text["text_mask"])
             pooled.append(text["text_states_2"])
             captions += texts
-            bar.update(start + len(texts), 0.0)
+            bar.update(start + len(texts))
         bar.close()
         length = max(int(m.sum(dim=1).max()) for m in masks)
         uncond = encoder.encode([""])

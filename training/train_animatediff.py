@@ -416,7 +416,7 @@ def build_cache(run_dir: Path, settings, vae: SDVAE, encoder: SDTextEncoder, bat
             latents.append(vae.encode_frames(video[:, :, :CLIP_FRAMES], batch=4 * CLIP_FRAMES))
             contexts.append(encoder.encode(texts)["context"])
             captions += texts
-            bar.update(start + len(texts), 0.0)
+            bar.update(start + len(texts))
         bar.close()
         uncond = encoder.encode([""])["context"]
     cache = {"key": key, "latents": torch.cat(latents), "context": torch.cat(contexts), "uncond": uncond,
@@ -537,7 +537,7 @@ def load_base_checkpoint(path: str | Path) -> tuple[SD15UNet, SDVAE, SDTextEncod
     """UNet, VAE and text encoder of an SD1.5 LDM checkpoint file, in float32, frozen."""
     if not Path(path).is_file():
         raise KineFlowError(f"--base-checkpoint {str(path)!r} is not a file; expected an SD1.5 LDM checkpoint")
-    model, vae, text = load_sd_checkpoint(str(path), dtype_name="fp32")
+    model, vae, text = load_sd_checkpoint(str(Path(path).resolve()), dtype_name="fp32")
     text.clip.eval().requires_grad_(False)
     return model.unet.eval().requires_grad_(False), vae.vae.eval().requires_grad_(False), text
 
