@@ -12,7 +12,6 @@ the ceiling a generator on that VAE can reach (a shape the VAE loses, no transfo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from ..shapes.judge import ATTRIBUTES, FAST_TRAVEL, concept_adherence, concept_j
 from ..shapes.prompts import expected_from_spec, heldout_prompts, parse_prompt
 from ..shapes.shipped import ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_MOTION_MODULE
 from ..shapes.shipped import HUNYUAN_VIDEO as SHIPPED_NAMES
-from ..shapes.vocabulary import Vocabulary
 from . import generation, host
 from .media import write_video
 from .video_models import load_text_encoders, load_video_model, load_video_vae
@@ -118,37 +116,20 @@ def parse_lora_option(text: str) -> tuple[str, float]:
     return name, strength
 
 
-def trigger_words(lora_name: str) -> list[str]:
-    """The words a LoRA file says it teaches: the `trigger_words` of the `kineflow.lora` metadata record KineFlow's
-    LoRA trainer writes; [] for any other file (kohya / musubi metadata has no standard field for them)."""
-    from ..models import checkpoints
-
-    header = checkpoints.read_header(host.model_path("loras", lora_name))
-    try:
-        record = json.loads(header.metadata.get("kineflow.lora", "{}"))
-    except json.JSONDecodeError:
-        return []
-    words = record.get("trigger_words", []) if isinstance(record, dict) else []
-    return [w.lower() for w in words if isinstance(w, str) and w.isalpha()]
-
-
 def load_hunyuan_video(model: str = SHIPPED_NAMES["dit"], vae: str = SHIPPED_NAMES["vae"],
                        llm: str = SHIPPED_NAMES["llm"], clip: str = SHIPPED_NAMES["clip"],
                        loras: list[tuple[str, float]] = ()) -> EvalModels:
-    """The family's models; `loras` [(file in loras/ or a path, strength)] go onto the transformer in order, through
-    the Load LoRA node's path (runtime/lora.py)."""
+    """The family's models; `loras` [(file in loras/ or a path, strength)] go onto the transformer (and text encoders)
+    in order, as Load LoRA nodes with the text encoders connected apply them (runtime/lora.py)."""
     net = load_video_model(model)
     text = load_text_encoders(llm, clip)
     label = model
     if loras:
-        from .lora import apply_lora
+        from .lora import load_lora
 
         for name, strength in loras:
-            net = apply_lora(net, name, strength)
+            net, text = load_lora(net, text, name, strength)
             label += f" + {Path(name).name}" + ("" if strength == 1.0 else f":{strength:g}")
-            taught = trigger_words(name)
-            if taught and text.vocabulary is not None:  # words the LoRA taught the shipped model are known now
-                text = dataclasses.replace(text, vocabulary=Vocabulary(text.vocabulary.words | set(taught)))
     return EvalModels(net, load_video_vae(vae), text, label=label)
 
 

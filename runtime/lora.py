@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 
 from ..errors import KineFlowError, ModelFileError
 from ..models import checkpoints
 from ..models import lora as lora_mod
 from ..models.weights import merge_lora
+from ..shapes.vocabulary import Vocabulary
 from . import host
 from .video_models import TextEncoders
 
@@ -35,6 +37,22 @@ def load_lora(model, text_encoders, lora_name: str, strength: float = 1.0, block
     the transformer's); either is the input itself when the file has no layers of it. With `text_encoders` None the
     file's text-encoder layers are skipped with a warning (a model-only chain, as in ComfyUI)."""
     return _apply(model, text_encoders, lora_name, strength, block_strengths, warn=True)
+
+
+def trigger_words(lora_name: str) -> list[str]:
+    """The words a LoRA file says it teaches (see `_taught_words`); [] for a file that names none."""
+    return _taught_words(checkpoints.read_header(host.model_path("loras", lora_name)))
+
+
+def _taught_words(header) -> list[str]:
+    """The `trigger_words` of the `kineflow.lora` metadata record KineFlow's LoRA trainer writes (kohya / musubi
+    metadata has no standard field for them)."""
+    try:
+        record = json.loads(header.metadata.get("kineflow.lora", "{}"))
+    except json.JSONDecodeError:
+        return []
+    words = record.get("trigger_words", []) if isinstance(record, dict) else []
+    return [w.lower() for w in words if isinstance(w, str) and w.isalpha()]
 
 
 def _apply(model, text_encoders, lora_name: str, strength: float, block_strengths: str, warn: bool):
@@ -58,6 +76,11 @@ def _apply(model, text_encoders, lora_name: str, strength: float, block_strength
                              f"no layer of this transformer (e.g. {unmatched[:3]}); is it a LoRA for another model?")
     if text_tensors and text_encoders is not None:
         text_encoders = _patch_text_encoders(text_encoders, text_tensors, strength, path.name)
+    taught = _taught_words(header)
+    if taught and text_encoders is not None and text_encoders.vocabulary is not None:
+        # a shipped tiny model's prompt check: the words the LoRA taught it are known now
+        text_encoders = dataclasses.replace(
+            text_encoders, vocabulary=Vocabulary(text_encoders.vocabulary.words | set(taught)))
     elif text_tensors and warn:
         log.warning("LoRA %s: skipped its %d text-encoder layers, as no text encoders are connected; connect Load "
                     "Text Encoders to Load LoRA's text_encoders input and encode with its text_encoder output to "

@@ -11,6 +11,8 @@ HUNYUAN_VIDEO = {
 # The image-to-video transformer fine-tuned from the HunyuanVideo one (training/train_i2v.py); it reads the same VAE
 # and text encoders.
 HUNYUAN_VIDEO_I2V_DIT = "kineflow_tiny_i2v_dit.safetensors"
+# The LoRA teaching that transformer the speed word "quickly" (training/train_lora.py), in loras/.
+QUICKLY_LORA = "kineflow_tiny_quickly_lora.safetensors"
 # AnimateDiff family: an SD1.5 checkpoint (checkpoints/) and its motion module (animatediff_models/).
 ANIMATEDIFF_CHECKPOINT = "kineflow_tiny_sd15.safetensors"
 ANIMATEDIFF_MOTION_MODULE = "kineflow_tiny_mm.safetensors"

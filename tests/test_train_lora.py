@@ -21,7 +21,7 @@ from kineflow.models import hunyuan_video_dit as dit_mod
 from kineflow.models import lora as lora_mod
 from kineflow.models.checkpoints import read_header, require_family
 from kineflow.runtime import cli, evaluation
-from kineflow.runtime.lora import apply_lora
+from kineflow.runtime.lora import apply_lora, trigger_words
 from kineflow.runtime.video_models import load_video_model
 from kineflow.shapes import dataset as shapes
 from kineflow.shapes.attributes import CONCEPTS
@@ -212,7 +212,7 @@ def test_lora_trains_the_lora_only_and_exports_a_kohya_file_the_loader_reads(bas
     assert not torch.allclose(plain, want, atol=1e-4, rtol=1e-4)
 
     # The eval helpers: --lora FILE[:STRENGTH] and the words a KineFlow LoRA names as taught.
-    assert evaluation.trigger_words(str(path)) == ["orange"]
+    assert trigger_words(str(path)) == ["orange"]
     assert evaluation.parse_lora_option(f"{path}:0.5") == (str(path), 0.5)
     assert evaluation.parse_lora_option(str(path)) == (str(path), 1.0)
     assert evaluation.parse_lora_option(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
@@ -277,7 +277,7 @@ def test_eval_refuses_lora_where_it_cannot_apply_and_concept_with_a_prompt_file(
 
 def test_a_quickly_lora_on_the_shipped_model_names_its_concept(tmp_path):
     """Two steps on the shipped weights (the default base), at 32x32: the file's metadata names the speed concept and
-    its trigger words, which `kineflow eval --lora` adds to the text encoder's vocabulary."""
+    its trigger words, which Load LoRA (and `kineflow eval --lora`) adds to the text encoder's vocabulary."""
     settings = train.LoraSettings(rank=1, steps=2, batch_size=2, warmup=1, decay_steps=0, concept_clips=2,
                                   base_clips=2, size=32, save_every=2, log_every=1, dtype="fp16")
     assert settings.concept == "quickly" and settings.base == ""
@@ -291,7 +291,7 @@ def test_a_quickly_lora_on_the_shipped_model_names_its_concept(tmp_path):
     assert record["concept"] == "quickly" and record["kind"] == "speed"
     assert record["trigger_words"] == ["quickly", "fast", "rapidly"] and record["base_model"] == SHIPPED_NAMES["dit"]
     assert "quickly" in meta["ss_training_comment"]
-    assert evaluation.trigger_words(str(path)) == ["quickly", "fast", "rapidly"]
+    assert trigger_words(str(path)) == ["quickly", "fast", "rapidly"]
     cache = torch.load(tmp_path / "lora" / "cache.pt", weights_only=True)
     assert all(set(CONCEPTS["quickly"].words) & set(words(c)) for c in cache["captions"][:2])
 
