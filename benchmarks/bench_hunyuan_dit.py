@@ -13,7 +13,9 @@ little), and the threads are named in the header. Targets on a CPU with native b
 speed in fp32 and >= 1.3x in bf16.
 Scenario "full text": every text token is real. Scenario "padded text": the prompt is right-padded to 256
 tokens as the HunyuanVideo pipelines do; KineFlow drops the padding exactly, diffusers and ComfyUI mask it.
-Every implementation gets the same inputs in the compute dtype (as their pipelines cast them).
+Every implementation gets the same inputs in the compute dtype (as their pipelines cast them). KineFlow attends
+with the backend its loaders pick by default (`auto`: models/attention.py's bf16 query tiles on a CPU with native
+bf16 matmul, else torch's fused kernel).
 
 `--comfyui DIR` adds ComfyUI's HunyuanVideo model (comfy/ldm/hunyuan_video/model.py of the ComfyUI source tree DIR),
 imported into this process as ComfyUI runs it with `--cpu` (its operations, its CPU attention choice), with the
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 
 from kineflow.models.hunyuan_video_dit import HunyuanVideoDiT, HunyuanVideoDiTConfig, convert_state_dict
+from kineflow.runtime import acceleration
 
 CONFIG = HunyuanVideoDiTConfig(
     hidden_size=512, heads_num=4, mm_double_blocks_depth=2, mm_single_blocks_depth=4, refiner_depth=2,
@@ -255,6 +258,8 @@ def main():
         dtype = dtypes[dtype_name]
         ref = copy.deepcopy(ref32).to(dtype) if dtype != torch.float32 else ref32
         ours = copy.deepcopy(ours32).to(dtype) if dtype != torch.float32 else ours32
+        # the attention backend a loader gives it: 'auto' (bf16 query tiles on a CPU with native bf16 matmul)
+        acceleration.apply(ours, None, acceleration.resolve_attention("auto", torch.device("cpu")))
         if args.comfyui:
             comfy, attention_name = comfyui_model(args.comfyui, ours, dtype)
         peak_before = matmul_peak_gflops(dtype=dtype)

@@ -4,4 +4,4 @@ The attention backend names are the loader nodes' and the CLI's choices, kept he
 registry loads without it; models/attention.py implements them (tests/test_attention.py checks that they agree).
 """
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_math", "sageattention", "flash_attn", "xformers")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_math", "tiled", "sageattention", "flash_attn", "xformers")

@@ -6,9 +6,17 @@ calls a kernel itself. Backends (the names are `models.ATTENTION_BACKENDS`):
 - `sdpa`: PyTorch's `scaled_dot_product_attention`, which picks its kernel itself.
 - `sdpa_math`: the same with PyTorch's plain math kernel forced (`torch.nn.attention.sdpa_kernel`): the reference
   to compare a faster kernel against.
+- `tiled`: for bf16 on the CPU: bf16 matmuls over tiles of TILE_ROWS queries (all heads at once) with an fp32
+  softmax, each tile's scores small enough to stay in the CPU's cache. torch's fused CPU kernel computes in fp32
+  inside, so it takes as long in bf16 as in fp32; on a CPU that multiplies bf16 natively the tiles are faster
+  (benchmarks/bench_hunyuan_dit.py). Calls whose tile of scores would exceed TILE_SCORE_BYTES (long sequences
+  with many heads, where the fused kernel's own key tiling wins) and masks other than right padding go to sdpa.
 - `sageattention`, `flash_attn`, `xformers`: the packages of those names, on CUDA devices, used only when installed.
 - `auto`: per call, the first of sageattention, flash_attn and xformers that is installed and can run the call,
-  else sdpa.
+  then `tiled` where the runtime enabled it (`use_cpu_tiles`: a CPU with native bf16 matmul) while torch runs on one
+  thread, else sdpa. On two threads of a busy machine the tiles' many small kernels each wait for the other thread
+  and lose to the fused kernel (measured: benchmarks/bench_hunyuan_dit.py, README "Benchmarks"); on one
+  thread they win whether the machine is idle or busy.
 
 A backend runs the calls it can express (device, dtype, head size, mask); any other call goes to sdpa, so choosing
 a backend never makes a model fail. Masks are None, a boolean tensor broadcastable to `[B, heads, Lq, Lk]` (True:
@@ -135,6 +143,54 @@ def _sdpa_math(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense(mask))
 
 
+# --------------------------------------------------------------------------- query tiles (bf16 on the CPU)
+TILE_ROWS = 64  # queries per tile: 4 heads x 2176 keys of fp32 scores is 2.2 MB
+TILE_SCORE_BYTES = 4 << 20  # the largest tile of fp32 scores the backend takes (else sdpa)
+
+
+def _tiles_fit(q, k, mask) -> bool:
+    rows = min(TILE_ROWS, q.shape[-2])
+    padded = isinstance(mask, KeyPadding) and min(mask.lengths) > 0  # no query without a key
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or padded)
+            and 4 * q.shape[0] * q.shape[1] * rows * k.shape[-2] <= TILE_SCORE_BYTES)
+
+
+def _tiled(q, k, v, mask):
+    b, h, n, d = q.shape
+    keys = k.shape[-2]
+    queries = (q * d ** -0.5).reshape(b * h, n, d)
+    keys_t = k.reshape(b * h, keys, d).transpose(1, 2).contiguous()
+    values = v.reshape(b * h, keys, v.shape[-1])
+    padding = None
+    if mask is not None:  # True where a key is padding, per batch item, for every head
+        padding = (torch.arange(keys) >= torch.tensor(mask.lengths)[:, None]).repeat_interleave(h, dim=0)[:, None]
+    out = torch.empty(b * h, n, v.shape[-1], dtype=q.dtype)
+    for start in range(0, n, TILE_ROWS):
+        scores = torch.bmm(queries[:, start:start + TILE_ROWS], keys_t)
+        if padding is not None:
+            scores.masked_fill_(padding, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        torch.bmm(weights, values, out=out[:, start:start + TILE_ROWS])
+    return out.reshape(b, h, n, v.shape[-1])
+
+
+TILED = Backend("tiled", _tiled, _tiles_fit)
+# What `auto` adds when use_cpu_tiles enabled it: the tiles, on one thread only, and not inside a compiled graph
+# (the thread count is no tensor for torch.compile to trace; there the fused kernel is compiled in).
+AUTO_TILED = Backend("tiled", _tiled, lambda q, k, mask: (not torch.compiler.is_compiling() and _tiles_fit(q, k, mask)
+                                                         and torch.get_num_threads() == 1))
+_cpu_tiles = False
+
+
+def use_cpu_tiles(enabled: bool) -> None:
+    """Let `auto` run bf16 CPU calls with the `tiled` backend: the runtime enables it on CPUs that multiply bf16
+    natively (elsewhere bf16 matmuls are emulated and the tiles are no gain)."""
+    global _cpu_tiles
+    if enabled != _cpu_tiles:
+        _cpu_tiles = enabled
+        _ready.pop("auto", None)
+
+
 # --------------------------------------------------------------------------- packed sequences
 def _segments(lengths: tuple[int, ...], length: int) -> list[int]:
     """The sequences of a packed batch: per item its real tokens, then its padding (empty ones left out)."""
@@ -220,7 +276,8 @@ _OPTIONAL = {"sageattention": (_sageattention, "sageattention"), "flash_attn": (
              "xformers": (_xformers, "xformers")}
 SDPA = Backend("sdpa", _sdpa)
 # Backend chains by name, filled on first use: what `attend` walks. An optional package is imported once.
-_ready: dict[str, tuple[Backend, ...]] = {"sdpa": (SDPA,), "sdpa_math": (Backend("sdpa_math", _sdpa_math),)}
+_ready: dict[str, tuple[Backend, ...]] = {"sdpa": (SDPA,), "sdpa_math": (Backend("sdpa_math", _sdpa_math),),
+                                          "tiled": (TILED,)}
 _missing: dict[str, str] = {}  # optional backend -> why it cannot be imported
 
 
@@ -239,7 +296,7 @@ def _chain(name: str) -> tuple[Backend, ...]:
     if chain is not None:
         return chain
     if name == "auto":
-        _ready["auto"] = tuple(b for b in map(_load, _OPTIONAL) if b is not None)
+        _ready["auto"] = tuple(b for b in map(_load, _OPTIONAL) if b is not None) + ((AUTO_TILED,) if _cpu_tiles else ())
         return _ready["auto"]
     if name not in _OPTIONAL:
         raise InputFileError(f"unknown attention backend {name!r}; expected one of {', '.join(ATTENTION_BACKENDS)}")

@@ -43,6 +43,8 @@ def resolve_attention(choice: str, device: torch.device) -> str:
     that backend is unknown, not installed or not for this device."""
     name = host.attention_default() if choice == "auto" else choice
     attention_mod.check(name, device)
+    if name == "auto" and torch.device(device).type == "cpu":
+        attention_mod.use_cpu_tiles(cpu.native_bf16() is not None)
     return name
 
 

@@ -148,14 +148,15 @@ def _qkv(device, dtype, length=64, heads=4, head_dim=64):
 def test_each_available_backend_matches_sdpa(name):
     _runnable_here(name)
     on_gpu = name in CUDA_ONLY
-    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
-    # sageattention quantizes q and k to 8 bits; the others are exact up to rounding
-    tolerance = 3e-2 if on_gpu else 1e-5
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu or name == "tiled" else ("cpu", torch.float32)
+    device = "cpu" if name == "tiled" else device  # tiled runs bf16 on the CPU (fp32 calls go to sdpa)
+    # sageattention quantizes q and k to 8 bits; tiled rounds its scores to bf16; the others are exact up to rounding
+    tolerance = 3e-2 if on_gpu or name == "tiled" else 1e-5
     q, k, v = _qkv(device, dtype)
     lengths = (64, 37)
     dense = (torch.arange(64, device=device) < torch.tensor(lengths, device=device)[:, None])[:, None, None, :]
     for mask in (None, KeyPadding(dense, lengths)):
-        expected = attend(q, k, v, mask, "sdpa").float()
+        expected = attend(*(t.float() for t in (q, k, v)), mask, "sdpa")
         got = attend(q, k, v, mask, name).float()
         rows = slice(None) if mask is None else slice(0, 37)  # padded queries of item 1 are nobody's concern
         assert (got[:, :, rows] - expected[:, :, rows]).abs().max() <= tolerance * expected.abs().max()
@@ -163,6 +164,47 @@ def test_each_available_backend_matches_sdpa(name):
         for model in MODELS:
             expected, got = _run(model, "sdpa"), _run(model, name)
             assert (got - expected).abs().max() <= tolerance * expected.abs().max(), model
+
+
+def _counting_fused_kernel(monkeypatch) -> list:
+    calls, kernel = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    return calls
+
+
+def test_tiled_runs_bf16_cpu_calls_itself_and_leaves_the_others_to_sdpa(monkeypatch):
+    calls = _counting_fused_kernel(monkeypatch)
+    q, k, v = _qkv("cpu", torch.bfloat16, length=150)  # three tiles of queries, the last one short
+    expected = attend(*(t.float() for t in (q, k, v)), None, "sdpa")
+    calls.clear()
+    got = attend(q, k, v, None, "tiled")
+    assert calls == [] and got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    attend(q.float(), k.float(), v.float(), None, "tiled")  # fp32: torch's fused kernel is as fast
+    dense = torch.ones(2, 1, 150, 150, dtype=torch.bool)
+    attend(q, k, v, dense, "tiled")  # a general mask
+    many_keys = torch.zeros(1, 16, 64, 64, dtype=torch.bfloat16), torch.zeros(1, 16, 1100, 64, dtype=torch.bfloat16)
+    attend(many_keys[0], many_keys[1], many_keys[1], None, "tiled")  # a tile of scores over TILE_SCORE_BYTES
+    assert len(calls) == 3
+
+
+def test_auto_uses_the_tiles_on_one_thread_of_a_native_bf16_cpu(monkeypatch):
+    from kineflow.runtime import acceleration, cpu
+
+    calls = _counting_fused_kernel(monkeypatch)
+    q, k, v = _qkv("cpu", torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        for native, thread_count, tiled in ((None, 1, False), ("AMX", 1, True), ("AMX", 2, False)):
+            monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+            acceleration.resolve_attention("auto", torch.device("cpu"))
+            torch.set_num_threads(thread_count)
+            calls.clear()
+            attend(q, k, v, None, "auto")
+            assert calls == ([] if tiled else [1]), (native, thread_count)
+    finally:
+        torch.set_num_threads(threads)
+        attention.use_cpu_tiles(False)
 
 
 def test_packed_sequences_give_the_masked_result():
