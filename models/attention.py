@@ -6,8 +6,8 @@ calls a kernel itself. Backends (the names are `models.ATTENTION_BACKENDS`):
 - `sdpa`: PyTorch's `scaled_dot_product_attention`, which picks its kernel itself.
 - `sdpa_math`: the same with PyTorch's plain math kernel forced (`torch.nn.attention.sdpa_kernel`): the reference
   to compare a faster kernel against.
-- `tiled`: for bf16 on the CPU: bf16 matmuls over tiles of TILE_ROWS queries (all heads at once) with an fp32
-  softmax, each tile's scores small enough to stay in the CPU's cache. torch's fused CPU kernel computes in fp32
+- `tiled`: for bf16 on the CPU: bf16 matmuls over tiles of TILE_ROWS queries (all heads at once) with a softmax
+  that sums in fp32, each tile's scores small enough to stay in the CPU's cache. torch's fused CPU kernel computes in fp32
   inside, so it takes as long in bf16 as in fp32; on a CPU that multiplies bf16 natively the tiles are faster
   (benchmarks/bench_hunyuan_dit.py). Calls whose tile of scores would exceed TILE_SCORE_BYTES (long sequences
   with many heads, where the fused kernel's own key tiling wins) and masks other than right padding go to sdpa.
@@ -144,8 +144,8 @@ def _sdpa_math(q, k, v, mask):
 
 
 # --------------------------------------------------------------------------- query tiles (bf16 on the CPU)
-TILE_ROWS = 64  # queries per tile: 4 heads x 2176 keys of fp32 scores is 2.2 MB
-TILE_SCORE_BYTES = 4 << 20  # the largest tile of fp32 scores the backend takes (else sdpa)
+TILE_ROWS = 64  # queries per tile: 4 heads x 2176 keys of scores is 2.2 MB counted at 4 bytes (they are bf16)
+TILE_SCORE_BYTES = 4 << 20  # the largest tile of scores, counted at 4 bytes each, the backend takes (else sdpa)
 
 
 def _tiles_fit(q, k, mask) -> bool:
@@ -169,8 +169,8 @@ def _tiled(q, k, v, mask):
         scores = torch.bmm(queries[:, start:start + TILE_ROWS], keys_t)
         if padding is not None:
             scores.masked_fill_(padding, float("-inf"))
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        torch.bmm(weights, values, out=out[:, start:start + TILE_ROWS])
+        # torch's CPU softmax of bf16 sums in fp32 and rounds once: an fp32 softmax without a separate cast
+        torch.bmm(torch.softmax(scores, dim=-1), values, out=out[:, start:start + TILE_ROWS])
     return out.reshape(b, h, n, v.shape[-1])
 
 
