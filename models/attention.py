@@ -7,8 +7,8 @@ calls a kernel itself. Backends (the names are `models.ATTENTION_BACKENDS`):
 - `sdpa_math`: the same with PyTorch's plain math kernel forced (`torch.nn.attention.sdpa_kernel`): the reference
   to compare a faster kernel against.
 - `tiled`: for bf16 on the CPU: bf16 matmuls over tiles of TILE_ROWS queries (all heads at once) with a softmax
-  that sums in fp32, each tile's scores small enough to stay in the CPU's cache. torch's fused CPU kernel computes in fp32
-  inside, so it takes as long in bf16 as in fp32; on a CPU that multiplies bf16 natively the tiles are faster
+  that sums in fp32, each tile's scores small enough to stay in the CPU's cache. torch's fused CPU kernel computes
+  in fp32 inside, so it takes as long in bf16 as in fp32; on a CPU that multiplies bf16 natively the tiles are faster
   (benchmarks/bench_hunyuan_dit.py). Calls whose tile of scores would exceed TILE_SCORE_BYTES (long sequences
   with many heads, where the fused kernel's own key tiling wins) and masks other than right padding go to sdpa.
 - `sageattention`, `flash_attn`, `xformers`: the packages of those names, on CUDA devices, used only when installed.
@@ -296,7 +296,8 @@ def _chain(name: str) -> tuple[Backend, ...]:
     if chain is not None:
         return chain
     if name == "auto":
-        _ready["auto"] = tuple(b for b in map(_load, _OPTIONAL) if b is not None) + ((AUTO_TILED,) if _cpu_tiles else ())
+        installed = tuple(b for b in map(_load, _OPTIONAL) if b is not None)
+        _ready["auto"] = installed + ((AUTO_TILED,) if _cpu_tiles else ())
         return _ready["auto"]
     if name not in _OPTIONAL:
         raise InputFileError(f"unknown attention backend {name!r}; expected one of {', '.join(ATTENTION_BACKENDS)}")

@@ -334,7 +334,8 @@ class SD15UNet(nn.Module):
             skips.append(h)
 
         if residual is None:
-            down_residuals, mid_residual = (control() if control is not None else None) or (None, None)
+            residuals = control() if control is not None else None
+            down_residuals, mid_residual = residuals if residuals is not None else (None, None)
             if down_residuals is not None:
                 if len(down_residuals) != len(skips):
                     raise ValueError(f"expected {len(skips)} control residuals (one per skip connection), "

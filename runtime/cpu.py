@@ -23,6 +23,7 @@ torch is imported only inside functions: the CLI calls `manage_threads` before t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -52,8 +53,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); None where that file does not exist."""
+    """The CPU's feature flags from /proc/cpuinfo (Linux); None where that file does not exist. Read once: every
+    loader asks (runtime/acceleration.resolve_attention), and the CPU does not change under a process."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -15,9 +15,10 @@ training clips as `--concept-fraction`'s complement of every batch, so that what
 was. For `quickly` a concept clip is a base-data clip of one moving shape (colour, shape, direction and background from
 the palette's own train combinations, never a held-out one) that travels ~1.5x farther (FAST_TRAVEL_RANGE), its
 caption saying so with "quickly", "fast" or "rapidly" beside the direction; for `orange` the first shape is orange (the
-concept's own train split of colour x shape x direction x background). With `--twins on` each concept clip of a batch comes with its twin, the same scene at the normal speed captioned
-without the word (taken from the base share), so the word is the only difference the LoRA can learn (without
-twins, a speed LoRA also learned "one shape moves fast"). Latents (the base VAE) and text conditioning
+concept's own train split of colour x shape x direction x background). With `--twins on` each concept clip of a
+batch comes with its twin, the same scene at the normal speed captioned without the word (taken from the base
+share), so the word is the only difference the LoRA can learn (without twins, a speed LoRA also learned "one shape
+moves fast"). Latents (the base VAE) and text conditioning
 (the base text encoders, through the runtime's loader, exactly as Text Encode computes it at sampling time) are
 computed once into `RUN/lora/cache.pt`. The loss is the transformer's flow-matching loss (train.py `dit_loss`).
 
