@@ -6,17 +6,17 @@ calls a kernel itself. Backends (the names are `models.ATTENTION_BACKENDS`):
 - `sdpa`: PyTorch's `scaled_dot_product_attention`, which picks its kernel itself.
 - `sdpa_math`: the same with PyTorch's plain math kernel forced (`torch.nn.attention.sdpa_kernel`): the reference
   to compare a faster kernel against.
-- `tiled`: for bf16 on the CPU: bf16 matmuls over tiles of TILE_ROWS queries (all heads at once) with a softmax
-  that sums in fp32, each tile's scores small enough to stay in the CPU's cache. torch's fused CPU kernel computes
-  in fp32 inside, so it takes as long in bf16 as in fp32; on a CPU that multiplies bf16 natively the tiles are faster
-  (benchmarks/bench_hunyuan_dit.py). Calls whose tile of scores would exceed TILE_SCORE_BYTES (long sequences
-  with many heads, where the fused kernel's own key tiling wins) and masks other than right padding go to sdpa.
+- `tiled`: for bf16 on the CPU: bf16 matmuls over tiles of TILE_ROWS queries (as many heads at once as keep a
+  tile's scores within TILE_SCORE_BYTES, so they stay in the CPU's cache) with a softmax that sums in fp32. torch's
+  fused CPU kernel computes in fp32 inside, so it takes as long in bf16 as in fp32; on a CPU that multiplies bf16
+  natively the tiles are faster, from the benchmark's 2,240 tokens to full-size HunyuanVideo's tens of thousands
+  (benchmarks/bench_hunyuan_dit.py, benchmarks/bench_attention.py). Masks other than right padding go to sdpa.
 - `sageattention`, `flash_attn`, `xformers`: the packages of those names, on CUDA devices, used only when installed.
 - `auto`: per call, the first of sageattention, flash_attn and xformers that is installed and can run the call,
-  then `tiled` where the runtime enabled it (`use_cpu_tiles`: a CPU with native bf16 matmul) while torch runs on one
-  thread, else sdpa. On two threads of a busy machine the tiles' many small kernels each wait for the other thread
-  and lose to the fused kernel (measured: benchmarks/bench_hunyuan_dit.py, README "Benchmarks"); on one
-  thread they win whether the machine is idle or busy.
+  then `tiled` where the runtime enabled it (`use_cpu_tiles`: a CPU with native bf16 matmul) for calls big enough
+  to repay the tiles' per-tile dispatch (`_tiles_pay`), else sdpa. The tiles win there on one thread and on two,
+  idle or busy (README "Benchmarks"); inside a torch.compile graph `auto` keeps the fused kernel, which is what the
+  compiled blocks were measured with.
 
 A backend runs the calls it can express (device, dtype, head size, mask); any other call goes to sdpa, so choosing
 a backend never makes a model fail. Masks are None, a boolean tensor broadcastable to `[B, heads, Lq, Lk]` (True:
@@ -144,41 +144,57 @@ def _sdpa_math(q, k, v, mask):
 
 
 # --------------------------------------------------------------------------- query tiles (bf16 on the CPU)
-TILE_ROWS = 64  # queries per tile: 4 heads x 2176 keys of scores is 2.2 MB counted at 4 bytes (they are bf16)
-TILE_SCORE_BYTES = 4 << 20  # the largest tile of scores, counted at 4 bytes each, the backend takes (else sdpa)
+TILE_ROWS = 64  # queries per tile
+TILE_SCORE_BYTES = 4 << 20  # a tile takes as many heads as keep its scores (counted at 4 bytes) within this; >= 1
+# `auto` keeps sdpa below this many multiply-adds per thread in the scores of TILE_ROWS queries (all heads)
+AUTO_MIN_TILE_WORK = 1 << 22
 
 
 def _tiles_fit(q, k, mask) -> bool:
-    rows = min(TILE_ROWS, q.shape[-2])
     padded = isinstance(mask, KeyPadding) and min(mask.lengths) > 0  # no query without a key
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or padded)
-            and 4 * q.shape[0] * q.shape[1] * rows * k.shape[-2] <= TILE_SCORE_BYTES)
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or padded)
+
+
+def _tiles_pay(q, k) -> bool:
+    """Whether a call is big enough for the tiles to beat the fused kernel (benchmarks/bench_attention.py): each tile
+    costs a few Python-dispatched kernels, which small calls (the tiny models' 20-token text, 200-token video) do not
+    repay, and a matmul over a few keys (the motion modules' 16 frames) runs far below the matmul peak."""
+    b, h, n, d = q.shape
+    keys = k.shape[-2]
+    return keys >= TILE_ROWS and b * h * min(TILE_ROWS, n) * keys * d >= AUTO_MIN_TILE_WORK * torch.get_num_threads()
 
 
 def _tiled(q, k, v, mask):
     b, h, n, d = q.shape
-    keys = k.shape[-2]
-    queries = (q * d ** -0.5).reshape(b * h, n, d)
-    keys_t = k.reshape(b * h, keys, d).transpose(1, 2).contiguous()
-    values = v.reshape(b * h, keys, v.shape[-1])
+    keys, batch_heads = k.shape[-2], b * h
+    queries = q.reshape(batch_heads, n, d)
+    # One contiguous copy each of the scaled keys (transposed) and the values up front: bmm would otherwise copy the
+    # strided [B, L, H, D] views once per tile.
+    keys_t = torch.empty(batch_heads, d, keys, dtype=k.dtype)
+    torch.mul(k.reshape(batch_heads, keys, d).transpose(1, 2), d ** -0.5, out=keys_t)
+    values = v.reshape(batch_heads, keys, v.shape[-1]).contiguous()
     padding = None
     if mask is not None:  # True where a key is padding, per batch item, for every head
         padding = (torch.arange(keys) >= torch.tensor(mask.lengths)[:, None]).repeat_interleave(h, dim=0)[:, None]
-    out = torch.empty(b * h, n, v.shape[-1], dtype=q.dtype)
-    for start in range(0, n, TILE_ROWS):
-        scores = torch.bmm(queries[:, start:start + TILE_ROWS], keys_t)
-        if padding is not None:
-            scores.masked_fill_(padding, float("-inf"))
-        # torch's CPU softmax of bf16 sums in fp32 and rounds once: an fp32 softmax without a separate cast
-        torch.bmm(torch.softmax(scores, dim=-1), values, out=out[:, start:start + TILE_ROWS])
+    out = torch.empty(batch_heads, n, v.shape[-1], dtype=q.dtype)
+    group = max(1, min(batch_heads, TILE_SCORE_BYTES // (4 * TILE_ROWS * keys)))  # heads per tile
+    for first in range(0, batch_heads, group):
+        heads = slice(first, first + group)
+        for start in range(0, n, TILE_ROWS):
+            rows = slice(start, start + TILE_ROWS)
+            scores = torch.bmm(queries[heads, rows], keys_t[heads])
+            if padding is not None:
+                scores.masked_fill_(padding[heads], float("-inf"))
+            # torch's CPU softmax of bf16 sums in fp32 and rounds once: an fp32 softmax without a separate cast
+            torch.bmm(torch.softmax(scores, dim=-1), values[heads], out=out[heads, rows])
     return out.reshape(b, h, n, v.shape[-1])
 
 
 TILED = Backend("tiled", _tiled, _tiles_fit)
-# What `auto` adds when use_cpu_tiles enabled it: the tiles, on one thread only, and not inside a compiled graph
-# (the thread count is no tensor for torch.compile to trace; there the fused kernel is compiled in).
+# What `auto` adds when use_cpu_tiles enabled it: the tiles for calls big enough to repay them, except inside a
+# compiled graph.
 AUTO_TILED = Backend("tiled", _tiled, lambda q, k, mask: (not torch.compiler.is_compiling() and _tiles_fit(q, k, mask)
-                                                         and torch.get_num_threads() == 1))
+                                                         and _tiles_pay(q, k)))
 _cpu_tiles = False
 
 

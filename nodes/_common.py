@@ -15,7 +15,7 @@ ATTENTION_INPUT = (list(ATTENTION_BACKENDS), {"default": "auto", "tooltip": (
     "tiled: bf16 on the CPU in cache-sized tiles of queries. sageattention, flash_attn, xformers: those packages, on "
     "CUDA GPUs, when installed. Calls a kernel cannot run use sdpa. auto: kineflow run --attention or "
     "$KINEFLOW_ATTENTION if set, else per call the first installed of sageattention, flash_attn, xformers that can "
-    "run it, then tiled for bf16 on a CPU with native bf16 matmul, else sdpa.")})
+    "run it, then tiled for bf16 calls on a CPU with native bf16 matmul when large enough to gain, else sdpa.")})
 COMPILE_INPUT = (["auto", "disabled", "enabled"], {"default": "auto", "tooltip": (
     "Compile the repeated blocks with torch.compile (one compilation per block class; the first run, and each new "
     "size, pays the compile time). Needs a C++ compiler on a CPU, Triton on a GPU; else a warning and eager "

@@ -183,25 +183,45 @@ def test_tiled_runs_bf16_cpu_calls_itself_and_leaves_the_others_to_sdpa(monkeypa
     attend(q.float(), k.float(), v.float(), None, "tiled")  # fp32: torch's fused kernel is as fast
     dense = torch.ones(2, 1, 150, 150, dtype=torch.bool)
     attend(q, k, v, dense, "tiled")  # a general mask
-    many_keys = torch.zeros(1, 16, 64, 64, dtype=torch.bfloat16), torch.zeros(1, 16, 1100, 64, dtype=torch.bfloat16)
-    attend(many_keys[0], many_keys[1], many_keys[1], None, "tiled")  # a tile of scores over TILE_SCORE_BYTES
-    assert len(calls) == 3
+    assert len(calls) == 2
 
 
-def test_auto_uses_the_tiles_on_one_thread_of_a_native_bf16_cpu(monkeypatch):
+@pytest.mark.parametrize("score_bytes", [4 << 20, 3 * 4 * 64 * 150, 4 * 64 * 150, 1])
+def test_tiles_of_fewer_heads_when_the_scores_of_all_would_not_fit(monkeypatch, score_bytes):
+    """2 items x 4 heads, 150 keys: all 8 heads in one tile, then 3 (the last group short), then one, then one (a tile
+    of one head never splits further); right-padded keys included."""
+    monkeypatch.setattr(attention, "TILE_SCORE_BYTES", score_bytes)
+    q, k, v = _qkv("cpu", torch.bfloat16, length=150)
+    lengths = (150, 97)
+    padding = KeyPadding((torch.arange(150)[None] < torch.tensor(lengths)[:, None])[:, None, None], lengths)
+    for mask in (None, padding):
+        expected = attend(*(t.float() for t in (q, k, v)), mask, "sdpa")
+        got = attend(q, k, v, mask, "tiled").float()
+        assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_auto_uses_the_tiles_on_a_native_bf16_cpu_at_any_thread_count(monkeypatch):
     from kineflow.runtime import acceleration, cpu
 
     calls = _counting_fused_kernel(monkeypatch)
-    q, k, v = _qkv("cpu", torch.bfloat16)
+    q, k, v = _qkv("cpu", torch.bfloat16, length=300)  # 2 x 4 heads x 64 rows x 300 keys x 64: 9.8M per tile
+    small = _qkv("cpu", torch.bfloat16, length=20, head_dim=32)  # a tiny model's text: too small to repay tiles
     threads = torch.get_num_threads()
     try:
-        for native, thread_count, tiled in ((None, 1, False), ("AMX", 1, True), ("AMX", 2, False)):
+        for native, thread_count, tiled in ((None, 1, False), (None, 2, False), ("AMX", 1, True), ("AMX", 2, True)):
             monkeypatch.setattr(cpu, "native_bf16", lambda: native)
             acceleration.resolve_attention("auto", torch.device("cpu"))
             torch.set_num_threads(thread_count)
             calls.clear()
             attend(q, k, v, None, "auto")
             assert calls == ([] if tiled else [1]), (native, thread_count)
+            calls.clear()
+            attend(*small, None, "auto")
+            assert calls == [1]
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # a compiled block keeps the fused kernel
+        calls.clear()
+        attend(q, k, v, None, "auto")
+        assert calls == [1]
     finally:
         torch.set_num_threads(threads)
         attention.use_cpu_tiles(False)
