@@ -10,7 +10,8 @@ calls a kernel itself. Backends (the names are `models.ATTENTION_BACKENDS`):
   tile's scores within TILE_SCORE_BYTES, so they stay in the CPU's cache) with a softmax that sums in fp32. torch's
   fused CPU kernel computes in fp32 inside, so it takes as long in bf16 as in fp32; on a CPU that multiplies bf16
   natively the tiles are faster, from the benchmark's 2,240 tokens to full-size HunyuanVideo's tens of thousands
-  (benchmarks/bench_hunyuan_dit.py, benchmarks/bench_attention.py). Masks other than right padding go to sdpa.
+  (benchmarks/bench_hunyuan_dit.py, benchmarks/bench_attention.py), for the memory of one more copy of the keys and
+  of the values per call. Masks other than right padding go to sdpa.
 - `sageattention`, `flash_attn`, `xformers`: the packages of those names, on CUDA devices, used only when installed.
 - `auto`: per call, the first of sageattention, flash_attn and xformers that is installed and can run the call,
   then `tiled` where the runtime enabled it (`use_cpu_tiles`: a CPU with native bf16 matmul) for calls big enough
