@@ -71,7 +71,7 @@ def main() -> None:
             for name, fn in kernels.items():
                 times[name].append(time_once(fn))
         ratio = statistics.median(s / t for s, t in zip(times["sdpa"], times["tiled"]))
-        auto = "tiled" if native and attention._tiles_pay(q, k) else "sdpa"
+        auto = "tiled" if native and attention.tiles_pay(q, k) else "sdpa"
         shape = f"{batch} x {heads} x {n_q} x {n_k} x {dim}"
         print(f"{label:<46} {shape:>26} {statistics.median(times['sdpa']) * 1e3:>9.1f} "
               f"{statistics.median(times['tiled']) * 1e3:>9.1f} {ratio:>9.2f}x {errors['sdpa']:>9.1e} "

@@ -15,7 +15,7 @@ calls a kernel itself. Backends (the names are `models.ATTENTION_BACKENDS`):
 - `sageattention`, `flash_attn`, `xformers`: the packages of those names, on CUDA devices, used only when installed.
 - `auto`: per call, the first of sageattention, flash_attn and xformers that is installed and can run the call,
   then `tiled` where the runtime enabled it (`use_cpu_tiles`: a CPU with native bf16 matmul) for calls big enough
-  to repay the tiles' per-tile dispatch (`_tiles_pay`), else sdpa. The tiles win there on one thread and on two,
+  to repay the tiles' per-tile dispatch (`tiles_pay`), else sdpa. The tiles win there on one thread and on two,
   idle or busy (README "Benchmarks"); inside a torch.compile graph `auto` keeps the fused kernel, which is what the
   compiled blocks were measured with.
 
@@ -156,7 +156,7 @@ def _tiles_fit(q, k, mask) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or padded)
 
 
-def _tiles_pay(q, k) -> bool:
+def tiles_pay(q, k) -> bool:
     """Whether a call is big enough for the tiles to beat the fused kernel (benchmarks/bench_attention.py): each tile
     costs a few Python-dispatched kernels, which small calls (the tiny models' 20-token text, 200-token video) do not
     repay, and a matmul over a few keys (the motion modules' 16 frames) runs far below the matmul peak."""
@@ -195,7 +195,7 @@ TILED = Backend("tiled", _tiled, _tiles_fit)
 # What `auto` adds when use_cpu_tiles enabled it: the tiles for calls big enough to repay them, except inside a
 # compiled graph.
 AUTO_TILED = Backend("tiled", _tiled, lambda q, k, mask: (not torch.compiler.is_compiling() and _tiles_fit(q, k, mask)
-                                                         and _tiles_pay(q, k)))
+                                                         and tiles_pay(q, k)))
 _cpu_tiles = False
 
 

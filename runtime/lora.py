@@ -39,14 +39,9 @@ def load_lora(model, text_encoders, lora_name: str, strength: float = 1.0, block
     return _apply(model, text_encoders, lora_name, strength, block_strengths, warn=True)
 
 
-def trigger_words(lora_name: str) -> list[str]:
-    """The words a LoRA file says it teaches (see `_taught_words`); [] for a file that names none."""
-    return _taught_words(checkpoints.read_header(host.model_path("loras", lora_name)))
-
-
-def _taught_words(header) -> list[str]:
-    """The `trigger_words` of the `kineflow.lora` metadata record KineFlow's LoRA trainer writes (kohya / musubi
-    metadata has no standard field for them)."""
+def trigger_words(header) -> list[str]:
+    """The words a LoRA file's header says it teaches: the `trigger_words` of the `kineflow.lora` metadata record
+    KineFlow's LoRA trainer writes; [] for other files (kohya / musubi metadata has no standard field for them)."""
     try:
         record = json.loads(header.metadata.get("kineflow.lora", "{}"))
     except json.JSONDecodeError:
@@ -74,13 +69,14 @@ def _apply(model, text_encoders, lora_name: str, strength: float, block_strength
     if unmatched:
         raise ModelFileError(f"{path.name!r}: {len(unmatched)} of its {len(unmatched) + len(updates)} LoRA layers match "
                              f"no layer of this transformer (e.g. {unmatched[:3]}); is it a LoRA for another model?")
-    if text_tensors and text_encoders is not None:
-        text_encoders = _patch_text_encoders(text_encoders, text_tensors, strength, path.name)
-    taught = _taught_words(header)
-    if taught and text_encoders is not None and text_encoders.vocabulary is not None:
-        # a shipped tiny model's prompt check: the words the LoRA taught it are known now
-        text_encoders = dataclasses.replace(
-            text_encoders, vocabulary=Vocabulary(text_encoders.vocabulary.words | set(taught)))
+    if text_encoders is not None:
+        if text_tensors:
+            text_encoders = _patch_text_encoders(text_encoders, text_tensors, strength, path.name)
+        taught = trigger_words(header)
+        if taught and text_encoders.vocabulary is not None:
+            # a shipped tiny model's prompt check: the words the LoRA taught it are known now
+            text_encoders = dataclasses.replace(
+                text_encoders, vocabulary=Vocabulary(text_encoders.vocabulary.words | set(taught)))
     elif text_tensors and warn:
         log.warning("LoRA %s: skipped its %d text-encoder layers, as no text encoders are connected; connect Load "
                     "Text Encoders to Load LoRA's text_encoders input and encode with its text_encoder output to "

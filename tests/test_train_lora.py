@@ -212,7 +212,7 @@ def test_lora_trains_the_lora_only_and_exports_a_kohya_file_the_loader_reads(bas
     assert not torch.allclose(plain, want, atol=1e-4, rtol=1e-4)
 
     # The eval helpers: --lora FILE[:STRENGTH] and the words a KineFlow LoRA names as taught.
-    assert trigger_words(str(path)) == ["orange"]
+    assert trigger_words(read_header(path)) == ["orange"]
     assert evaluation.parse_lora_option(f"{path}:0.5") == (str(path), 0.5)
     assert evaluation.parse_lora_option(str(path)) == (str(path), 1.0)
     assert evaluation.parse_lora_option(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
@@ -291,7 +291,7 @@ def test_a_quickly_lora_on_the_shipped_model_names_its_concept(tmp_path):
     assert record["concept"] == "quickly" and record["kind"] == "speed"
     assert record["trigger_words"] == ["quickly", "fast", "rapidly"] and record["base_model"] == SHIPPED_NAMES["dit"]
     assert "quickly" in meta["ss_training_comment"]
-    assert trigger_words(str(path)) == ["quickly", "fast", "rapidly"]
+    assert trigger_words(read_header(path)) == ["quickly", "fast", "rapidly"]
     cache = torch.load(tmp_path / "lora" / "cache.pt", weights_only=True)
     assert all(set(CONCEPTS["quickly"].words) & set(words(c)) for c in cache["captions"][:2])
 
